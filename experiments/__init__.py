@@ -1,0 +1,1 @@
+"""Experiments for twophase_optax: models, data, training scripts and benchmarks."""

@@ -1,0 +1,27 @@
+"""README's quick start runs as written and fits its data."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(section: str) -> list[str]:
+    text = README.read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def test_quick_start_runs_and_fits_the_linear_data():
+    (code,) = python_blocks("Quick start")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    # Exact linear data: 20 CG steps leave a tiny mean squared error.
+    assert float(namespace["loss_fn"](namespace["params"], namespace["batch"])) < 1e-6
+
+
+def test_readme_gives_the_ci_test_command():
+    ci = (README.parent / ".ci" / "run").read_text()
+    command = ci.strip().splitlines()[-1]
+    assert command == "python -m pytest"
+    assert f"&& {command}\n" in README.read_text()

@@ -1,0 +1,38 @@
+"""twophase_optax: Adam until the loss turns convex, then nonlinear conjugate gradient.
+
+Optax transformations for the convexity-dependent two-phase training method
+(Hrycej et al., KDIR 2025): a golden-section line search, nonlinear conjugate
+gradient built on it, and the two-phase combinator.
+"""
+
+from twophase_optax import cg_directions
+from twophase_optax.cg_directions import BETA_RULES
+from twophase_optax.cg_directions import dai_yuan
+from twophase_optax.cg_directions import fletcher_reeves
+from twophase_optax.cg_directions import hestenes_stiefel
+from twophase_optax.cg_directions import polak_ribiere
+from twophase_optax.cg_directions import polak_ribiere_plus
+from twophase_optax.conjugate_gradient import ConjugateGradientInfo
+from twophase_optax.conjugate_gradient import ConjugateGradientState
+from twophase_optax.conjugate_gradient import conjugate_gradient
+from twophase_optax.golden_section import GoldenSectionInfo
+from twophase_optax.golden_section import GoldenSectionLinesearchState
+from twophase_optax.golden_section import golden_section_linesearch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BETA_RULES",
+    "ConjugateGradientInfo",
+    "ConjugateGradientState",
+    "GoldenSectionInfo",
+    "GoldenSectionLinesearchState",
+    "cg_directions",
+    "conjugate_gradient",
+    "dai_yuan",
+    "fletcher_reeves",
+    "golden_section_linesearch",
+    "hestenes_stiefel",
+    "polak_ribiere",
+    "polak_ribiere_plus",
+]

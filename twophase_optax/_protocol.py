@@ -1,0 +1,84 @@
+"""Shared plumbing for optax's line-search calling convention.
+
+optax's line searches are called as
+``update(updates, state, params, value=..., grad=..., value_fn=..., **extra)``
+where ``extra`` holds the keyword arguments of ``value_fn`` (a batch, say).
+The helpers here check that call and bind those arguments once, so that every
+transformation of this package reports a missing argument the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def require_value_and_value_fn(
+    name: str, value: Any, value_fn: Callable[..., Any] | None
+) -> None:
+    """Raises a ``TypeError`` that shows the right call if an argument is missing."""
+    missing = [
+        arg
+        for arg, given in (("value", value), ("value_fn", value_fn))
+        if given is None
+    ]
+    if missing:
+        raise TypeError(
+            f"{name}.update needs the keyword argument(s) {', '.join(missing)}. "
+            "It follows optax's line-search convention; call it as\n"
+            "  value, grad = jax.value_and_grad(loss_fn)(params, batch)\n"
+            "  updates, state = opt.update(grad, state, params, value=value, "
+            "grad=grad, value_fn=loss_fn, batch=batch)\n"
+            "where loss_fn(params, **kwargs) returns a scalar and the remaining "
+            "keyword arguments (here `batch`) are passed on to loss_fn."
+        )
+
+
+def bind_value_fn(
+    name: str, value_fn: Callable[..., Any], extra_args: dict[str, Any]
+) -> Callable[[Any], jax.Array]:
+    """Returns ``params -> value_fn(params, **kwargs)`` with the kwargs it accepts.
+
+    Mirrors optax's line searches: every extra argument must be consumed by
+    ``value_fn``, so that a misspelt batch argument is an error rather than a
+    silently ignored input.
+    """
+    try:
+        signature = inspect.signature(value_fn)
+    except (TypeError, ValueError):  # Builtins and some C callables.
+        return functools.partial(value_fn, **extra_args)
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return functools.partial(value_fn, **extra_args)
+    accepted = {p.name for p in parameters}
+    unused = sorted(set(extra_args) - accepted)
+    if unused:
+        raise TypeError(
+            f"Unexpected keyword arguments passed to `{name}.update`: {unused}. "
+            "Every extra keyword argument is passed on to `value_fn`, which does "
+            "not accept these."
+        )
+    return functools.partial(value_fn, **extra_args)
+
+
+def scalar_dtype(params: Any) -> jnp.dtype:
+    """Dtype for step sizes and values: float64 for float64 params, else float32.
+
+    Half-precision params still get float32 scalars: bfloat16 has an 8-bit
+    mantissa, too coarse to shrink a golden-section bracket or to form a CG
+    ``beta`` from dot products without losing it to rounding.
+    """
+    leaves = jax.tree.leaves(params)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    return jnp.promote_types(jnp.real(jnp.empty((), dtype)).dtype, jnp.float32)
+
+
+def vdot(x: Any, y: Any, dtype: jnp.dtype) -> jax.Array:
+    """Tree inner product accumulated in ``dtype`` (see :func:`scalar_dtype`)."""
+    return optax.tree.vdot(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))

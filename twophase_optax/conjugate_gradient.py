@@ -1,0 +1,220 @@
+"""Nonlinear conjugate gradient as an optax transformation.
+
+This is the second phase of the two-phase method: once the loss is locally
+convex, CG with a line search converges superlinearly where Adam crawls. It is
+also a complete optimiser on its own for deterministic (full-batch) problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from twophase_optax import _protocol
+from twophase_optax import cg_directions
+from twophase_optax import golden_section
+
+
+class ConjugateGradientInfo(NamedTuple):
+    """Diagnostics of the last CG step.
+
+    Attributes:
+      beta: the ``beta`` used for the last direction, zero after a restart.
+      restarted: whether the last direction was steepest descent ``-g``.
+    """
+
+    beta: jax.Array  # float
+    restarted: jax.Array  # bool
+
+
+class ConjugateGradientState(NamedTuple):
+    """State of :func:`conjugate_gradient`.
+
+    Attributes:
+      count: number of updates made so far (int32).
+      grad_prev: the gradient of the previous step, :math:`g_{k-1}`.
+      dir_prev: the previous search direction, :math:`d_{k-1}`.
+      linesearch_state: the state of the line search.
+      info: a :class:`ConjugateGradientInfo`.
+    """
+
+    count: jax.Array
+    grad_prev: optax.Updates
+    dir_prev: optax.Updates
+    linesearch_state: optax.OptState
+    info: ConjugateGradientInfo
+
+
+def _check_hyperparameters(
+    linesearch: Any, restart_every: int | None, powell_threshold: float | None
+) -> None:
+    if not (hasattr(linesearch, "init") and hasattr(linesearch, "update")):
+        raise ValueError(
+            "linesearch must be an optax line-search transformation such as "
+            "golden_section_linesearch() or optax.scale_by_zoom_linesearch(15), "
+            f"got {linesearch!r}."
+        )
+    if restart_every is not None and not (
+        isinstance(restart_every, int) and restart_every >= 1
+    ):
+        raise ValueError(
+            f"restart_every must be None or an integer >= 1, got {restart_every!r}."
+        )
+    if powell_threshold is not None and not (
+        isinstance(powell_threshold, (int, float)) and powell_threshold > 0
+    ):
+        raise ValueError(
+            f"powell_threshold must be None or positive, got {powell_threshold!r}."
+        )
+
+
+def conjugate_gradient(
+    beta: str | cg_directions.BetaRule = "polak_ribiere_plus",
+    linesearch: optax.GradientTransformationExtraArgs | None = None,
+    restart_every: int | None = None,
+    powell_threshold: float | None = 0.2,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Nonlinear conjugate gradient with a line search.
+
+    .. math::
+      d_k = -g_k + \beta_k d_{k-1}, \qquad
+      w_{k+1} = w_k + \alpha_k d_k, \quad
+      \alpha_k \approx \operatorname{argmin}_{\alpha > 0} f(w_k + \alpha d_k).
+
+    The direction restarts as steepest descent, :math:`d_k = -g_k`, on the
+    first step and whenever
+
+    * :math:`d_k` is not a descent direction, :math:`g_k^\top d_k \ge 0`;
+    * Powell's criterion holds,
+      :math:`|g_k^\top g_{k-1}| \ge 0.2\,\|g_k\|^2`: successive gradients are
+      far from orthogonal, so conjugacy is lost (this also restarts after a
+      failed line search, when :math:`g_k = g_{k-1}`);
+    * ``beta`` is not finite (a zero denominator);
+    * optionally, every ``restart_every`` steps.
+
+    Each step costs the gradient the caller computes plus the line search's
+    evaluations of ``value_fn``.
+
+    Args:
+      beta: the rule for :math:`\beta_k`: one of ``"fletcher_reeves"``,
+        ``"polak_ribiere"``, ``"polak_ribiere_plus"``, ``"hestenes_stiefel"``,
+        ``"dai_yuan"``, or any function ``beta(grad, grad_prev, dir_prev)``
+        (see :mod:`twophase_optax.cg_directions`).
+      linesearch: an optax line-search transformation that scales the
+        direction; defaults to :func:`golden_section_linesearch`.
+        ``optax.scale_by_zoom_linesearch(..., curv_rtol=0.1)`` works too (the
+        strong Wolfe constant 0.1 keeps CG conjugate; optax's default 0.9 is
+        meant for quasi-Newton methods). ``optax.scale_by_backtracking_linesearch``
+        fits as well, but its Armijo steps leave successive gradients far from
+        orthogonal, so Powell's criterion restarts nearly every step and CG
+        becomes steepest descent.
+      restart_every: restart every this many steps; ``None`` never does
+        (the usual choice is the number of parameters, or never for large
+        models).
+      powell_threshold: the 0.2 of Powell's criterion; ``None`` disables it.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``, called as
+      ``update(grads, state, params, value=f(params), value_fn=f, **f_kwargs)``.
+      ``grad`` may be given too; it defaults to ``grads`` and is handed to the
+      line search (optax's zoom search needs it).
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import twophase_optax as tpo
+      >>> A = jnp.diag(jnp.array([1.0, 10.0, 100.0]))
+      >>> f = lambda w: 0.5 * w @ A @ w - w.sum()
+      >>> opt = tpo.conjugate_gradient(
+      ...     linesearch=tpo.golden_section_linesearch(tol=1e-6, max_evaluations=60))
+      >>> w = jnp.zeros(3)
+      >>> state = opt.init(w)
+      >>> for _ in range(4):
+      ...     value, grad = jax.value_and_grad(f)(w)
+      ...     updates, state = opt.update(grad, state, w, value=value, value_fn=f)
+      ...     w = optax.apply_updates(w, updates)
+      >>> print(" ".join(f"{x:.2f}" for x in w))  # the minimum A^-1 1
+      1.00 0.10 0.01
+
+    References:
+      Nocedal & Wright, *Numerical Optimization*, 2nd ed., chapter 5, 2006.
+      Powell, *Restart procedures for the conjugate gradient method*,
+      Mathematical Programming 12, 1977.
+    """
+    beta_fn = cg_directions.resolve_beta(beta)
+    if linesearch is None:
+        linesearch = golden_section.golden_section_linesearch()
+    _check_hyperparameters(linesearch, restart_every, powell_threshold)
+
+    def init_fn(params: optax.Params) -> ConjugateGradientState:
+        return ConjugateGradientState(
+            count=jnp.asarray(0, jnp.int32),
+            grad_prev=optax.tree.zeros_like(params),
+            dir_prev=optax.tree.zeros_like(params),
+            linesearch_state=linesearch.init(params),
+            info=ConjugateGradientInfo(
+                beta=jnp.asarray(0.0, _protocol.scalar_dtype(params)),
+                restarted=jnp.asarray(True),
+            ),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ConjugateGradientState,
+        params: optax.Params,
+        *,
+        value: jax.typing.ArrayLike | None = None,
+        grad: optax.Updates | None = None,
+        value_fn: Callable[..., jax.typing.ArrayLike] | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ConjugateGradientState]:
+        _protocol.require_value_and_value_fn("conjugate_gradient", value, value_fn)
+        g = updates
+        dtype = state.info.beta.dtype
+        steepest = optax.tree.scale(-1.0, g)
+
+        beta_k = jnp.asarray(beta_fn(g, state.grad_prev, state.dir_prev), dtype)
+        conjugate = optax.tree.cast_like(
+            optax.tree.add_scale(steepest, beta_k, state.dir_prev), g
+        )
+        restart = (
+            (state.count == 0)
+            | ~jnp.isfinite(beta_k)
+            | (_protocol.vdot(g, conjugate, dtype) >= 0)
+        )
+        if powell_threshold is not None:
+            g_dot_prev = _protocol.vdot(g, state.grad_prev, dtype)
+            g_dot_g = _protocol.vdot(g, g, dtype)
+            restart |= jnp.abs(g_dot_prev) >= powell_threshold * g_dot_g
+        if restart_every is not None:
+            restart |= state.count % restart_every == 0
+        direction = optax.tree.where(restart, steepest, conjugate)
+
+        step, linesearch_state = linesearch.update(
+            direction,
+            state.linesearch_state,
+            params,
+            value=value,
+            grad=g if grad is None else grad,
+            value_fn=value_fn,
+            **extra_args,
+        )
+        new_state = ConjugateGradientState(
+            count=state.count + 1,
+            grad_prev=g,
+            dir_prev=direction,
+            linesearch_state=linesearch_state,
+            info=ConjugateGradientInfo(
+                beta=jnp.where(restart, 0.0, beta_k),
+                restarted=restart,
+            ),
+        )
+        return step, optax.tree.cast_like(new_state, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
