@@ -6,6 +6,7 @@ gradient built on it, and the two-phase combinator.
 """
 
 from twophase_optax import cg_directions
+from twophase_optax import swap_detection
 from twophase_optax.cg_directions import BETA_RULES
 from twophase_optax.cg_directions import dai_yuan
 from twophase_optax.cg_directions import fletcher_reeves
@@ -18,6 +19,10 @@ from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.golden_section import GoldenSectionInfo
 from twophase_optax.golden_section import GoldenSectionLinesearchState
 from twophase_optax.golden_section import golden_section_linesearch
+from twophase_optax.metrics import two_phase_metrics
+from twophase_optax.swap_detection import GradientNormPeakState
+from twophase_optax.two_phase import TwoPhaseState
+from twophase_optax.two_phase import two_phase
 
 __version__ = "0.1.0"
 
@@ -27,6 +32,8 @@ __all__ = [
     "ConjugateGradientState",
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",
+    "GradientNormPeakState",
+    "TwoPhaseState",
     "cg_directions",
     "conjugate_gradient",
     "dai_yuan",
@@ -35,4 +42,7 @@ __all__ = [
     "hestenes_stiefel",
     "polak_ribiere",
     "polak_ribiere_plus",
+    "swap_detection",
+    "two_phase",
+    "two_phase_metrics",
 ]

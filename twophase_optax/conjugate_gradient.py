@@ -17,7 +17,7 @@ import optax
 
 from twophase_optax import _protocol
 from twophase_optax import cg_directions
-from twophase_optax import golden_section
+from twophase_optax.golden_section import golden_section_linesearch
 
 
 class ConjugateGradientInfo(NamedTuple):
@@ -149,7 +149,7 @@ def conjugate_gradient(
     """
     beta_fn = cg_directions.resolve_beta(beta)
     if linesearch is None:
-        linesearch = golden_section.golden_section_linesearch()
+        linesearch = golden_section_linesearch()
     _check_hyperparameters(linesearch, restart_every, powell_threshold)
 
     def init_fn(params: optax.Params) -> ConjugateGradientState:

@@ -1,0 +1,17 @@
+"""Test-wide settings.
+
+Several tests assert that two differently structured programs give bit-identical
+results (``two_phase`` before the swap against Adam alone). Where XLA fuses
+``a * b + c`` it may emit a fused multiply-add, whose single rounding differs in
+the last bit from a multiply and an add; across ``two_phase``'s ``lax.cond`` it
+cannot fuse. Capping XLA's CPU instruction set below FMA makes every compiled
+operation round exactly as IEEE arithmetic says, so such comparisons test the
+maths rather than the fusion decisions. It must be set before JAX starts its
+backend, hence here.
+"""
+
+import os
+
+_NO_FMA = "--xla_cpu_max_isa=AVX"
+if "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_FMA}".strip()

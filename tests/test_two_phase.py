@@ -1,0 +1,344 @@
+"""two_phase: Adam bit for bit until the gradient-norm peak, then CG."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import twophase_optax as tpo
+
+E1 = jnp.array([1.0, 0.0])
+
+
+def value_fn(params):
+    return jnp.sum((params - 3.0) ** 2)
+
+
+def feed(opt, grads):
+    """Feeds scripted gradients at fixed params; returns the state after each."""
+    params = jnp.zeros(2)
+    update = jax.jit(opt.update, static_argnames="value_fn")
+    state, states = opt.init(params), []
+    for g in grads:
+        _, state = update(
+            jnp.asarray(g), state, params, value=value_fn(params), value_fn=value_fn
+        )
+        states.append(state)
+    return states
+
+
+def scripted(norms):
+    return [n * E1 for n in norms]
+
+
+# Algorithm 1 with window = 1: the peak is 5, the first reading <= 4.5 is step 7.
+NORMS = [1.0, 2.0, 3.0, 4.0, 5.0, 4.8, 4.6, 4.4, 4.2, 4.0]
+
+
+def test_window_1_swaps_after_the_step_whose_reading_falls_below_gn_factor_peak():
+    states = feed(tpo.two_phase(), scripted(NORMS))
+    final = states[-1]
+    assert int(final.detection.detect_step) == 7
+    assert int(final.swap_step) == 8
+    assert float(final.detection.gn_max) == 5.0
+    # Step 7 itself was still Adam; CG ran from step 8 on (steps 8 and 9).
+    assert not bool(states[7 - 1].in_second_phase)
+    assert bool(states[7].in_second_phase)
+    assert int(states[7].second_state.count) == 0
+    assert int(final.second_state.count) == 2
+    assert int(final.first_state[0].count) == 8  # Adam's own step count froze.
+
+
+def test_window_3_swaps_at_the_first_step_of_the_next_window():
+    # Readings (mean gradient norm per window of 3): 1, 2, 3, 2.5 <= 0.9 * 3.
+    norms = [1.0] * 3 + [2.0] * 3 + [3.0] * 3 + [2.5] * 3 + [1.0] * 3
+    final = feed(tpo.two_phase(window=3), scripted(norms))[-1]
+    assert int(final.detection.detect_step) == 11
+    assert int(final.swap_step) == 12
+    assert int(final.detection.num_readings) == 5
+    assert float(final.detection.gn_max) == 3.0
+
+
+@pytest.mark.parametrize(
+    "statistic, detect_step, gn_max",
+    [
+        # Window readings: mean_grad |a + b| / 2 = 2, 4, 1 -> swaps in window 2.
+        ("mean_grad", 5, 4.0),
+        # mean_norm (|a| + |b|) / 2 = 2, 4, 4, 3 -> swaps in window 3.
+        ("mean_norm", 7, 4.0),
+    ],
+)
+def test_statistics_read_the_window_differently(statistic, detect_step, gn_max):
+    signed = [2.0, 2.0, 4.0, 4.0, 5.0, -3.0, 3.0, 3.0, 1.0, 1.0]
+    final = feed(tpo.two_phase(window=2, statistic=statistic), scripted(signed))[-1]
+    assert int(final.detection.detect_step) == detect_step
+    assert int(final.swap_step) == detect_step + 1
+    assert float(final.detection.gn_max) == gn_max
+    if statistic == "mean_norm":
+        assert final.detection.window_grad_sum is None  # Scalar state only.
+
+
+def test_min_windows_delays_the_swap():
+    norms = [5.0, 1.0, 1.0, 1.0]
+    assert int(feed(tpo.two_phase(), scripted(norms))[-1].swap_step) == 2
+    final = feed(tpo.two_phase(min_windows=3), scripted(norms))[-1]
+    assert int(final.detection.detect_step) == 2
+    assert int(final.swap_step) == 3
+
+
+def test_swap_at_forces_the_split_and_only_records_detection():
+    final = feed(tpo.two_phase(swap_at=9), scripted(NORMS))[-1]
+    assert int(final.swap_step) == 9
+    assert int(final.detection.detect_step) == 7  # Recorded, not acted on.
+    assert int(final.second_state.count) == 1
+    # Detection is armed only while the first phase runs.
+    early = feed(tpo.two_phase(swap_at=3), scripted(NORMS))[-1]
+    assert int(early.swap_step) == 3
+    assert int(early.detection.detect_step) == -1
+
+
+def test_swap_at_zero_runs_the_second_phase_from_the_start():
+    final = feed(tpo.two_phase(swap_at=0), scripted(NORMS[:3]))[-1]
+    assert int(final.swap_step) == 0
+    assert int(final.second_state.count) == 3
+    assert int(final.first_state[0].count) == 0
+
+
+def regression_problem(seed=0, n=64, d=5):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    y = jnp.tanh(x @ jnp.asarray(rng.standard_normal(d), jnp.float32))
+
+    def loss(params, batch_x, batch_y):
+        pred = jnp.tanh(batch_x @ params["w"] + params["b"])
+        return jnp.mean((pred - batch_y) ** 2)
+
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+    params = {"w": jnp.zeros(d), "b": jnp.zeros(())}
+    return loss, batches, params
+
+
+def run(opt, loss, batches, params, steps, pass_grad=False):
+    """Mini-batch training, one jitted step each; returns (updates, params, state)."""
+
+    @jax.jit
+    def step(params, state, batch_x, batch_y):
+        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
+        extra = {"grad": grad} if pass_grad else {}
+        updates, state = opt.update(
+            grad,
+            state,
+            params,
+            value=value,
+            value_fn=loss,
+            batch_x=batch_x,
+            batch_y=batch_y,
+            **extra,
+        )
+        return optax.apply_updates(params, updates), state, updates
+
+    state, history = opt.init(params), []
+    for k in range(steps):
+        params, state, updates = step(params, state, *batches[k % len(batches)])
+        history.append((updates, params, state))
+    return history
+
+
+def assert_bit_identical(history, reference, steps):
+    for k in range(steps):
+        chex.assert_trees_all_equal(history[k][0], reference[k][0])
+        chex.assert_trees_all_equal(history[k][1], reference[k][1])
+
+
+def test_before_the_swap_updates_are_bit_identical_to_adam():
+    loss, batches, params = regression_problem()
+    adam = run(optax.adam(1e-2), loss, batches, params, 200)
+    ours = run(tpo.two_phase(optax.adam(1e-2), swap_at=150), loss, batches, params, 200)
+    assert_bit_identical(ours, adam, 150)
+    assert not np.array_equal(ours[150][0]["w"], adam[150][0]["w"])  # CG from 150.
+
+
+def test_detected_swap_keeps_adam_bit_identical_until_it():
+    loss, batches, params = regression_problem()
+    adam = run(optax.adam(1e-2), loss, batches, params, 300)
+    ours = run(tpo.two_phase(optax.adam(1e-2), window=4), loss, batches, params, 300)
+    swap_step = int(ours[-1][2].swap_step)
+    assert 0 < swap_step < 300, "the problem should swap within 300 steps"
+    assert swap_step % 4 == 0  # The first step of a window.
+    assert_bit_identical(ours, adam, swap_step)
+
+
+def test_after_the_swap_updates_equal_conjugate_gradient_run_alone():
+    loss, batches, params = regression_problem()
+    full_batch = [
+        (
+            jnp.concatenate([b[0] for b in batches]),
+            jnp.concatenate([b[1] for b in batches]),
+        )
+    ]
+    ours = run(
+        tpo.two_phase(optax.adam(1e-2), swap_at=20), loss, full_batch, params, 40
+    )
+    cg_alone = run(tpo.conjugate_gradient(), loss, full_batch, ours[19][1], 20)
+    for k in range(20):
+        chex.assert_trees_all_close(ours[20 + k][0], cg_alone[k][0], rtol=1e-6, atol=0)
+        chex.assert_trees_all_close(ours[20 + k][1], cg_alone[k][1], rtol=1e-6, atol=0)
+    # The first CG step is steepest descent from Adam's parameters.
+    assert bool(ours[20][2].second_state.info.restarted)
+
+
+def test_no_retrace_across_the_swap():
+    loss, batches, params = regression_problem()
+    opt = tpo.two_phase(optax.adam(1e-2), swap_at=3)
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, batch_x, batch_y):
+        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
+        updates, state = opt.update(
+            grad,
+            state,
+            params,
+            value=value,
+            value_fn=loss,
+            batch_x=batch_x,
+            batch_y=batch_y,
+        )
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for k in range(8):
+        params, state = step(params, state, *batches[k % len(batches)])
+    assert int(state.swap_step) == 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_state_dtypes_are_stable_across_the_swap(dtype):
+    with jax.enable_x64(dtype == "float64"):
+        opt = tpo.two_phase(swap_at=2)
+        params = jnp.zeros(3, dtype)
+        loss = lambda p: jnp.sum((p.astype(jnp.float32) - 1.0) ** 2)
+        state = opt.init(params)
+        expected = jax.tree.map(lambda x: (x.dtype, x.shape), state)
+        for _ in range(4):
+            value, grad = jax.value_and_grad(loss)(params)
+            updates, state = opt.update(grad, state, params, value=value, value_fn=loss)
+            params = optax.apply_updates(params, updates)
+            assert jax.tree.map(lambda x: (x.dtype, x.shape), state) == expected
+            assert updates.dtype == jnp.dtype(dtype)
+
+
+def test_works_behind_gradient_clipping_in_a_chain():
+    loss, batches, params = regression_problem()
+    clip = lambda: optax.clip_by_global_norm(0.05)
+    reference = run(optax.chain(clip(), optax.adam(1e-2)), loss, batches, params, 300)
+    ours = run(
+        optax.chain(clip(), tpo.two_phase(optax.adam(1e-2), window=4)),
+        loss,
+        batches,
+        params,
+        300,
+        pass_grad=True,
+    )
+    two_phase_state = ours[-1][2][1]
+    swap_step = int(two_phase_state.swap_step)
+    assert 0 < swap_step < 300
+    assert_bit_identical(ours, reference, swap_step)
+    # Readings use the raw gradient passed as grad=, not the clipped updates.
+    assert float(two_phase_state.detection.gn_max) > 0.05
+
+
+def test_inject_hyperparams_around_first_learning_rate():
+    loss, batches, params = regression_problem()
+    make_adam = lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    opt = tpo.two_phase(make_adam(), swap_at=100)
+    reference_opt = make_adam()
+
+    def run_with_schedule(opt, get_hyperparams):
+        """Halves the learning rate every 10 steps by editing the state."""
+
+        @jax.jit
+        def step(p, state, batch_x, batch_y):
+            value, grad = jax.value_and_grad(loss)(p, batch_x, batch_y)
+            updates, state = opt.update(
+                grad,
+                state,
+                p,
+                value=value,
+                value_fn=loss,
+                batch_x=batch_x,
+                batch_y=batch_y,
+            )
+            return optax.apply_updates(p, updates), state, updates
+
+        history = []
+        state = opt.init(params)
+        p = params
+        for k in range(60):
+            if k and k % 10 == 0:
+                get_hyperparams(state)["learning_rate"] = (
+                    get_hyperparams(state)["learning_rate"] / 2
+                )
+            p, state, updates = step(p, state, *batches[k % len(batches)])
+            history.append((updates, p))
+        return history, state
+
+    ours, state = run_with_schedule(opt, lambda s: s.first_state.hyperparams)
+    reference, _ = run_with_schedule(reference_opt, lambda s: s.hyperparams)
+    assert_bit_identical(ours, reference, 60)
+    assert float(state.first_state.hyperparams["learning_rate"]) == pytest.approx(
+        1e-2 / 32
+    )
+
+
+def test_metrics_helper_gives_flat_python_scalars():
+    states = feed(optax.chain(optax.identity(), tpo.two_phase()), scripted(NORMS))
+    metrics = tpo.two_phase_metrics(states[-1])
+    assert metrics["phase"] == 1
+    assert metrics["swap_step"] == 8
+    assert metrics["detect_step"] == 7
+    assert metrics["gn_max"] == 5.0
+    assert metrics["gn_last"] == pytest.approx(4.0)
+    assert metrics["step"] == 10
+    assert set(metrics) >= {
+        "linesearch_learning_rate",
+        "linesearch_value",
+        "linesearch_num_evaluations",
+        "linesearch_bracket_width",
+        "linesearch_failed",
+    }
+    assert all(isinstance(v, (int, float, bool)) for v in metrics.values())
+
+
+def test_metrics_helper_rejects_a_state_without_two_phase():
+    with pytest.raises(ValueError, match="TwoPhaseState"):
+        tpo.two_phase_metrics(optax.adam(1e-3).init(jnp.zeros(2)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gn_factor": 0.0}, "gn_factor"),
+        ({"gn_factor": 1.0}, "gn_factor"),
+        ({"window": 0}, "window"),
+        ({"window": 2.0}, "window"),
+        ({"statistic": "median"}, "statistic"),
+        ({"min_windows": 0}, "min_windows"),
+        ({"swap_at": -1}, "swap_at"),
+        ({"first": "adam"}, "first"),
+    ],
+)
+def test_invalid_hyperparameters_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tpo.two_phase(**kwargs)
+
+
+def test_update_without_value_fn_shows_the_right_call():
+    opt = tpo.two_phase()
+    params = jnp.zeros(2)
+    with pytest.raises(TypeError, match="value_fn=loss_fn") as error:
+        opt.update(jnp.ones(2), opt.init(params), params, value=1.0)
+    assert "two_phase.update" in str(error.value)

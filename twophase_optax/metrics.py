@@ -1,0 +1,69 @@
+"""A flat dict of scalars describing a two-phase run, for any logger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from twophase_optax.two_phase import TwoPhaseState
+
+
+def _find(tree: Any, predicate) -> Any | None:
+    """The first node of ``tree`` (depth first) for which ``predicate`` holds."""
+    nodes = jax.tree.leaves(tree, is_leaf=predicate)
+    return next((node for node in nodes if predicate(node)), None)
+
+
+def _is_linesearch_state(node: Any) -> bool:
+    # optax's line-search states and ours share these two field names.
+    fields = getattr(node, "_fields", ())
+    return "learning_rate" in fields and "info" in fields
+
+
+def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
+    """Reads a :func:`two_phase` state, wherever it sits in ``opt_state``.
+
+    Works on the state of ``two_phase`` itself or of any chain or wrapper
+    around it, and returns Python scalars, so the dict can go straight to a
+    JSON file, TensorBoard or any other logger. Call it outside ``jit``.
+
+    Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
+    ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
+    ``num_readings``; and, once the second phase has a line search,
+    ``linesearch_learning_rate``, ``linesearch_value`` if recorded, and one
+    ``linesearch_<field>`` per field of its info (for the golden section:
+    ``num_evaluations``, ``bracket_width``, ``failed``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import twophase_optax as tpo
+      >>> opt = tpo.two_phase()
+      >>> metrics = tpo.two_phase_metrics(opt.init(jnp.zeros(3)))
+      >>> metrics["phase"], metrics["swap_step"], metrics["gn_max"]
+      (0, -1, 0.0)
+    """
+    state = _find(opt_state, lambda n: isinstance(n, TwoPhaseState))
+    if state is None:
+        raise ValueError(
+            "two_phase_metrics found no TwoPhaseState in the optimizer state; "
+            "pass the state of an optimizer built with twophase_optax.two_phase."
+        )
+    detection = state.detection
+    scalars = {
+        "phase": state.in_second_phase.astype(int),
+        "step": state.count,
+        "swap_step": state.swap_step,
+        "detect_step": detection.detect_step,
+        "gn_max": detection.gn_max,
+        "gn_last": detection.gn_last,
+        "num_readings": detection.num_readings,
+    }
+    linesearch = _find(state.second_state, _is_linesearch_state)
+    if linesearch is not None:
+        scalars["linesearch_learning_rate"] = linesearch.learning_rate
+        if "value" in linesearch._fields:
+            scalars["linesearch_value"] = linesearch.value
+        for field, x in linesearch.info._asdict().items():
+            scalars[f"linesearch_{field}"] = x
+    return {key: jax.device_get(x).item() for key, x in scalars.items()}

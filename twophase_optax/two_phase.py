@@ -1,0 +1,199 @@
+"""The two-phase combinator: Algorithm 1 of the paper as one optax transformation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from twophase_optax import _protocol
+from twophase_optax import swap_detection
+from twophase_optax.conjugate_gradient import conjugate_gradient
+
+
+class TwoPhaseState(NamedTuple):
+    """State of :func:`two_phase`.
+
+    Attributes:
+      count: the number of updates made so far; the next update is step
+        ``count`` (int32).
+      in_second_phase: the phase flag, ``False`` while ``first`` runs (the
+        paper's ``adam``, negated). The swap is one-way.
+      swap_step: the first step that ran ``second``, -1 until the swap (int32).
+      detection: the gradient-norm readings, the running maximum ``gn_max``,
+        the window accumulators and the step at which the peak criterion first
+        held; a :class:`twophase_optax.swap_detection.GradientNormPeakState`.
+      first_state: the state of ``first``; frozen after the swap.
+      second_state: the state of ``second``; untouched before the swap, so the
+        second phase starts fresh (CG's first step is steepest descent).
+    """
+
+    count: jax.Array
+    in_second_phase: jax.Array
+    swap_step: jax.Array
+    detection: swap_detection.GradientNormPeakState
+    first_state: optax.OptState
+    second_state: optax.OptState
+
+
+def two_phase(
+    first: optax.GradientTransformation | None = None,
+    second: optax.GradientTransformation | None = None,
+    *,
+    gn_factor: float = 0.9,
+    window: int = 1,
+    statistic: str = "mean_grad",
+    min_windows: int = 1,
+    swap_at: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Runs ``first`` until the gradient norm has peaked, then ``second``.
+
+    The convexity-dependent two-phase method (Algorithm 1 of Hrycej et al.):
+    Adam while the loss is non-convex, nonlinear CG once the gradient norm,
+    read once per ``window`` steps, has fallen from its running maximum,
+
+    .. math::
+      \text{swap at the first reading } g_n \le \text{gn\_factor} \cdot
+      \max_{m \le n} g_m \quad (\text{and } n \ge \text{min\_windows}).
+
+    A reading completes with the last gradient of its window. That step's
+    update still comes from ``first``; ``second`` runs from the next step on,
+    as in Algorithm 1, where the epoch whose reading triggers the swap was an
+    Adam epoch. With ``swap_at=N`` steps ``0 .. N-1`` run ``first`` and
+    ``second`` runs from step ``N``, the fixed split of the paper's
+    experiments; detection is then only recorded.
+
+    Each step a jitted ``lax.cond`` runs exactly one of the two; the swap is
+    one-way, and ``second`` starts from the parameters ``first`` left with a
+    fresh state (for CG: a steepest-descent step).
+
+    Args:
+      first: the optimiser of the non-convex phase; default ``optax.adam(1e-3)``.
+      second: the optimiser of the convex phase; default
+        :func:`twophase_optax.conjugate_gradient`.
+      gn_factor: swap once a reading is at most this fraction of the maximum
+        reading (the paper's ``gnfact``, 0.9).
+      window: steps per gradient-norm reading; the paper reads once per epoch,
+        so set it to the number of steps in an epoch.
+      statistic: ``"mean_grad"`` (norm of the window's mean gradient, one
+        params-sized accumulator) or ``"mean_norm"`` (mean of the per-step
+        norms, scalar state); see :mod:`twophase_optax.swap_detection`.
+      min_windows: no swap before this many readings exist.
+      swap_at: if set, swap at this step regardless of the readings.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` called as
+      ``update(grads, state, params, value=loss, value_fn=loss_fn,
+      **loss_fn_kwargs)``. ``value`` and ``value_fn`` are always required, also
+      before the swap: both branches are compiled into the same program.
+      ``grad`` may be given; the readings then use it instead of the incoming
+      updates (so that clipping in front of ``two_phase`` does not cap them),
+      and the second phase hands it to its line search. ``first`` receives all
+      keyword arguments if it accepts extra arguments.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import twophase_optax as tpo
+      >>> f = lambda w: jnp.sum(jnp.log(jnp.cosh(w - 2.0)))  # convex near w = 2
+      >>> opt = tpo.two_phase(optax.adam(0.1), swap_at=10)
+      >>> w = jnp.array([-3.0, 6.0])
+      >>> state = opt.init(w)
+      >>> for _ in range(30):
+      ...     value, grad = jax.value_and_grad(f)(w)
+      ...     updates, state = opt.update(grad, state, w, value=value, value_fn=f)
+      ...     w = optax.apply_updates(w, updates)
+      >>> int(state.swap_step), [round(float(x), 3) for x in w]
+      (10, [2.0, 2.0])
+
+    References:
+      Hrycej, Bermeitinger, Pavone, Wiegand, Handschuh, *A Convexity-dependent
+      Two-Phase Training Algorithm for Deep Neural Networks*, KDIR 2025,
+      arXiv:2510.25366.
+    """
+    first = optax.adam(1e-3) if first is None else first
+    second = conjugate_gradient() if second is None else second
+    for name, tx in (("first", first), ("second", second)):
+        if not (hasattr(tx, "init") and hasattr(tx, "update")):
+            raise ValueError(f"{name} must be an optax transformation, got {tx!r}.")
+    swap_detection.check_detection_hyperparameters(
+        gn_factor, window, statistic, min_windows
+    )
+    if swap_at is not None and not (isinstance(swap_at, int) and swap_at >= 0):
+        raise ValueError(f"swap_at must be None or an integer >= 0, got {swap_at!r}.")
+    first_takes_extra_args = isinstance(first, optax.GradientTransformationExtraArgs)
+
+    def init_fn(params: optax.Params) -> TwoPhaseState:
+        return TwoPhaseState(
+            count=jnp.asarray(0, jnp.int32),
+            in_second_phase=jnp.asarray(swap_at == 0),
+            swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
+            detection=swap_detection.init(params, statistic),
+            first_state=first.init(params),
+            second_state=second.init(params),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: TwoPhaseState,
+        params: optax.Params | None = None,
+        *,
+        value: jax.typing.ArrayLike | None = None,
+        grad: optax.Updates | None = None,
+        value_fn: Callable[..., jax.typing.ArrayLike] | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, TwoPhaseState]:
+        _protocol.require_value_and_value_fn("two_phase", value, value_fn)
+        kwargs = dict(value=value, value_fn=value_fn, **extra_args)
+        if grad is not None:
+            kwargs["grad"] = grad
+
+        def run_first(_):
+            if first_takes_extra_args:
+                new_updates, first_state = first.update(
+                    updates, state.first_state, params, **kwargs
+                )
+            else:
+                new_updates, first_state = first.update(
+                    updates, state.first_state, params
+                )
+            return new_updates, first_state, state.second_state
+
+        def run_second(_):
+            new_updates, second_state = second.update(
+                updates, state.second_state, params, **kwargs
+            )
+            return new_updates, state.first_state, second_state
+
+        new_updates, first_state, second_state = jax.lax.cond(
+            state.in_second_phase, run_second, run_first, None
+        )
+
+        detection, detected = swap_detection.update(
+            state.detection,
+            updates if grad is None else grad,
+            state.count,
+            gn_factor=gn_factor,
+            window=window,
+            statistic=statistic,
+            min_windows=min_windows,
+            armed=~state.in_second_phase,
+        )
+        swap_now = detected if swap_at is None else state.count + 1 >= swap_at
+        swap_now &= ~state.in_second_phase
+        new_state = TwoPhaseState(
+            count=state.count + 1,
+            in_second_phase=state.in_second_phase | swap_now,
+            swap_step=jnp.where(swap_now, state.count + 1, state.swap_step),
+            detection=detection,
+            first_state=first_state,
+            second_state=second_state,
+        )
+        return new_updates, optax.tree.cast_like(new_state, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
