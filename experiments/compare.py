@@ -1,0 +1,286 @@
+"""Adam against two-phase for each model: the paper's Table 1 and figures.
+
+    python -m experiments.compare --dataset digits
+
+For every model it trains Adam alone and two-phase (and, with ``--fixed``, the
+paper's fixed split) for the same number of epochs, then writes to
+``results/<dataset>/``:
+
+* ``table.md``: final train loss and accuracy, validation loss and accuracy,
+  parameter count, Q = samples * outputs / parameters, the swap epoch, the
+  compute spent (forward-pass equivalents over the training set) and the wall
+  time, and the same losses for Adam at the compute two-phase spent;
+* ``loss_vs_epoch.png``, ``loss_vs_time.png``, ``loss_vs_compute.png``;
+* ``gradnorm_vs_loss.png``: the gradient-norm reading against the training
+  loss with the swap point marked (the paper's Figure 5).
+
+Runs go to ``<out>/runs/<model>/<optimizer>`` with their metrics and
+checkpoints; ``--resume`` continues unfinished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import data as data_lib  # noqa: E402
+from experiments import models  # noqa: E402
+from experiments import train as train_lib  # noqa: E402
+
+LABELS = {
+    "adam": "Adam",
+    "two-phase": "two-phase (detected swap)",
+    "two-phase-fixed": "two-phase (fixed split)",
+}
+COLOURS = {"adam": "tab:blue", "two-phase": "tab:red", "two-phase-fixed": "tab:green"}
+DEFAULT_MODELS = models.MODEL_NAMES
+
+
+@dataclasses.dataclass
+class Run:
+    model: str
+    optimizer: str
+    rows: list[dict[str, Any]]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.rows[-1]
+
+    @property
+    def swap_epoch(self) -> int | None:
+        return next((r["epoch"] for r in self.rows if r["phase"] == 1), None)
+
+
+def run_all(args) -> list[Run]:
+    runs = []
+    optimizers = ["adam", "two-phase"] + (["two-phase-fixed"] if args.fixed else [])
+    for model in args.models:
+        for optimizer in optimizers:
+            config = train_lib.Config(
+                model=model,
+                dataset=args.dataset,
+                optimizer=optimizer,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                swap_epoch=args.swap_epoch,
+                seed=args.seed,
+                out=str(args.out / "runs" / model / optimizer),
+                data_dir=args.data_dir,
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
+            runs.append(Run(model, optimizer, train_lib.train(config)))
+    return runs
+
+
+def adam_at_compute(runs: list[Run], run: Run) -> dict[str, Any] | None:
+    """Adam's row at the largest compute not above what ``run`` spent."""
+    adam = next(r for r in runs if r.model == run.model and r.optimizer == "adam")
+    budget = run.last["forward_passes"]
+    rows = [r for r in adam.rows if r["forward_passes"] <= budget]
+    return rows[-1] if rows else None
+
+
+def write_table(runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path):
+    n_train, outputs = len(dataset.x_train), dataset.num_classes
+    lines = [
+        f"# {dataset.name}: Adam against two-phase ({runs[0].last['epoch'] + 1} "
+        "epochs each)",
+        "",
+        "Final values after the last epoch. Q = training samples * outputs / "
+        "parameters. Compute is in forward-pass equivalents over the training "
+        "set (a backward pass counts 2, each line-search evaluation 1).",
+        "",
+        "| model | params | Q | optimizer | swap epoch | train loss | train acc | "
+        "val loss | val acc | compute | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        last, params = run.last, run.last["num_params"]
+        swap = "-" if run.swap_epoch is None else str(run.swap_epoch)
+        lines.append(
+            f"| {run.model} | {params} | {n_train * outputs / params:.3f} | "
+            f"{LABELS[run.optimizer]} | {swap} | {last['train_loss']:.4g} | "
+            f"{last['train_acc']:.3f} | {last['val_loss']:.4g} | "
+            f"{last['val_acc']:.3f} | {last['forward_passes']:.0f} | "
+            f"{last['wall_time']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per unit of compute: Adam's values at the largest compute not above what "
+        "each two-phase run spent.",
+        "",
+        "| model | optimizer | compute | its train loss | Adam's train loss | "
+        "its val acc | Adam's val acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        if run.optimizer == "adam":
+            continue
+        adam = adam_at_compute(runs, run)
+        if adam is None:
+            continue
+        lines.append(
+            f"| {run.model} | {LABELS[run.optimizer]} | "
+            f"{run.last['forward_passes']:.0f} | {run.last['train_loss']:.4g} | "
+            f"{adam['train_loss']:.4g} | {run.last['val_acc']:.3f} | "
+            f"{adam['val_acc']:.3f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _grid(models_: list[str]):
+    cols = min(3, len(models_))
+    rows = -(-len(models_) // cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(5 * cols, 3.8 * rows),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax in axes.flat[len(models_) :]:
+        ax.axis("off")
+    return fig, dict(zip(models_, axes.flat, strict=False))
+
+
+def plot_losses(runs: list[Run], x_key: str, x_label: str, path: pathlib.Path):
+    models_ = list(dict.fromkeys(r.model for r in runs))
+    fig, axes = _grid(models_)
+    for run in runs:
+        ax = axes[run.model]
+        x = [r[x_key] + (1 if x_key == "epoch" else 0) for r in run.rows]
+        colour = COLOURS[run.optimizer]
+        ax.plot(
+            x,
+            [r["train_loss"] for r in run.rows],
+            color=colour,
+            label=f"{LABELS[run.optimizer]} train",
+        )
+        ax.plot(
+            x,
+            [r["val_loss"] for r in run.rows],
+            color=colour,
+            ls="--",
+            label=f"{LABELS[run.optimizer]} val",
+        )
+        if run.swap_epoch is not None and run.optimizer != "adam":
+            swap = run.rows[run.swap_epoch - 1] if run.swap_epoch else run.rows[0]
+            ax.axvline(
+                swap[x_key] + (1 if x_key == "epoch" else 0), color=colour, ls=":", lw=1
+            )
+        ax.set(title=run.model, xlabel=x_label, ylabel="MSE loss", yscale="log")
+    for ax in axes.values():
+        ax.grid(alpha=0.3)
+    next(iter(axes.values())).legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gradnorm(runs: list[Run], path: pathlib.Path):
+    models_ = list(dict.fromkeys(r.model for r in runs))
+    fig, axes = _grid(models_)
+    for run in runs:
+        ax = axes[run.model]
+        colour = COLOURS[run.optimizer]
+        loss = [r["train_loss"] for r in run.rows]
+        ax.plot(
+            loss,
+            [r["gn_reading"] for r in run.rows],
+            ".-",
+            ms=3,
+            lw=0.8,
+            color=colour,
+            label=LABELS[run.optimizer],
+        )
+        if run.swap_epoch:
+            # The reading of the epoch before the first CG epoch triggered it.
+            trigger = run.rows[run.swap_epoch - 1]
+            ax.plot(
+                trigger["train_loss"],
+                trigger["gn_reading"],
+                "*",
+                ms=14,
+                color=colour,
+                mec="black",
+                label=f"swap ({LABELS[run.optimizer]})",
+            )
+        ax.set(
+            title=run.model,
+            xlabel="training loss (log)",
+            ylabel="gradient-norm reading (log)",
+            xscale="log",
+            yscale="log",
+        )
+        ax.invert_xaxis()  # Training moves right: the loss falls.
+        ax.grid(alpha=0.3)
+    next(iter(axes.values())).legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="digits", choices=data_lib.DATASET_NAMES)
+    parser.add_argument(
+        "--models", nargs="+", default=list(DEFAULT_MODELS), choices=models.MODEL_NAMES
+    )
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--fixed",
+        action="store_true",
+        help="also run the paper's fixed split (two-phase-fixed)",
+    )
+    parser.add_argument(
+        "--swap-epoch",
+        type=int,
+        default=None,
+        help="first CG epoch of the fixed split (default: 30%% of "
+        "--epochs, as in the paper's 300 of 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None, help="default: results/DATASET"
+    )
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.out = args.out or pathlib.Path("results") / args.dataset
+    if args.swap_epoch is None:
+        args.swap_epoch = max(1, round(0.3 * args.epochs))
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        dataset = data_lib.load(args.dataset, args.data_dir)
+    except data_lib.DatasetUnavailableError as error:
+        raise SystemExit(str(error)) from None
+
+    runs = run_all(args)
+    write_table(runs, dataset, args.out / "table.md")
+    plot_losses(runs, "epoch", "epoch", args.out / "loss_vs_epoch.png")
+    plot_losses(
+        runs, "wall_time", "training wall time (s)", args.out / "loss_vs_time.png"
+    )
+    plot_losses(
+        runs,
+        "forward_passes",
+        "forward-pass equivalents",
+        args.out / "loss_vs_compute.png",
+    )
+    plot_gradnorm(runs, args.out / "gradnorm_vs_loss.png")
+    print((args.out / "table.md").read_text())
+    print(f"Plots in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Datasets as normalised numpy arrays, and deterministic mini-batches.
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images),
+  split once with a fixed permutation into 1437 training and 360 validation
+  images. Needs no download: the offline default.
+* ``mnist``, ``cifar10``, ``cifar100``: tensorflow-datasets' ``train`` and
+  ``test`` splits (``test`` serves as validation), from ``data_dir``.
+
+Images are scaled to [0, 1] and standardised per channel with the training
+set's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
+DATASET_NAMES = ("digits", *TFDS_NAMES)
+DIGITS_VALIDATION = 360
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A TFDS dataset is neither in ``data_dir`` nor downloadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Training and validation images (N, H, W, C) float32 and int32 labels."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _standardise(x_train: np.ndarray, x_val: np.ndarray):
+    mean = x_train.mean(axis=(0, 1, 2), keepdims=True)
+    std = x_train.std(axis=(0, 1, 2), keepdims=True) + 1e-7
+    return ((x_train - mean) / std).astype(np.float32), ((x_val - mean) / std).astype(
+        np.float32
+    )
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8x8 digits with a fixed 1437/360 split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    images, labels = sklearn_digits(return_X_y=True)
+    images = images.reshape(-1, 8, 8, 1) / 16.0
+    order = np.random.default_rng(0).permutation(len(images))
+    train, val = order[DIGITS_VALIDATION:], order[:DIGITS_VALIDATION]
+    x_train, x_val = _standardise(images[train], images[val])
+    return Dataset(
+        "digits",
+        x_train,
+        labels[train].astype(np.int32),
+        x_val,
+        labels[val].astype(np.int32),
+        10,
+    )
+
+
+def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+    """``mnist``, ``cifar10`` or ``cifar100`` from tensorflow-datasets."""
+    import tensorflow_datasets as tfds
+
+    try:
+        splits = tfds.load(
+            TFDS_NAMES[name],
+            split=["train", "test"],
+            data_dir=data_dir,
+            as_supervised=True,
+            download=download,
+        )
+    except Exception as error:  # tfds raises many types; all mean "not here".
+        where = data_dir or "the default TFDS directory (~/tensorflow_datasets)"
+        raise DatasetUnavailableError(
+            f"The TFDS dataset {name!r} is not in {where} and could not be "
+            f"downloaded ({type(error).__name__}). On a machine with internet "
+            "access, run\n"
+            '  python -c "import tensorflow_datasets as tfds; '
+            f"tfds.builder('{TFDS_NAMES[name]}', data_dir='DIR')"
+            '.download_and_prepare()"\n'
+            "then copy DIR to this machine and pass --data-dir DIR. "
+            "The offline default --dataset digits needs no download."
+        ) from error
+    (x_train, y_train), (x_val, y_val) = (_to_arrays(split) for split in splits)
+    num_classes = 100 if name == "cifar100" else 10
+    x_train, x_val = _standardise(x_train / 255.0, x_val / 255.0)
+    return Dataset(
+        name,
+        x_train,
+        y_train.astype(np.int32),
+        x_val,
+        y_val.astype(np.int32),
+        num_classes,
+    )
+
+
+def _to_arrays(split) -> tuple[np.ndarray, np.ndarray]:
+    """A TFDS split of (image, label) pairs as two stacked numpy arrays."""
+    import tensorflow_datasets as tfds
+
+    chunks = list(tfds.as_numpy(split.batch(10_000)))
+    return (
+        np.concatenate([images for images, _ in chunks]),
+        np.concatenate([labels for _, labels in chunks]),
+    )
+
+
+def load(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+    """Loads one of :data:`DATASET_NAMES`."""
+    if name == "digits":
+        return load_digits()
+    if name in TFDS_NAMES:
+        return load_tfds(name, data_dir, download)
+    raise ValueError(f"Unknown dataset {name!r}; choose one of {DATASET_NAMES}.")
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled mini-batches; the order depends only on (seed, epoch).
+
+    The epoch is cut into ``ceil(n / batch_size)`` batches of near-equal size
+    (they differ by at most one sample), so every sample is seen once per epoch
+    and a jitted step compiles for at most two batch shapes. Deriving the order
+    from the epoch number rather than from a carried generator is what lets a
+    resumed run see exactly the same batches.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(len(x))
+    for index in np.array_split(order, num_batches(len(x), batch_size)):
+        yield x[index], y[index]
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return -(-num_samples // batch_size)

@@ -1,0 +1,385 @@
+"""Trains one of the paper's models with Adam, two-phase, or CG; resumable.
+
+    python -m experiments.train --model vit-mlp --dataset digits \\
+        --optimizer two-phase --epochs 300 --out runs/digits/vit-mlp/two-phase
+
+Every epoch appends one JSON line to ``<out>/metrics.jsonl`` and writes an
+orbax checkpoint (atomically: orbax writes a temporary directory and renames
+it). ``--resume`` continues from the last checkpoint and gives bit for bit the
+result of an uninterrupted run, also in the middle of the CG phase: the batch
+order depends only on (seed, epoch), and the full optimizer state, the
+parameters and the counters are restored exactly.
+
+Optimizers:
+
+* ``adam``: ``optax.adam(lr)`` on mini-batches of ``--batch-size``.
+* ``two-phase``: :func:`twophase_optax.two_phase` reading the gradient norm once
+  per epoch (``window`` = batches per epoch); after the swap, CG runs on
+  batches of ``--cg-batch-size`` (default: the whole training set).
+* ``two-phase-fixed``: the paper's fixed split, CG from ``--swap-epoch`` on.
+* ``cg``: CG from the start on ``--cg-batch-size`` batches.
+
+Compute is counted in forward-pass equivalents over the training set: a step on
+``b`` samples costs ``b * (3 + k) / n_train`` (forward 1, backward 2, and ``k``
+line-search evaluations). Evaluation passes are not counted; ``wall_time`` is
+the cumulative time of the training steps alone, compilation included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+import twophase_optax as tpo
+from experiments import data as data_lib
+from experiments import models
+
+OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg")
+EVAL_BATCH = 2048
+
+
+@dataclasses.dataclass
+class Config:
+    """One training run; the command-line flags map onto these fields."""
+
+    model: str = "vit-mlp"
+    dataset: str = "digits"
+    optimizer: str = "two-phase"
+    epochs: int = 100
+    batch_size: int = 512
+    cg_batch_size: int | None = None  # None: the whole training set.
+    lr: float = 1e-3
+    loss: str = "mse"
+    gn_factor: float = 0.9
+    swap_epoch: int = 30
+    seed: int = 0
+    out: str = "runs/digits/vit-mlp/two-phase"
+    data_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = {
+            "model": self.model in models.MODEL_NAMES,
+            "dataset": self.dataset in data_lib.DATASET_NAMES,
+            "optimizer": self.optimizer in OPTIMIZERS,
+            "loss": self.loss in models.LOSSES,
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "cg_batch_size": self.cg_batch_size is None or self.cg_batch_size >= 1,
+            "lr": self.lr > 0,
+            "swap_epoch": self.swap_epoch >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"Invalid setting(s) {bad} in {self}.")
+
+
+def make_optimizer(config: Config, adam_steps_per_epoch: int):
+    """The optax transformation for ``config.optimizer``."""
+    adam = optax.adam(config.lr)
+    if config.optimizer == "adam":
+        return adam
+    if config.optimizer == "cg":
+        return tpo.conjugate_gradient()
+    swap_at = None
+    if config.optimizer == "two-phase-fixed":
+        swap_at = config.swap_epoch * adam_steps_per_epoch
+    return tpo.two_phase(
+        adam, window=adam_steps_per_epoch, gn_factor=config.gn_factor, swap_at=swap_at
+    )
+
+
+def in_second_phase(config: Config, opt_state: Any) -> bool:
+    """Whether the next step runs CG (read on the host, once per epoch)."""
+    if config.optimizer == "adam":
+        return False
+    if config.optimizer == "cg":
+        return True
+    return bool(opt_state.in_second_phase)
+
+
+def find_linesearch_state(opt_state: Any) -> tpo.GoldenSectionLinesearchState | None:
+    is_ls = lambda n: isinstance(n, tpo.GoldenSectionLinesearchState)  # noqa: E731
+    return next(
+        (n for n in jax.tree.leaves(opt_state, is_leaf=is_ls) if is_ls(n)), None
+    )
+
+
+class Trainer:
+    """Model, data, jitted steps and the resumable epoch loop of one run."""
+
+    def __init__(self, config: Config):
+        config.validate()
+        self.config = config
+        self.data = data_lib.load(config.dataset, config.data_dir)
+        model = models.create_model(
+            config.model,
+            config.dataset,
+            self.data.image_shape,
+            self.data.num_classes,
+            config.seed,
+        )
+        self.num_params = models.parameter_count(model)
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.params = nnx.to_pure_dict(params)
+        n_train = len(self.data.x_train)
+        self.cg_batch_size = min(config.cg_batch_size or n_train, n_train)
+        self.adam_steps = data_lib.num_batches(n_train, config.batch_size)
+        self.tx = make_optimizer(config, self.adam_steps)
+        self.opt_state = self.tx.init(self.params)
+        self.loss_fn = models.LOSSES[config.loss]
+        self.train_step = jax.jit(self._train_step)
+        self.evaluate_batch = jax.jit(self._evaluate_batch)
+
+    # -- the maths ---------------------------------------------------------
+    def apply(self, params, images):
+        model = nnx.merge(self.graphdef, nnx.State(params), self.rest)
+        return model(images)
+
+    def batch_loss(self, params, images, labels):
+        return self.loss_fn(self.apply(params, images), labels)
+
+    def _train_step(self, params, opt_state, grad_sum, images, labels):
+        if self.config.optimizer in ("two-phase", "two-phase-fixed"):
+            ran_cg = opt_state.in_second_phase
+        else:
+            ran_cg = jnp.asarray(self.config.optimizer == "cg")
+        value, grad = jax.value_and_grad(self.batch_loss)(params, images, labels)
+        updates, opt_state = self.tx.update(
+            grad,
+            opt_state,
+            params,
+            value=value,
+            grad=grad,
+            value_fn=self.batch_loss,
+            images=images,
+            labels=labels,
+        )
+        linesearch = find_linesearch_state(opt_state)
+        if linesearch is None:
+            evaluations, step_size = (
+                jnp.zeros((), jnp.int32),
+                jnp.asarray(self.config.lr),
+            )
+        else:
+            evaluations = jnp.where(ran_cg, linesearch.info.num_evaluations, 0)
+            step_size = jnp.where(ran_cg, linesearch.learning_rate, self.config.lr)
+        grad_sum = optax.tree.add(grad_sum, optax.tree.cast(grad, jnp.float32))
+        stats = {"evaluations": evaluations, "step_size": step_size}
+        return optax.apply_updates(params, updates), opt_state, grad_sum, stats
+
+    def _evaluate_batch(self, params, images, labels):
+        outputs = self.apply(params, images)
+        loss_sum = self.loss_fn(outputs, labels) * len(labels)
+        correct = jnp.sum(jnp.argmax(outputs, -1) == labels)
+        return loss_sum, correct
+
+    def evaluate(self, x, y) -> tuple[float, float]:
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(x), EVAL_BATCH):
+            batch_loss, batch_correct = self.evaluate_batch(
+                self.params,
+                x[start : start + EVAL_BATCH],
+                y[start : start + EVAL_BATCH],
+            )
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+        return loss_sum / len(x), correct / len(x)
+
+    # -- one epoch ---------------------------------------------------------
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        cg_epoch = in_second_phase(self.config, self.opt_state)
+        batch_size = self.cg_batch_size if cg_epoch else self.config.batch_size
+        n_train = len(self.data.x_train)
+        grad_sum = optax.tree.zeros_like(self.params, dtype=jnp.float32)
+        stats, sizes = [], []
+        start = time.perf_counter()
+        for images, labels in data_lib.batches(
+            self.data.x_train, self.data.y_train, batch_size, self.config.seed, epoch
+        ):
+            self.params, self.opt_state, grad_sum, step_stats = self.train_step(
+                self.params, self.opt_state, grad_sum, images, labels
+            )
+            stats.append(step_stats)
+            sizes.append(len(labels))
+        stats = jax.device_get(stats)
+        reading = float(optax.tree.norm(grad_sum)) / len(sizes)
+        seconds = time.perf_counter() - start
+        evaluations = np.array([s["evaluations"] for s in stats])
+        forward_passes = float(np.sum(np.array(sizes) * (3 + evaluations)) / n_train)
+        return {
+            "phase": int(cg_epoch),
+            "gn_reading": reading,
+            "step_size": float(stats[-1]["step_size"]),
+            "linesearch_evaluations": int(evaluations.sum()),
+            "steps": len(sizes),
+            "epoch_forward_passes": forward_passes,
+            "epoch_seconds": seconds,
+        }
+
+
+# -- checkpoints and metrics ----------------------------------------------
+def _checkpoint_tree(trainer: Trainer, counters: dict[str, float]) -> dict[str, Any]:
+    leaves = jax.tree.leaves((trainer.params, trainer.opt_state))
+    return {
+        "state": {str(i): np.asarray(x) for i, x in enumerate(leaves)},
+        "counters": {k: np.asarray(v, np.float64) for k, v in counters.items()},
+    }
+
+
+def save_checkpoint(manager, epoch: int, trainer: Trainer, counters) -> None:
+    manager.save(epoch, args=ocp.args.StandardSave(_checkpoint_tree(trainer, counters)))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, trainer: Trainer, counters) -> int:
+    """Restores the newest checkpoint into ``trainer``; returns its epoch."""
+    epoch = manager.latest_step()
+    target = jax.tree.map(
+        ocp.utils.to_shape_dtype_struct, _checkpoint_tree(trainer, counters)
+    )
+    restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
+    treedef = jax.tree.structure((trainer.params, trainer.opt_state))
+    leaves = [restored["state"][str(i)] for i in range(len(restored["state"]))]
+    trainer.params, trainer.opt_state = jax.tree.unflatten(
+        treedef, [jnp.asarray(x) for x in leaves]
+    )
+    counters.update({k: float(v) for k, v in restored["counters"].items()})
+    return int(epoch)
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def append_metrics(path: pathlib.Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def train(config: Config) -> list[dict[str, Any]]:
+    """Runs (or resumes) one training run; returns all its metrics rows."""
+    out = pathlib.Path(config.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    manager = ocp.CheckpointManager(
+        out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    )
+    counters = {"forward_passes": 0.0, "wall_time": 0.0}
+    first_epoch = 0
+    if config.resume and manager.latest_step() is not None:
+        first_epoch = restore_checkpoint(manager, trainer, counters) + 1
+        # Rows written after the checkpoint belong to an epoch that is redone.
+        rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    bar = tqdm(
+        range(first_epoch, config.epochs),
+        initial=first_epoch,
+        total=config.epochs,
+        desc=f"{config.model} {config.optimizer}",
+        disable=not config.progress,
+        file=sys.stderr,
+    )
+    for epoch in bar:
+        row = trainer.run_epoch(epoch)
+        counters["forward_passes"] += row.pop("epoch_forward_passes")
+        counters["wall_time"] += row.pop("epoch_seconds")
+        train_loss, train_acc = trainer.evaluate(
+            trainer.data.x_train, trainer.data.y_train
+        )
+        val_loss, val_acc = trainer.evaluate(trainer.data.x_val, trainer.data.y_val)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            **row,
+            "forward_passes": counters["forward_passes"],
+            "wall_time": counters["wall_time"],
+            "num_params": trainer.num_params,
+        }
+        append_metrics(metrics_path, row)
+        save_checkpoint(manager, epoch, trainer, counters)
+        bar.set_postfix(
+            loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
+        )
+    manager.close()
+    return read_metrics(metrics_path)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=defaults.model, choices=models.MODEL_NAMES)
+    parser.add_argument(
+        "--dataset", default=defaults.dataset, choices=data_lib.DATASET_NAMES
+    )
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--cg-batch-size",
+        type=int,
+        default=None,
+        help="batch size of the CG phase (default: the whole training set)",
+    )
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--loss", default=defaults.loss, choices=tuple(models.LOSSES))
+    parser.add_argument("--gn-factor", type=float, default=defaults.gn_factor)
+    parser.add_argument(
+        "--swap-epoch",
+        type=int,
+        default=defaults.swap_epoch,
+        help="first CG epoch of two-phase-fixed",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", default=None, help="default: runs/DATASET/MODEL/OPT")
+    parser.add_argument("--data-dir", default=None, help="TFDS data directory")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = vars(parser.parse_args(argv))
+    if args["out"] is None:
+        args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"
+    return Config(**args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    try:
+        rows = train(config)
+    except data_lib.DatasetUnavailableError as error:
+        raise SystemExit(str(error)) from None
+    last = rows[-1]
+    print(
+        f"{config.model} {config.optimizer}: train loss {last['train_loss']:.4g}, "
+        f"val acc {last['val_acc']:.3f} after {len(rows)} epochs; {config.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
