@@ -1,0 +1,115 @@
+"""The paper's models: shapes, gradients, and the architectural differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx", reason="the experiments need flax")
+from experiments import models  # noqa: E402
+
+
+def param_paths(model):
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(
+            nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        )
+    ]
+
+
+def count(paths, name):
+    """Number of weight matrices of layers called ``name``."""
+    return sum(f"/{p}".endswith(f"/{name}/kernel") for p in paths)
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize(
+    "dataset, shape, classes",
+    [
+        ("digits", (8, 8, 1), 10),
+        ("mnist", (28, 28, 1), 10),
+        ("cifar100", (32, 32, 3), 100),
+    ],
+)
+def test_forward_and_backward_on_a_tiny_batch(name, dataset, shape, classes):
+    model = models.create_model(name, dataset, shape, classes)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    images = jax.random.normal(jax.random.key(0), (3, *shape))
+    labels = jnp.array([0, 1, 2])
+
+    def loss(params):
+        outputs = nnx.merge(graphdef, params, rest)(images)
+        assert outputs.shape == (3, classes)
+        return models.mse_loss(outputs, labels)
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value))
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(g).all() for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
+
+
+def test_attention_matrices_per_variant():
+    shape = (8, 8, 1)
+    paths = {
+        n: param_paths(models.create_model(n, "digits", shape, 10))
+        for n in models.VIT_VARIANTS
+    }
+    for name in ("vit-mlp", "vit-nomlp"):
+        assert [
+            count(paths[name], w) for w in ("w_q", "w_k", "w_v", "w_o", "w_qk")
+        ] == [3, 3, 3, 3, 0]
+    # wkewq: exactly one query/key matrix per encoder, value and output kept.
+    assert [
+        count(paths["vit-nomlp-wkewq"], w) for w in ("w_q", "w_k", "w_qk", "w_v", "w_o")
+    ] == [0, 0, 3, 3, 3]
+    # wvwo: additionally none of the value and output matrices.
+    assert [
+        count(paths["vit-nomlp-wkewq-wvwo"], w)
+        for w in ("w_q", "w_k", "w_qk", "w_v", "w_o")
+    ] == [0, 0, 3, 0, 0]
+    # Only vit-mlp has the MLP.
+    assert count(paths["vit-mlp"], "mlp_in") == 3
+    assert all(
+        count(paths[n], "mlp_in") == 0 for n in models.VIT_VARIANTS if n != "vit-mlp"
+    )
+
+
+def test_parameter_counts_follow_from_the_architecture():
+    e, m, tokens, patch_inputs, classes = 64, 256, 16, 4, 10
+    embed = patch_inputs * e + e + tokens * e
+    head = 2 * e + e * classes + classes  # Final LayerNorm and the dense head.
+    attention_norm = 2 * e
+    expected = {
+        "vit-nomlp": embed + head + 3 * (attention_norm + 4 * e * e),
+        "vit-nomlp-wkewq": embed + head + 3 * (attention_norm + 3 * e * e),
+        "vit-nomlp-wkewq-wvwo": embed + head + 3 * (attention_norm + e * e),
+        "vit-mlp": embed
+        + head
+        + 3 * (attention_norm + 4 * e * e + 2 * e + e * m + m + m * e + e),
+    }
+    for name, n in expected.items():
+        model = models.create_model(name, "digits", (8, 8, 1), classes)
+        assert models.parameter_count(model) == n, name
+    vgg = models.create_model("vgg5", "digits", (8, 8, 1), classes)
+    convs = (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 128 + 128)
+    assert models.parameter_count(vgg) == convs + (128 * 256 + 256) + (256 * 10 + 10)
+    assert len([p for p in param_paths(vgg) if p.endswith("kernel")]) == 5
+
+
+def test_patch_sizes_are_documented_per_dataset():
+    assert models.PATCH_SIZES == {"digits": 2, "mnist": 4, "cifar10": 4, "cifar100": 4}
+    with pytest.raises(ValueError, match="patch"):
+        models.ViT("vit-mlp", (9, 9, 1), 10, 2, rngs=nnx.Rngs(0))
+
+
+def test_mse_loss_is_mean_squared_error_on_one_hot_targets():
+    outputs = jnp.array([[1.0, 0.0], [0.5, 0.5]])
+    labels = jnp.array([0, 1])
+    assert float(models.mse_loss(outputs, labels)) == pytest.approx(0.25 / 2)
+
+
+def test_unknown_model_raises():
+    with pytest.raises(ValueError, match="vgg5"):
+        models.create_model("resnet", "digits", (8, 8, 1), 10)

@@ -1,0 +1,127 @@
+"""The training script end to end on digits: metrics, CLI errors, resume."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax", reason="the experiments need flax")
+pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
+import orbax.checkpoint as ocp  # noqa: E402
+
+from experiments import train  # noqa: E402
+
+SMALL = {"model": "vit-nomlp-wkewq-wvwo", "dataset": "digits", "progress": False}
+FIELDS = {
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "phase",
+    "gn_reading",
+    "step_size",
+    "linesearch_evaluations",
+    "steps",
+    "forward_passes",
+    "wall_time",
+    "num_params",
+}
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+def test_short_run_writes_valid_metrics(optimizer, tmp_path):
+    config = train.Config(
+        **SMALL,
+        optimizer=optimizer,
+        epochs=2,
+        swap_epoch=1,
+        lr=3e-3,
+        out=str(tmp_path),
+    )
+    rows = train.train(config)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for row in rows:
+        assert set(row) == FIELDS
+        assert 0.0 <= row["train_acc"] <= 1.0 and 0.0 <= row["val_acc"] <= 1.0
+        assert np.isfinite(
+            [row["train_loss"], row["val_loss"], row["gn_reading"]]
+        ).all()
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] or optimizer == "cg"
+    phases = [r["phase"] for r in rows]
+    cg_epochs = {"adam": [0, 0], "two-phase-fixed": [0, 1], "cg": [1, 1]}
+    if optimizer in cg_epochs:
+        assert phases == cg_epochs[optimizer]
+    for row in rows:
+        if row["phase"] == 0:  # Adam: 3 batches of 479, 3 passes each.
+            assert row["steps"] == 3 and row["linesearch_evaluations"] == 0
+            assert row["step_size"] == pytest.approx(3e-3)
+        else:  # CG: one full-batch step plus its line search.
+            assert row["steps"] == 1 and row["linesearch_evaluations"] >= 1
+    expected_compute = sum(
+        3 + r["linesearch_evaluations"] if r["phase"] else 3 for r in rows
+    )
+    assert rows[-1]["forward_passes"] == pytest.approx(expected_compute)
+    assert rows[-1]["wall_time"] > rows[0]["wall_time"] > 0
+
+
+def checkpoint_leaves(out, epoch):
+    manager = ocp.CheckpointManager(out / "checkpoints")
+    restored = manager.restore(epoch)
+    manager.close()
+    state = restored["state"]
+    return [np.asarray(state[str(i)]) for i in range(len(state))]
+
+
+def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
+    common = dict(**SMALL, optimizer="two-phase-fixed", swap_epoch=1, lr=3e-3)
+    straight = tmp_path / "straight"
+    rows = train.train(train.Config(**common, epochs=4, out=str(straight)))
+    resumed = tmp_path / "resumed"
+    train.train(train.Config(**common, epochs=2, out=str(resumed)))
+    # Epoch 1 was the first CG epoch: the resume starts mid-phase.
+    resumed_rows = train.train(
+        train.Config(**common, epochs=4, out=str(resumed), resume=True)
+    )
+    assert [r["phase"] for r in rows] == [0, 1, 1, 1]
+    for a, b in zip(
+        checkpoint_leaves(straight, 3), checkpoint_leaves(resumed, 3), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    drop = lambda r: {k: v for k, v in r.items() if k != "wall_time"}  # noqa: E731
+    assert [drop(r) for r in resumed_rows] == [drop(r) for r in rows]
+
+
+def test_cli_missing_tfds_dataset_exits_with_instructions(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode != 0
+    assert "download_and_prepare" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_config_raises_value_error(tmp_path):
+    with pytest.raises(ValueError, match="epochs"):
+        train.train(train.Config(**SMALL, epochs=0, out=str(tmp_path)))
