@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models", nargs="+", default=list(DEFAULT_MODELS), choices=models.MODEL_NAMES
     )
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument(
         "--batch-size",
         type=int,
