@@ -81,12 +81,13 @@ def run_all(args) -> list[Run]:
     return runs
 
 
-def adam_at_compute(runs: list[Run], run: Run) -> dict[str, Any] | None:
-    """Adam's row at the largest compute not above what ``run`` spent."""
+def at_equal_compute(runs: list[Run], run: Run) -> tuple[dict, dict] | None:
+    """``run``'s and Adam's rows at the smaller of their two total computes."""
     adam = next(r for r in runs if r.model == run.model and r.optimizer == "adam")
-    budget = run.last["forward_passes"]
-    rows = [r for r in adam.rows if r["forward_passes"] <= budget]
-    return rows[-1] if rows else None
+    budget = min(run.last["forward_passes"], adam.last["forward_passes"])
+    pick = lambda rows: [r for r in rows if r["forward_passes"] <= budget + 1e-9]  # noqa: E731
+    ours, theirs = pick(run.rows), pick(adam.rows)
+    return (ours[-1], theirs[-1]) if ours and theirs else None
 
 
 def write_table(runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path):
@@ -115,24 +116,23 @@ def write_table(runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path):
         )
     lines += [
         "",
-        "Per unit of compute: Adam's values at the largest compute not above what "
-        "each two-phase run spent.",
+        "At equal compute: both runs at the largest epoch whose cumulative compute "
+        "does not exceed the smaller of the two totals.",
         "",
         "| model | optimizer | compute | its train loss | Adam's train loss | "
         "its val acc | Adam's val acc |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        if run.optimizer == "adam":
+        pair = None if run.optimizer == "adam" else at_equal_compute(runs, run)
+        if pair is None:
             continue
-        adam = adam_at_compute(runs, run)
-        if adam is None:
-            continue
+        ours, adam = pair
         lines.append(
             f"| {run.model} | {LABELS[run.optimizer]} | "
-            f"{run.last['forward_passes']:.0f} | {run.last['train_loss']:.4g} | "
-            f"{adam['train_loss']:.4g} | {run.last['val_acc']:.3f} | "
-            f"{adam['val_acc']:.3f} |"
+            f"{ours['forward_passes']:.0f} / {adam['forward_passes']:.0f} | "
+            f"{ours['train_loss']:.4g} | {adam['train_loss']:.4g} | "
+            f"{ours['val_acc']:.3f} | {adam['val_acc']:.3f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any
@@ -283,6 +284,10 @@ def train(config: Config) -> list[dict[str, Any]]:
     trainer = Trainer(config)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     metrics_path = out / "metrics.jsonl"
+    if not config.resume:
+        # A fresh run replaces an earlier one in the same directory.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
     manager = ocp.CheckpointManager(
         out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
     )
@@ -293,8 +298,6 @@ def train(config: Config) -> list[dict[str, Any]]:
         # Rows written after the checkpoint belong to an epoch that is redone.
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif metrics_path.exists():
-        metrics_path.unlink()
 
     bar = tqdm(
         range(first_epoch, config.epochs),

@@ -1,5 +1,6 @@
 """The training script end to end on digits: metrics, CLI errors, resume."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -120,6 +121,18 @@ def test_cli_missing_tfds_dataset_exits_with_instructions(tmp_path):
     assert result.returncode != 0
     assert "download_and_prepare" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_fresh_run_replaces_an_earlier_one_in_the_same_directory(tmp_path):
+    config = train.Config(**SMALL, optimizer="adam", epochs=2, out=str(tmp_path))
+    first = train.train(config)
+    second = train.train(dataclasses.replace(config, epochs=1))
+    assert [r["epoch"] for r in second] == [0]
+    drop = lambda r: {k: v for k, v in r.items() if k != "wall_time"}  # noqa: E731
+    assert drop(second[0]) == drop(first[0])
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    assert manager.all_steps() == [0]
+    manager.close()
 
 
 def test_invalid_config_raises_value_error(tmp_path):
