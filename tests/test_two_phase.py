@@ -120,10 +120,9 @@ def regression_problem(seed=0, n=64, d=5):
     return loss, batches, params
 
 
-def run(opt, loss, batches, params, steps, pass_grad=False):
-    """Mini-batch training, one jitted step each; returns (updates, params, state)."""
+def train_step(opt, loss, pass_grad=False):
+    """One mini-batch step of ``opt`` on ``loss``, to be jitted by the caller."""
 
-    @jax.jit
     def step(params, state, batch_x, batch_y):
         value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
         extra = {"grad": grad} if pass_grad else {}
@@ -139,8 +138,19 @@ def run(opt, loss, batches, params, steps, pass_grad=False):
         )
         return optax.apply_updates(params, updates), state, updates
 
+    return step
+
+
+def run(opt, loss, batches, params, steps, pass_grad=False, edit_state=None):
+    """Mini-batch training, one jitted step each; returns (updates, params, state).
+
+    ``edit_state(k, state)``, if given, may change the state before step ``k``.
+    """
+    step = jax.jit(train_step(opt, loss, pass_grad))
     state, history = opt.init(params), []
     for k in range(steps):
+        if edit_state is not None:
+            edit_state(k, state)
         params, state, updates = step(params, state, *batches[k % len(batches)])
         history.append((updates, params, state))
     return history
@@ -205,25 +215,10 @@ def test_no_retrace_across_the_swap():
     loss, batches, params = regression_problem()
     opt = tpo.two_phase(optax.adam(1e-2), swap_at=3)
     chex.clear_trace_counter()
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(params, state, batch_x, batch_y):
-        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
-        updates, state = opt.update(
-            grad,
-            state,
-            params,
-            value=value,
-            value_fn=loss,
-            batch_x=batch_x,
-            batch_y=batch_y,
-        )
-        return optax.apply_updates(params, updates), state
-
+    step = jax.jit(chex.assert_max_traces(train_step(opt, loss), n=1))
     state = opt.init(params)
     for k in range(8):
-        params, state = step(params, state, *batches[k % len(batches)])
+        params, state, _ = step(params, state, *batches[k % len(batches)])
     assert int(state.swap_step) == 3
 
 
@@ -269,41 +264,33 @@ def test_inject_hyperparams_around_first_learning_rate():
     opt = tpo.two_phase(make_adam(), swap_at=100)
     reference_opt = make_adam()
 
-    def run_with_schedule(opt, get_hyperparams):
-        """Halves the learning rate every 10 steps by editing the state."""
-
-        @jax.jit
-        def step(p, state, batch_x, batch_y):
-            value, grad = jax.value_and_grad(loss)(p, batch_x, batch_y)
-            updates, state = opt.update(
-                grad,
-                state,
-                p,
-                value=value,
-                value_fn=loss,
-                batch_x=batch_x,
-                batch_y=batch_y,
-            )
-            return optax.apply_updates(p, updates), state, updates
-
-        history = []
-        state = opt.init(params)
-        p = params
-        for k in range(60):
+    def halve_every_10_steps(get_hyperparams):
+        def edit_state(k, state):
             if k and k % 10 == 0:
-                get_hyperparams(state)["learning_rate"] = (
-                    get_hyperparams(state)["learning_rate"] / 2
-                )
-            p, state, updates = step(p, state, *batches[k % len(batches)])
-            history.append((updates, p))
-        return history, state
+                hyperparams = get_hyperparams(state)
+                hyperparams["learning_rate"] = hyperparams["learning_rate"] / 2
 
-    ours, state = run_with_schedule(opt, lambda s: s.first_state.hyperparams)
-    reference, _ = run_with_schedule(reference_opt, lambda s: s.hyperparams)
-    assert_bit_identical(ours, reference, 60)
-    assert float(state.first_state.hyperparams["learning_rate"]) == pytest.approx(
-        1e-2 / 32
+        return edit_state
+
+    ours = run(
+        opt,
+        loss,
+        batches,
+        params,
+        60,
+        edit_state=halve_every_10_steps(lambda s: s.first_state.hyperparams),
     )
+    reference = run(
+        reference_opt,
+        loss,
+        batches,
+        params,
+        60,
+        edit_state=halve_every_10_steps(lambda s: s.hyperparams),
+    )
+    assert_bit_identical(ours, reference, 60)
+    final_lr = ours[-1][2].first_state.hyperparams["learning_rate"]
+    assert float(final_lr) == pytest.approx(1e-2 / 32)
 
 
 def test_metrics_helper_gives_flat_python_scalars():
