@@ -71,8 +71,13 @@ def load_digits() -> Dataset:
 
 def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
     """``mnist``, ``cifar10`` or ``cifar100`` from tensorflow-datasets."""
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise DatasetUnavailableError(
+            f"The dataset {name!r} comes through tensorflow-datasets, which is not "
+            "installed: pip install -e '.[experiments]'."
+        ) from error
     try:
         splits = tfds.load(
             TFDS_NAMES[name],

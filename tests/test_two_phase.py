@@ -203,10 +203,15 @@ def test_after_the_swap_updates_equal_conjugate_gradient_run_alone():
         tpo.two_phase(optax.adam(1e-2), swap_at=20), loss, full_batch, params, 40
     )
     cg_alone = run(tpo.conjugate_gradient(), loss, full_batch, ours[19][1], 20)
-    # Equal up to reduction order in the dot products (exact on the CPU).
+    # Bit for bit on the CPU; on a GPU the reduction order of the dot products
+    # may differ between the two programs, and 20 line searches amplify it.
+    exact = jax.default_backend() == "cpu"
     for k in range(20):
-        chex.assert_trees_all_close(ours[20 + k][0], cg_alone[k][0], rtol=1e-5, atol=0)
-        chex.assert_trees_all_close(ours[20 + k][1], cg_alone[k][1], rtol=1e-5, atol=0)
+        for a, b in zip(ours[20 + k][:2], cg_alone[k][:2], strict=True):
+            if exact:
+                chex.assert_trees_all_equal(a, b)
+            else:
+                chex.assert_trees_all_close(a, b, rtol=1e-4, atol=0)
     # The first CG step is steepest descent from Adam's parameters.
     assert bool(ours[20][2].second_state.info.restarted)
 
