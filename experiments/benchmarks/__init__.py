@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints markdown tables and writes JSON."""

@@ -1,0 +1,47 @@
+"""Interleaved timing of jitted functions: compile once, then median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def compile_seconds(fn: Callable, *args: Any) -> float:
+    """Seconds to lower and compile ``fn`` for ``args`` (no execution)."""
+    start = time.perf_counter()
+    jax.jit(fn).lower(*args).compile()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(
+    candidates: dict[str, tuple[Callable, tuple]],
+    repeats: int,
+    inner: int,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin.
+
+    Each candidate is a jitted function and its arguments. After one warm-up
+    call each, every round times ``inner`` back-to-back calls of every candidate
+    in turn, so that drifts of the machine hit all of them alike.
+    """
+    for fn, args in candidates.values():
+        jax.block_until_ready(fn(*args))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, (fn, args) in candidates.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
