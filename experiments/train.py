@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 import twophase_optax as tpo
 from experiments import data as data_lib
 from experiments import models
+from experiments import sharding
 
 OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg")
 EVAL_BATCH = 2048
@@ -72,6 +73,8 @@ class Config:
     data_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    mesh: str | None = None  # "data=N[,model=M]"; None: data-parallel, all devices.
+    distributed: bool = False  # Call jax.distributed.initialize() first.
 
     def validate(self) -> None:
         checks = {
@@ -137,30 +140,80 @@ class Trainer:
         )
         self.num_params = models.parameter_count(model)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.params = nnx.to_pure_dict(params)
+        self.mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh))
+        self.data_parallel = self.mesh.shape["data"]
+        params_shardings = sharding.params_shardings(
+            self.mesh, nnx.to_pure_dict(params)
+        )
+        self.params = jax.device_put(nnx.to_pure_dict(params), params_shardings)
         n_train = len(self.data.x_train)
         self.cg_batch_size = min(config.cg_batch_size or n_train, n_train)
         self.adam_steps = data_lib.num_batches(n_train, config.batch_size)
         self.tx = make_optimizer(config, self.adam_steps)
-        self.opt_state = self.tx.init(self.params)
+        state_shardings = sharding.state_shardings(self.mesh, self.tx, self.params)
+        self.opt_state = jax.device_put(self.tx.init(self.params), state_shardings)
         self.loss_fn = models.LOSSES[config.loss]
-        self.train_step = jax.jit(self._train_step)
+        # The state keeps its sharding: the outputs are pinned to the inputs'.
+        replicated = sharding.replicated(self.mesh)
+        self.train_step = jax.jit(
+            self._train_step,
+            out_shardings=(
+                params_shardings,
+                state_shardings,
+                params_shardings,
+                replicated,
+            ),
+        )
         self.evaluate_batch = jax.jit(self._evaluate_batch)
+        # Simulated CPU devices share a few cores; steps dispatched ahead of time
+        # can starve the threads an all-reduce waits for (see README).
+        self.block_every_step = (
+            jax.default_backend() == "cpu" and self.mesh.devices.size > 1
+        )
 
     # -- the maths ---------------------------------------------------------
     def apply(self, params, images):
         model = nnx.merge(self.graphdef, nnx.State(params), self.rest)
         return model(images)
 
-    def batch_loss(self, params, images, labels):
-        return self.loss_fn(self.apply(params, images), labels)
+    def batch_loss(self, params, images, labels, mask=None):
+        """The mean loss over the batch; ``mask`` marks real (not padding) rows."""
+        outputs = self.apply(params, images)
+        if mask is None:
+            return self.loss_fn(outputs, labels)
+        return jnp.sum(self._per_example(outputs, labels) * mask) / jnp.sum(mask)
 
-    def _train_step(self, params, opt_state, grad_sum, images, labels):
+    def _per_example(self, outputs, labels):
+        return jax.vmap(lambda o, y: self.loss_fn(o[None], y[None]))(outputs, labels)
+
+    def place(self, images, labels):
+        """A batch as global arrays split over the data axis, with its mask.
+
+        With several data-parallel devices the batch is padded to a multiple of
+        their number and the padding masked out, so every device count sees the
+        same examples; on one device it goes as it is (``mask`` is ``None``).
+        """
+        mask = None
+        if self.data_parallel > 1:
+            n, pad = len(labels), -len(labels) % self.data_parallel
+            images = np.concatenate(
+                [images, np.zeros((pad, *images.shape[1:]), images.dtype)]
+            )
+            labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+            mask = (np.arange(n + pad) < n).astype(np.float32)
+            mask = sharding.global_batch(self.mesh, mask)
+        return (
+            sharding.global_batch(self.mesh, images),
+            sharding.global_batch(self.mesh, labels),
+            mask,
+        )
+
+    def _train_step(self, params, opt_state, grad_sum, images, labels, mask):
         if self.config.optimizer in ("two-phase", "two-phase-fixed"):
             ran_cg = opt_state.in_second_phase
         else:
             ran_cg = jnp.asarray(self.config.optimizer == "cg")
-        value, grad = jax.value_and_grad(self.batch_loss)(params, images, labels)
+        value, grad = jax.value_and_grad(self.batch_loss)(params, images, labels, mask)
         updates, opt_state = self.tx.update(
             grad,
             opt_state,
@@ -170,6 +223,7 @@ class Trainer:
             value_fn=self.batch_loss,
             images=images,
             labels=labels,
+            mask=mask,
         )
         linesearch = find_linesearch_state(opt_state)
         if linesearch is None:
@@ -184,20 +238,21 @@ class Trainer:
         stats = {"evaluations": evaluations, "step_size": step_size}
         return optax.apply_updates(params, updates), opt_state, grad_sum, stats
 
-    def _evaluate_batch(self, params, images, labels):
+    def _evaluate_batch(self, params, images, labels, mask):
         outputs = self.apply(params, images)
-        loss_sum = self.loss_fn(outputs, labels) * len(labels)
-        correct = jnp.sum(jnp.argmax(outputs, -1) == labels)
-        return loss_sum, correct
+        hits = jnp.argmax(outputs, -1) == labels
+        if mask is None:
+            return self.loss_fn(outputs, labels) * len(labels), jnp.sum(hits)
+        loss_sum = jnp.sum(self._per_example(outputs, labels) * mask)
+        return loss_sum, jnp.sum(hits * mask)
 
     def evaluate(self, x, y) -> tuple[float, float]:
         loss_sum, correct = 0.0, 0
         for start in range(0, len(x), EVAL_BATCH):
-            batch_loss, batch_correct = self.evaluate_batch(
-                self.params,
-                x[start : start + EVAL_BATCH],
-                y[start : start + EVAL_BATCH],
+            batch = self.place(
+                x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
             )
+            batch_loss, batch_correct = self.evaluate_batch(self.params, *batch)
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
         return loss_sum / len(x), correct / len(x)
@@ -213,9 +268,12 @@ class Trainer:
         for images, labels in data_lib.batches(
             self.data.x_train, self.data.y_train, batch_size, self.config.seed, epoch
         ):
+            # Every host holds the whole batch and places its own shards.
             self.params, self.opt_state, grad_sum, step_stats = self.train_step(
-                self.params, self.opt_state, grad_sum, images, labels
+                self.params, self.opt_state, grad_sum, *self.place(images, labels)
             )
+            if self.block_every_step:
+                jax.block_until_ready(step_stats)
             stats.append(step_stats)
             sizes.append(len(labels))
         stats = jax.device_get(stats)
@@ -236,9 +294,11 @@ class Trainer:
 
 # -- checkpoints and metrics ----------------------------------------------
 def _checkpoint_tree(trainer: Trainer, counters: dict[str, float]) -> dict[str, Any]:
+    # jax.Arrays as they are: orbax writes each host's shards and restores them
+    # with the same shardings.
     leaves = jax.tree.leaves((trainer.params, trainer.opt_state))
     return {
-        "state": {str(i): np.asarray(x) for i, x in enumerate(leaves)},
+        "state": {str(i): x for i, x in enumerate(leaves)},
         "counters": {k: np.asarray(v, np.float64) for k, v in counters.items()},
     }
 
@@ -278,16 +338,26 @@ def append_metrics(path: pathlib.Path, row: dict[str, Any]) -> None:
 
 
 def train(config: Config) -> list[dict[str, Any]]:
-    """Runs (or resumes) one training run; returns all its metrics rows."""
+    """Runs (or resumes) one training run; returns all its metrics rows.
+
+    Across hosts (``config.distributed``) every process runs this with the same
+    config and ``out`` on a shared file system; process 0 writes the metrics.
+    """
+    if config.distributed:
+        jax.distributed.initialize()
+    chief = jax.process_index() == 0
     out = pathlib.Path(config.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     metrics_path = out / "metrics.jsonl"
-    if not config.resume:
-        # A fresh run replaces an earlier one in the same directory.
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        metrics_path.unlink(missing_ok=True)
+    if chief:
+        config_json = json.dumps(dataclasses.asdict(config), indent=2)
+        (out / "config.json").write_text(config_json)
+        if not config.resume:
+            # A fresh run replaces an earlier one in the same directory.
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
+    _sync_hosts("cleared the run directory")
     manager = ocp.CheckpointManager(
         out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
     )
@@ -297,14 +367,15 @@ def train(config: Config) -> list[dict[str, Any]]:
         first_epoch = restore_checkpoint(manager, trainer, counters) + 1
         # Rows written after the checkpoint belong to an epoch that is redone.
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if chief:
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     bar = tqdm(
         range(first_epoch, config.epochs),
         initial=first_epoch,
         total=config.epochs,
         desc=f"{config.model} {config.optimizer}",
-        disable=not config.progress,
+        disable=not (config.progress and chief),
         file=sys.stderr,
     )
     for epoch in bar:
@@ -326,13 +397,22 @@ def train(config: Config) -> list[dict[str, Any]]:
             "wall_time": counters["wall_time"],
             "num_params": trainer.num_params,
         }
-        append_metrics(metrics_path, row)
+        if chief:
+            append_metrics(metrics_path, row)
         save_checkpoint(manager, epoch, trainer, counters)
         bar.set_postfix(
             loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
         )
     manager.close()
+    _sync_hosts("wrote the last metrics")
     return read_metrics(metrics_path)
+
+
+def _sync_hosts(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -365,6 +445,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--data-dir", default=None, help="TFDS data directory")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh 'data=N[,model=M]' (default: data-parallel over all "
+        "devices); the model axis splits parameters along their last dimension",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() first (one process "
+        "per host; see README)",
+    )
     args = vars(parser.parse_args(argv))
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"

@@ -19,12 +19,89 @@ def test_overhead_quick_mode_writes_well_formed_results(tmp_path, capsys):
             assert t["ratio"] == 1.0
     multiples = {m["optimizer"]: m["multiple"] for m in result["memory"]}
     # Adam: two moments. CG: previous gradient and direction. two_phase adds
-    # CG's two trees to Adam's two, plus the window sum for "mean_grad"; the
-    # remaining scalars are a few bytes against ~59 kB of params.
+    # CG's two trees to Adam's two, plus the window sum for "mean_grad" with a
+    # window of several steps; the remaining scalars are a few bytes against
+    # ~59 kB of params.
     assert multiples["optax.adam"] == pytest.approx(2.0, abs=5e-3)
     assert multiples["conjugate_gradient"] == pytest.approx(2.0, abs=5e-3)
     assert multiples["two_phase mean_grad"] == pytest.approx(5.0, abs=5e-3)
     assert multiples["two_phase mean_norm"] == pytest.approx(4.0, abs=5e-3)
+    assert multiples["two_phase window 1"] == pytest.approx(4.0, abs=5e-3)
     table = capsys.readouterr().out
     assert "| case | optimizer | median ms | ratio to optax.adam | compile s |" in table
-    assert table.count("\n| update only") == 6
+    assert table.count("\n| update only") == 8
+
+
+def test_cg_phase_quick_mode_counts_more_evaluations_for_tighter_tolerances(
+    tmp_path, capsys
+):
+    from experiments.benchmarks import cg_phase
+
+    result = cg_phase.main(["--quick", "--out", str(tmp_path / "cg_phase.json")])
+    assert json.loads((tmp_path / "cg_phase.json").read_text()) == result
+    rows = result["cg"]
+    assert [r["tol"] for r in rows] == [1e-2, 1e-3, 1e-4]
+    assert [r["default_tol"] for r in rows] == [True, False, False]
+    adam_full = result["adam"][0]["seconds_per_step"]
+    for r in rows:
+        assert len(r["evaluations"]) == result["steps"]
+        assert 1 <= r["median_evaluations"] <= r["max_evaluations"] <= 30
+        assert r["in_adam_full_batch_steps"] == pytest.approx(
+            r["seconds_per_step"] / adam_full
+        )
+    # Every tolerance starts from the same point with the same steepest-descent
+    # direction, so the first line search narrows the same bracket further.
+    first = [r["evaluations"][0] for r in rows]
+    assert first == sorted(first) and first[0] < first[-1]
+    table = capsys.readouterr().out
+    assert "| cg, tol 1e-02 (default) |" in table
+    assert table.count("\n| cg, tol") == 3
+
+
+def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
+    from experiments.benchmarks import solvers
+
+    result = solvers.main(["--quick", "--out", str(tmp_path / "solvers.json")])
+    assert json.loads((tmp_path / "solvers.json").read_text()) == result
+    rows = [r for r in result["rows"] if r["installed"]]
+    problems = {r["problem"] for r in result["rows"]}
+    assert len(problems) == 4
+    assert len(result["rows"]) == 4 * len(solvers.SOLVER_ORDER)
+    for r in rows:
+        assert r["f_evals"] >= 1 and r["g_evals"] >= 1 and r["iterations"] >= 1
+        if r["success"]:
+            assert r["final_grad_norm"] <= solvers.GTOL
+            if r["f_star"] is not None:  # Rosenbrock 0, the quadratic's closed form.
+                assert r["final_f"] == pytest.approx(r["f_star"], rel=1e-8, abs=1e-8)
+    ours = [r for r in rows if r["solver"].startswith("ours")]
+    assert len(ours) == 8 and all(r["success"] for r in ours)
+    # The golden section evaluates only f in its search: one gradient a step.
+    for r in ours:
+        if r["solver"] == "ours golden":
+            assert r["g_evals"] == r["iterations"] + 1 < r["f_evals"]
+    table = capsys.readouterr().out
+    assert table.count("\n| Rosenbrock n=2 |") == len(solvers.SOLVER_ORDER)
+
+
+def test_time_to_loss_quick_mode_repeats_the_same_trajectory(tmp_path, capsys):
+    from experiments.benchmarks import time_to_loss
+
+    result = time_to_loss.main(["--quick", "--out", str(tmp_path / "ttl.json")])
+    assert json.loads((tmp_path / "ttl.json").read_text()) == result
+    by_name = {s["optimizer"]: s for s in result["optimizers"]}
+    assert list(by_name) == list(time_to_loss.OPTIMIZERS)
+    for summary in by_name.values():
+        runs = summary["runs"]
+        assert len(runs) == result["repeats"]
+        # Each repeat restarts from the same parameters: the same losses.
+        assert len({r["final_loss"] for r in runs}) == 1
+        for target, hit in summary["targets"].items():
+            if summary["median_final_loss"] > float(target):
+                assert hit is None
+    # The fixed split runs CG from the given epoch; Adam never swaps.
+    assert by_name["two-phase-fixed"]["swap_epoch"] == result["swap_epoch"]
+    assert by_name["adam"]["swap_epoch"] is None
+    table = capsys.readouterr().out
+    assert table.count("never") == sum(
+        hit is None for s in result["optimizers"] for hit in s["targets"].values()
+    )

@@ -78,6 +78,21 @@ def test_statistics_read_the_window_differently(statistic, detect_step, gn_max):
     assert float(final.detection.gn_max) == gn_max
     if statistic == "mean_norm":
         assert final.detection.window_grad_sum is None  # Scalar state only.
+    else:
+        assert final.detection.window_grad_sum.shape == (2,)
+
+
+def test_window_1_keeps_no_gradient_sum_and_both_statistics_agree():
+    # One step per window: both statistics are the step's gradient norm.
+    signed = [2.0, -2.0, 4.0, -4.0, 5.0, -3.0, 3.0, 3.0, 1.0, 1.0]
+    runs = {
+        statistic: feed(tpo.two_phase(statistic=statistic), scripted(signed))
+        for statistic in ("mean_grad", "mean_norm")
+    }
+    for by_grad, by_norm in zip(runs["mean_grad"], runs["mean_norm"], strict=True):
+        assert by_grad.detection.window_grad_sum is None
+        chex.assert_trees_all_equal(by_grad, by_norm)
+    assert int(runs["mean_grad"][-1].detection.detect_step) == 5  # 3 <= 0.9 * 5.
 
 
 def test_min_windows_delays_the_swap():

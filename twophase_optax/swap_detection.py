@@ -44,7 +44,8 @@ class GradientNormPeakState(NamedTuple):
       num_readings: how many readings have completed (int32).
       window_count: steps accumulated in the current window (int32).
       window_grad_sum: ``"mean_grad"``: the sum of the window's gradients, in
-        float32 (float64 for float64 params); ``None`` for ``"mean_norm"``.
+        float32 (float64 for float64 params); ``None`` for ``"mean_norm"`` and
+        for ``window=1``, where both statistics are the step's gradient norm.
       window_norm_sum: ``"mean_norm"``: the sum of the window's gradient norms;
         stays 0 for ``"mean_grad"``.
       detect_step: the step whose reading first met the swap criterion, -1
@@ -78,12 +79,19 @@ def check_detection_hyperparameters(
         raise ValueError(f"min_windows must be an integer >= 1, got {min_windows!r}.")
 
 
-def init(params: Any, statistic: str) -> GradientNormPeakState:
+def _needs_grad_sum(statistic: str, window: int) -> bool:
+    # With one step per window both statistics are that step's gradient norm.
+    return statistic == "mean_grad" and window > 1
+
+
+def init(params: Any, statistic: str, window: int = 1) -> GradientNormPeakState:
     """The state before any gradient has been seen."""
     dtype = _protocol.scalar_dtype(params)
     zero = jnp.zeros((), dtype)
     grad_sum = (
-        optax.tree.zeros_like(params, dtype=dtype) if statistic == "mean_grad" else None
+        optax.tree.zeros_like(params, dtype=dtype)
+        if _needs_grad_sum(statistic, window)
+        else None
     )
     return GradientNormPeakState(
         gn_max=zero,
@@ -128,7 +136,7 @@ def update(
     dtype = state.gn_max.dtype
     count = state.window_count + 1
     complete = count == window
-    if statistic == "mean_grad":
+    if _needs_grad_sum(statistic, window):
         grad_sum = optax.tree.add(state.window_grad_sum, optax.tree.cast(grads, dtype))
         reading = optax.tree.norm(grad_sum) / window
         norm_sum = state.window_norm_sum

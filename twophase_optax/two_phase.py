@@ -80,8 +80,9 @@ def two_phase(
       window: steps per gradient-norm reading; the paper reads once per epoch,
         so set it to the number of steps in an epoch.
       statistic: ``"mean_grad"`` (norm of the window's mean gradient, one
-        params-sized accumulator) or ``"mean_norm"`` (mean of the per-step
-        norms, scalar state); see :mod:`twophase_optax.swap_detection`.
+        params-sized accumulator when ``window > 1``) or ``"mean_norm"`` (mean
+        of the per-step norms, scalar state); the two coincide for
+        ``window=1``. See :mod:`twophase_optax.swap_detection`.
       min_windows: no swap before this many readings exist.
       swap_at: if set, swap at this step regardless of the readings.
 
@@ -133,7 +134,7 @@ def two_phase(
             count=jnp.asarray(0, jnp.int32),
             in_second_phase=jnp.asarray(swap_at == 0),
             swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
-            detection=swap_detection.init(params, statistic),
+            detection=swap_detection.init(params, statistic, window),
             first_state=first.init(params),
             second_state=second.init(params),
         )

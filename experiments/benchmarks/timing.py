@@ -12,9 +12,17 @@ import jax
 
 def compile_seconds(fn: Callable, *args: Any) -> float:
     """Seconds to lower and compile ``fn`` for ``args`` (no execution)."""
+    return compiled(fn, *args)[1]
+
+
+def compiled(fn: Callable, *args: Any) -> tuple[Callable, float]:
+    """``fn`` compiled for ``args``, and the seconds lowering and compiling took.
+
+    The compiled function takes arguments of the same shapes and dtypes.
+    """
     start = time.perf_counter()
-    jax.jit(fn).lower(*args).compile()
-    return time.perf_counter() - start
+    executable = jax.jit(fn).lower(*args).compile()
+    return executable, time.perf_counter() - start
 
 
 def interleaved_medians(
