@@ -145,3 +145,19 @@ def test_mesh_specs_parse():
     assert sharding.parse_mesh("data=4,model=2", 8) == {"data": 4, "model": 2}
     assert sharding.parse_mesh("model=8", 8) == {"data": 1, "model": 8}
     assert sharding.parse_mesh("data=3", 8) == {"data": 3, "model": 1}
+
+
+def test_scaling_benchmark_quick_mode_times_each_mesh(tmp_path):
+    out = tmp_path / "scaling.json"
+    table = run_with_devices(
+        ["-m", "experiments.benchmarks.scaling", "--quick", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["simulated"] and result["backend"] == "cpu"
+    rows = {(r["devices"], r["phase"]): r for r in result["rows"]}
+    assert set(rows) == {(n, p) for n in (1, 2) for p in ("adam", "cg")}
+    for (n, _), r in rows.items():
+        assert r["seconds"] > 0
+        if n == 1:
+            assert r["ratio_to_one_device"] == 1.0
+    assert "| 2 (simulated) | CG, batch 128 |" in table

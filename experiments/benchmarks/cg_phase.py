@@ -18,9 +18,7 @@ are medians of interleaved repeats after a warm-up (each repeat runs the
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import statistics
 
 import jax
@@ -156,10 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, args.pretrain, args.steps, images, args.repeats
     )
     result = {
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "machine": platform.platform(),
-        "jax": jax.__version__,
+        **timing.environment(),
         "model": model,
         "images": num_images,
         "pretrain_epochs": args.pretrain,
@@ -174,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.pretrain} Adam epochs, {args.steps} CG steps\n"
     )
     print(format_table(rows, adam_rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    timing.write_json(args.out, result)
     return result
 
 

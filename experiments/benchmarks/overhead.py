@@ -14,9 +14,7 @@ Table 2: optimizer-state bytes as a multiple of the parameters' bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -143,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings = update_only(sizes, repeats, inner) + train_step(model, repeats, inner)
     memory = state_memory(model)
     result = {
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "machine": platform.platform(),
-        "jax": jax.__version__,
+        **timing.environment(),
         "repeats": repeats,
         "inner": inner,
         "timings": timings,
@@ -178,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    timing.write_json(args.out, result)
     return result
 
 

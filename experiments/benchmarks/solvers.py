@@ -36,9 +36,7 @@ as not installed.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import time
 from collections.abc import Callable
 
@@ -322,10 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += run_problem(name, f, x0, f_star, max_iter, repeats)
     ratios = versus_best_cg_peer(rows)
     result = {
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "machine": platform.platform(),
-        "jax": jax.__version__,
+        **timing.environment(),
         "repeats": repeats,
         "gtol": GTOL,
         "max_iterations": max_iter,
@@ -349,9 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    timing.write_json(args.out, result)
     return result
 
 

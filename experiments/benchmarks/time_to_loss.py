@@ -22,10 +22,8 @@ there).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
-import platform
 import statistics
 import time
 
@@ -50,13 +48,8 @@ def warm_up(trainer: train_lib.Trainer) -> float:
     grad_sum = jax.tree.map(lambda p: 0.0 * p, trainer.params)
     start = time.perf_counter()
     for size in sorted(sizes):
-        out = trainer.train_step(
-            trainer.params,
-            trainer.opt_state,
-            grad_sum,
-            trainer.data.x_train[:size],
-            trainer.data.y_train[:size],
-        )
+        batch = trainer.place(trainer.data.x_train[:size], trainer.data.y_train[:size])
+        out = trainer.train_step(trainer.params, trainer.opt_state, grad_sum, *batch)
         jax.block_until_ready(out)
     trainer.evaluate(trainer.data.x_train, trainer.data.y_train)
     return time.perf_counter() - start
@@ -164,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     summaries = [summarise(name, runs[name], warm_ups[name]) for name in OPTIMIZERS]
     result = {
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "machine": platform.platform(),
-        "jax": jax.__version__,
+        **timing.environment(),
         "model": args.model,
         "budget_seconds": args.budget,
         "max_epochs": args.max_epochs,
@@ -182,9 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(at most {args.max_epochs} epochs); medians of {args.repeats} runs\n"
     )
     print(format_table(summaries))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    timing.write_json(args.out, result)
     return result
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -53,3 +56,20 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    """Where a benchmark ran: device, backend, machine and jax version."""
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "machine": platform.platform(),
+        "jax": jax.__version__,
+    }
+
+
+def write_json(path: pathlib.Path | None, result: dict[str, Any]) -> None:
+    """Writes ``result`` to ``path`` (if given), creating its folder."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
