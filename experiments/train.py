@@ -75,6 +75,9 @@ class Config:
     progress: bool = True
     mesh: str | None = None  # "data=N[,model=M]"; None: data-parallel, all devices.
     distributed: bool = False  # Call jax.distributed.initialize() first.
+    coordinator: str | None = None  # host:port; None: detected (SLURM, TPU, ...).
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> None:
         checks = {
@@ -344,7 +347,9 @@ def train(config: Config) -> list[dict[str, Any]]:
     config and ``out`` on a shared file system; process 0 writes the metrics.
     """
     if config.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            config.coordinator, config.num_processes, config.process_id
+        )
     chief = jax.process_index() == 0
     out = pathlib.Path(config.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -457,6 +462,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="multi-host: call jax.distributed.initialize() first (one process "
         "per host; see README)",
     )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        help="with --distributed: process 0's host:port (default: detected from "
+        "the cluster environment, e.g. SLURM or a TPU pod)",
+    )
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     args = vars(parser.parse_args(argv))
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -88,41 +89,83 @@ def test_model_axis_shards_the_state_like_the_params():
     assert many["sharded_state_leaves"] == [[None, "model"]] * (2 * 4)
 
 
-def test_train_cli_on_eight_devices_matches_one_device(tmp_path):
-    def metrics(mesh):
-        out = tmp_path / mesh
-        run_with_devices(
-            [
-                "-m",
-                "experiments.train",
-                "--model",
-                "vit-nomlp-wkewq-wvwo",
-                "--optimizer",
-                "two-phase-fixed",
-                "--swap-epoch",
-                "1",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "100",
-                "--mesh",
-                mesh,
-                "--no-progress",
-                "--out",
-                str(out),
-            ]
-        )
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
+TRAIN_ARGS = [
+    "-m",
+    "experiments.train",
+    "--model",
+    "vit-nomlp-wkewq-wvwo",
+    "--optimizer",
+    "two-phase-fixed",
+    "--swap-epoch",
+    "1",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "100",
+    "--no-progress",
+]
 
-    many, one = metrics("data=8"), metrics("data=1")
+
+def read_metrics(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def one_device_metrics(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_device")
+    run_with_devices([*TRAIN_ARGS, "--mesh", "data=1", "--out", str(out)])
+    return read_metrics(out)
+
+
+def assert_same_training(many, one):
     assert [r["phase"] for r in many] == [r["phase"] for r in one] == [0, 1]
     for a, b in zip(many, one, strict=True):
-        # Batches of 95 and 96 and the full 1437 are padded to multiples of 8
-        # and the padding masked: the same examples, the same losses.
+        # Batches of 95 and 96 and the full 1437 are padded to multiples of
+        # the data axis and the padding masked: the same examples and losses.
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.01)
         assert a["forward_passes"] == b["forward_passes"]
+
+
+def test_train_cli_on_eight_devices_matches_one_device(tmp_path, one_device_metrics):
+    run_with_devices([*TRAIN_ARGS, "--mesh", "data=8", "--out", str(tmp_path)])
+    assert_same_training(read_metrics(tmp_path), one_device_metrics)
+
+
+def test_train_cli_across_two_processes_matches_one_device(
+    tmp_path, one_device_metrics
+):
+    # Two processes with two CPU devices each, joined by jax.distributed (gloo
+    # collectives on the CPU), train one data-parallel mesh of four.
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    args = [*TRAIN_ARGS, "--mesh", "data=4", "--out", str(tmp_path), "--distributed"]
+    args += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, *args, "--process-id", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:]
+    # Process 0 alone wrote the metrics; both printed the same final loss.
+    assert_same_training(read_metrics(tmp_path), one_device_metrics)
+    finals = [out.strip().splitlines()[-1] for out in outputs]
+    assert finals[0] == finals[1] and "after 2 epochs" in finals[0]
 
 
 @pytest.mark.parametrize(
