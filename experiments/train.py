@@ -143,12 +143,11 @@ class Trainer:
         )
         self.num_params = models.parameter_count(model)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        params = nnx.to_pure_dict(params)
         self.mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh))
         self.data_parallel = self.mesh.shape["data"]
-        params_shardings = sharding.params_shardings(
-            self.mesh, nnx.to_pure_dict(params)
-        )
-        self.params = jax.device_put(nnx.to_pure_dict(params), params_shardings)
+        params_shardings = sharding.params_shardings(self.mesh, params)
+        self.params = jax.device_put(params, params_shardings)
         n_train = len(self.data.x_train)
         self.cg_batch_size = min(config.cg_batch_size or n_train, n_train)
         self.adam_steps = data_lib.num_batches(n_train, config.batch_size)
@@ -211,6 +210,10 @@ class Trainer:
             mask,
         )
 
+    def zero_grad_sum(self):
+        """The float32 sum of an epoch's gradients, before its first step."""
+        return optax.tree.zeros_like(self.params, dtype=jnp.float32)
+
     def _train_step(self, params, opt_state, grad_sum, images, labels, mask):
         if self.config.optimizer in ("two-phase", "two-phase-fixed"):
             ran_cg = opt_state.in_second_phase
@@ -265,7 +268,7 @@ class Trainer:
         cg_epoch = in_second_phase(self.config, self.opt_state)
         batch_size = self.cg_batch_size if cg_epoch else self.config.batch_size
         n_train = len(self.data.x_train)
-        grad_sum = optax.tree.zeros_like(self.params, dtype=jnp.float32)
+        grad_sum = self.zero_grad_sum()
         stats, sizes = [], []
         start = time.perf_counter()
         for images, labels in data_lib.batches(

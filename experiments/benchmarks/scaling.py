@@ -37,13 +37,13 @@ from experiments.benchmarks import timing  # noqa: E402
 
 
 def step_candidates(model: str, data: int, batch: int, cg_batch: int | None):
-    """(Adam-phase step, CG-phase step) as no-argument callables, and compile s."""
+    """Adam- and CG-phase steps as callables, warm-up seconds, training-set size."""
     config = train_lib.Config(
         model=model, optimizer="two-phase", mesh=f"data={data}", progress=False
     )
     trainer = train_lib.Trainer(config)
     x, y = trainer.data.x_train, trainer.data.y_train
-    grad_sum = jax.tree.map(lambda p: 0.0 * p, trainer.params)
+    grad_sum = trainer.zero_grad_sum()
     adam_state = trainer.opt_state
     cg_state = adam_state._replace(in_second_phase=np.bool_(True))
     cg_state = jax.device_put(cg_state, jax.tree.map(lambda a: a.sharding, adam_state))
@@ -63,7 +63,7 @@ def step_candidates(model: str, data: int, batch: int, cg_batch: int | None):
             return jax.block_until_ready(trainer.train_step(*args))
 
         calls[phase] = call
-    return calls, compiles
+    return calls, compiles, len(x)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,12 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     counts = [n for n in counts if n <= jax.device_count()]
     candidates, compiles = {}, {}
     for n in counts:
-        calls, seconds = step_candidates(model, n, batch, cg_batch)
+        calls, seconds, num_train = step_candidates(model, n, batch, cg_batch)
         for phase, call in calls.items():
             candidates[(n, phase)] = (call, ())
             compiles[(n, phase)] = seconds[phase]
     medians = timing.interleaved_medians(candidates, repeats, inner)
-    len_train = 1437  # The digits training split: the CG phase's full batch.
     simulated = jax.default_backend() == "cpu"
     rows = [
         {
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_cores": os.cpu_count(),
         "model": model,
         "adam_batch": batch,
-        "cg_batch": cg_batch or len_train,
+        "cg_batch": cg_batch or num_train,
         "repeats": repeats,
         "inner": inner,
         "rows": rows,

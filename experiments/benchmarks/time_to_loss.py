@@ -45,7 +45,7 @@ def warm_up(trainer: train_lib.Trainer) -> float:
         np.arange(n), data_lib.num_batches(n, trainer.config.batch_size)
     )
     sizes = {len(c) for c in chunks} | {trainer.cg_batch_size}
-    grad_sum = jax.tree.map(lambda p: 0.0 * p, trainer.params)
+    grad_sum = trainer.zero_grad_sum()
     start = time.perf_counter()
     for size in sorted(sizes):
         batch = trainer.place(trainer.data.x_train[:size], trainer.data.y_train[:size])
