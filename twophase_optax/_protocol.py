@@ -82,3 +82,18 @@ def scalar_dtype(params: Any) -> jnp.dtype:
 def vdot(x: Any, y: Any, dtype: jnp.dtype) -> jax.Array:
     """Tree inner product accumulated in ``dtype`` (see :func:`scalar_dtype`)."""
     return optax.tree.vdot(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """Whether every leaf of every tree is finite (``None`` trees are skipped).
+
+    One boolean for the step: a loss value and its gradient, say. Integer
+    leaves are always finite.
+    """
+    leaves = [x for tree in trees if tree is not None for x in jax.tree.leaves(tree)]
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in leaves
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)

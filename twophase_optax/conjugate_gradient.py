@@ -40,6 +40,12 @@ class ConjugateGradientState(NamedTuple):
       grad_prev: the gradient of the previous step, :math:`g_{k-1}`.
       dir_prev: the previous search direction, :math:`d_{k-1}`.
       linesearch_state: the state of the line search.
+      num_failures: how many line searches in a row have failed, 0 after a
+        success (int32). The next direction is steepest descent while it is
+        positive; :func:`twophase_optax.two_phase` may fall back to its first
+        phase once it reaches ``max_failures``.
+      num_skipped: steps skipped because the loss or the gradient was not
+        finite (int32); nothing else in the state changes on such a step.
       info: a :class:`ConjugateGradientInfo`.
     """
 
@@ -47,7 +53,26 @@ class ConjugateGradientState(NamedTuple):
     grad_prev: optax.Updates
     dir_prev: optax.Updates
     linesearch_state: optax.OptState
+    num_failures: jax.Array
+    num_skipped: jax.Array
     info: ConjugateGradientInfo
+
+
+def linesearch_failed(linesearch_state: Any, step: optax.Updates) -> jax.Array:
+    """Whether the line search that returned ``step`` failed.
+
+    Reads the flag each line search documents: ``info.failed`` of
+    :func:`twophase_optax.golden_section_linesearch`, a positive
+    ``info.decrease_error`` (no sufficient decrease) of optax's zoom and
+    backtracking searches. For any other line search a zero step counts as a
+    failure.
+    """
+    info = getattr(linesearch_state, "info", None)
+    if hasattr(info, "failed"):
+        return jnp.asarray(info.failed)
+    if hasattr(info, "decrease_error"):
+        return jnp.asarray(info.decrease_error > 0)
+    return optax.tree.norm(step) == 0
 
 
 def _check_hyperparameters(
@@ -95,7 +120,13 @@ def conjugate_gradient(
       far from orthogonal, so conjugacy is lost (this also restarts after a
       failed line search, when :math:`g_k = g_{k-1}`);
     * ``beta`` is not finite (a zero denominator);
+    * the previous line search failed (see :func:`linesearch_failed`); the
+      count of failures in a row is ``state.num_failures``;
     * optionally, every ``restart_every`` steps.
+
+    A step whose loss ``value`` or gradient holds a NaN or an infinity is
+    skipped: the update is zero and the state is left as it was, except for
+    ``num_skipped``, so the run continues as if the step had never happened.
 
     Each step costs the gradient the caller computes plus the line search's
     evaluations of ``value_fn``.
@@ -158,6 +189,8 @@ def conjugate_gradient(
             grad_prev=optax.tree.zeros_like(params),
             dir_prev=optax.tree.zeros_like(params),
             linesearch_state=linesearch.init(params),
+            num_failures=jnp.asarray(0, jnp.int32),
+            num_skipped=jnp.asarray(0, jnp.int32),
             info=ConjugateGradientInfo(
                 beta=jnp.asarray(0.0, _protocol.scalar_dtype(params)),
                 restarted=jnp.asarray(True),
@@ -185,6 +218,7 @@ def conjugate_gradient(
         )
         restart = (
             (state.count == 0)
+            | (state.num_failures > 0)
             | ~jnp.isfinite(beta_k)
             | (_protocol.vdot(g, conjugate, dtype) >= 0)
         )
@@ -205,16 +239,26 @@ def conjugate_gradient(
             value_fn=value_fn,
             **extra_args,
         )
+        failed = linesearch_failed(linesearch_state, step)
         new_state = ConjugateGradientState(
             count=state.count + 1,
             grad_prev=g,
             dir_prev=direction,
             linesearch_state=linesearch_state,
+            num_failures=jnp.where(failed, state.num_failures + 1, 0),
+            num_skipped=state.num_skipped,
             info=ConjugateGradientInfo(
                 beta=jnp.where(restart, 0.0, beta_k),
                 restarted=restart,
             ),
         )
-        return step, optax.tree.cast_like(new_state, state)
+        new_state = optax.tree.cast_like(new_state, state)
+        # A non-finite loss or gradient: as if the step had never happened.
+        finite = _protocol.all_finite(value, g, grad)
+        skipped = state._replace(num_skipped=state.num_skipped + 1)
+        return (
+            optax.tree.where(finite, step, optax.tree.zeros_like(step)),
+            optax.tree.where(finite, new_state, skipped),
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -12,7 +12,11 @@ import optax
 
 from twophase_optax import _protocol
 from twophase_optax import swap_detection
+from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
+
+FALLBACKS = (None, "first")
+_SKIP = 2  # The third branch of the step's switch, after the two phases.
 
 
 class TwoPhaseState(NamedTuple):
@@ -23,7 +27,13 @@ class TwoPhaseState(NamedTuple):
         ``count`` (int32).
       in_second_phase: the phase flag, ``False`` while ``first`` runs (the
         paper's ``adam``, negated). The swap is one-way.
-      swap_step: the first step that ran ``second``, -1 until the swap (int32).
+      swap_step: the first step that ran ``second``, -1 until the swap and
+        again after a fallback to ``first`` (int32).
+      num_skipped: steps skipped because the loss or the gradient was not
+        finite (int32). A skipped step changes nothing else, ``count``
+        included.
+      num_fallbacks: how often the second phase handed back to the first
+        (``fallback="first"``; int32).
       detection: the gradient-norm readings, the running maximum ``gn_max``,
         the window accumulators and the step at which the peak criterion first
         held; a :class:`twophase_optax.swap_detection.GradientNormPeakState`.
@@ -35,9 +45,24 @@ class TwoPhaseState(NamedTuple):
     count: jax.Array
     in_second_phase: jax.Array
     swap_step: jax.Array
+    num_skipped: jax.Array
+    num_fallbacks: jax.Array
     detection: swap_detection.GradientNormPeakState
     first_state: optax.OptState
     second_state: optax.OptState
+
+
+def find_conjugate_gradient_state(second_state: Any) -> ConjugateGradientState:
+    """The :class:`ConjugateGradientState` inside ``second``'s state."""
+    is_cg = lambda node: isinstance(node, ConjugateGradientState)
+    found = [n for n in jax.tree.leaves(second_state, is_leaf=is_cg) if is_cg(n)]
+    if not found:
+        raise ValueError(
+            'fallback="first" counts the line-search failures of the second '
+            "phase, so `second` must be twophase_optax.conjugate_gradient (alone "
+            "or inside a chain); its state holds no ConjugateGradientState."
+        )
+    return found[0]
 
 
 def two_phase(
@@ -49,6 +74,8 @@ def two_phase(
     statistic: str = "mean_grad",
     min_windows: int = 1,
     swap_at: int | None = None,
+    fallback: str | None = None,
+    max_failures: int = 3,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``first`` until the gradient norm has peaked, then ``second``.
 
@@ -67,9 +94,16 @@ def two_phase(
     ``second`` runs from step ``N``, the fixed split of the paper's
     experiments; detection is then only recorded.
 
-    Each step a jitted ``lax.cond`` runs exactly one of the two; the swap is
-    one-way, and ``second`` starts from the parameters ``first`` left with a
-    fresh state (for CG: a steepest-descent step).
+    Each step a jitted ``lax.switch`` runs exactly one of the two; the swap is
+    one-way (unless ``fallback="first"``), and ``second`` starts from the
+    parameters ``first`` left with a fresh state (for CG: a steepest-descent
+    step).
+
+    A step whose loss ``value`` or gradient holds a NaN or an infinity is
+    skipped, in either phase, the way ``optax.apply_if_finite`` skips: the
+    update is zero and the state stays as it was (moments, readings, CG
+    direction, ``count``) except for ``num_skipped``, so every later update
+    equals that of a run that never saw the step.
 
     Args:
       first: the optimiser of the non-convex phase; default ``optax.adam(1e-3)``.
@@ -85,6 +119,15 @@ def two_phase(
         ``window=1``. See :mod:`twophase_optax.swap_detection`.
       min_windows: no swap before this many readings exist.
       swap_at: if set, swap at this step regardless of the readings.
+      fallback: what to do when CG is stuck, that is when ``max_failures``
+        line searches in a row have failed (each failure already restarts CG
+        with steepest descent). ``None`` (the default) stays in the second
+        phase: near a minimum a failed search mostly means that no float
+        step lowers the loss any more, and Adam would climb out of it.
+        ``"first"`` returns to ``first`` with a fresh state (new moments) and
+        re-armed detection, for runs where CG stalls far from a minimum; the
+        next swap is then the detector's, also with ``swap_at``.
+      max_failures: failed line searches in a row that count as stuck.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` called as
@@ -127,16 +170,25 @@ def two_phase(
     )
     if swap_at is not None and not (isinstance(swap_at, int) and swap_at >= 0):
         raise ValueError(f"swap_at must be None or an integer >= 0, got {swap_at!r}.")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
+    if not (isinstance(max_failures, int) and max_failures >= 1):
+        raise ValueError(f"max_failures must be an integer >= 1, got {max_failures!r}.")
     first_takes_extra_args = isinstance(first, optax.GradientTransformationExtraArgs)
 
     def init_fn(params: optax.Params) -> TwoPhaseState:
+        second_state = second.init(params)
+        if fallback == "first":
+            find_conjugate_gradient_state(second_state)  # Raises if there is none.
         return TwoPhaseState(
             count=jnp.asarray(0, jnp.int32),
             in_second_phase=jnp.asarray(swap_at == 0),
             swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
+            num_skipped=jnp.asarray(0, jnp.int32),
+            num_fallbacks=jnp.asarray(0, jnp.int32),
             detection=swap_detection.init(params, statistic, window),
             first_state=first.init(params),
-            second_state=second.init(params),
+            second_state=second_state,
         )
 
     def update_fn(
@@ -171,8 +223,15 @@ def two_phase(
             )
             return new_updates, state.first_state, second_state
 
-        new_updates, first_state, second_state = jax.lax.cond(
-            state.in_second_phase, run_second, run_first, None
+        def skip(_):
+            return optax.tree.zeros_like(updates), state.first_state, state.second_state
+
+        # One conditional picks the phase, or skips a step whose loss or
+        # gradient is not finite, as if it had never happened.
+        finite = _protocol.all_finite(value, updates, grad)
+        branch = jnp.where(finite, state.in_second_phase.astype(jnp.int32), _SKIP)
+        new_updates, first_state, second_state = jax.lax.switch(
+            branch, (run_first, run_second, skip), None
         )
 
         detection, detected = swap_detection.update(
@@ -185,16 +244,45 @@ def two_phase(
             min_windows=min_windows,
             armed=~state.in_second_phase,
         )
-        swap_now = detected if swap_at is None else state.count + 1 >= swap_at
-        swap_now &= ~state.in_second_phase
+        detection = optax.tree.where(finite, detection, state.detection)
+        if swap_at is None:
+            swap_now = detected
+        else:  # The fixed split; after a fallback the detector decides.
+            swap_now = jnp.where(
+                state.num_fallbacks > 0, detected, state.count + 1 == swap_at
+            )
+        swap_now &= finite & ~state.in_second_phase
         new_state = TwoPhaseState(
-            count=state.count + 1,
+            count=state.count + finite.astype(jnp.int32),
             in_second_phase=state.in_second_phase | swap_now,
             swap_step=jnp.where(swap_now, state.count + 1, state.swap_step),
+            num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+            num_fallbacks=state.num_fallbacks,
             detection=detection,
             first_state=first_state,
             second_state=second_state,
         )
+        if fallback == "first":
+            new_state = _fall_back_if_stuck(new_state, params)
         return new_updates, optax.tree.cast_like(new_state, state)
+
+    def _fall_back_if_stuck(state: TwoPhaseState, params: optax.Params):
+        """Back to ``first`` with a fresh state once CG has failed too often."""
+        stuck = state.in_second_phase & (
+            find_conjugate_gradient_state(state.second_state).num_failures
+            >= max_failures
+        )
+        fresh = init_fn(params)
+        return optax.tree.where(
+            stuck,
+            fresh._replace(
+                count=state.count,
+                num_skipped=state.num_skipped,
+                num_fallbacks=state.num_fallbacks + 1,
+                in_second_phase=jnp.asarray(False),
+                swap_step=jnp.asarray(-1, jnp.int32),
+            ),
+            state,
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
