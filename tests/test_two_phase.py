@@ -322,6 +322,10 @@ def test_metrics_helper_gives_flat_python_scalars():
     assert metrics["gn_max"] == 5.0
     assert metrics["gn_last"] == pytest.approx(4.0)
     assert metrics["step"] == 10
+    assert metrics["num_skipped"] == 0 and metrics["num_fallbacks"] == 0
+    # The scripted gradients point away from the minimum of value_fn, so both
+    # CG steps' line searches fail.
+    assert metrics["cg_num_failures"] == 2 and metrics["linesearch_failed"]
     assert set(metrics) >= {
         "linesearch_learning_rate",
         "linesearch_value",

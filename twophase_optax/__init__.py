@@ -16,6 +16,7 @@ from twophase_optax.cg_directions import polak_ribiere_plus
 from twophase_optax.conjugate_gradient import ConjugateGradientInfo
 from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
+from twophase_optax.conjugate_gradient import linesearch_failed
 from twophase_optax.golden_section import GoldenSectionInfo
 from twophase_optax.golden_section import GoldenSectionLinesearchState
 from twophase_optax.golden_section import golden_section_linesearch
@@ -40,6 +41,7 @@ __all__ = [
     "fletcher_reeves",
     "golden_section_linesearch",
     "hestenes_stiefel",
+    "linesearch_failed",
     "polak_ribiere",
     "polak_ribiere_plus",
     "swap_detection",

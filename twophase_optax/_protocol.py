@@ -97,3 +97,12 @@ def all_finite(*trees: Any) -> jax.Array:
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
     ]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def find_node(tree: Any, predicate: Callable[[Any], bool]) -> Any | None:
+    """The first node of ``tree`` (depth first) for which ``predicate`` holds.
+
+    Finds a transformation's state inside a chain or wrapper around it.
+    """
+    nodes = jax.tree.leaves(tree, is_leaf=predicate)
+    return next((node for node in nodes if predicate(node)), None)

@@ -6,13 +6,9 @@ from typing import Any
 
 import jax
 
+from twophase_optax import _protocol
+from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.two_phase import TwoPhaseState
-
-
-def _find(tree: Any, predicate) -> Any | None:
-    """The first node of ``tree`` (depth first) for which ``predicate`` holds."""
-    nodes = jax.tree.leaves(tree, is_leaf=predicate)
-    return next((node for node in nodes if predicate(node)), None)
 
 
 def _is_linesearch_state(node: Any) -> bool:
@@ -30,7 +26,10 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
 
     Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
     ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
-    ``num_readings``; and, once the second phase has a line search,
+    ``num_readings``, ``num_skipped`` (non-finite steps), ``num_fallbacks``;
+    ``cg_num_failures`` (failed line searches in a row) when the second phase
+    is :func:`twophase_optax.conjugate_gradient`; and, once the second phase
+    has a line search,
     ``linesearch_learning_rate``, ``linesearch_value`` if recorded, and one
     ``linesearch_<field>`` per field of its info (for the golden section:
     ``num_evaluations``, ``bracket_width``, ``failed``).
@@ -43,7 +42,7 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
       >>> metrics["phase"], metrics["swap_step"], metrics["gn_max"]
       (0, -1, 0.0)
     """
-    state = _find(opt_state, lambda n: isinstance(n, TwoPhaseState))
+    state = _protocol.find_node(opt_state, lambda n: isinstance(n, TwoPhaseState))
     if state is None:
         raise ValueError(
             "two_phase_metrics found no TwoPhaseState in the optimizer state; "
@@ -58,8 +57,14 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "gn_max": detection.gn_max,
         "gn_last": detection.gn_last,
         "num_readings": detection.num_readings,
+        "num_skipped": state.num_skipped,
+        "num_fallbacks": state.num_fallbacks,
     }
-    linesearch = _find(state.second_state, _is_linesearch_state)
+    is_cg = lambda n: isinstance(n, ConjugateGradientState)
+    cg = _protocol.find_node(state.second_state, is_cg)
+    if cg is not None:
+        scalars["cg_num_failures"] = cg.num_failures
+    linesearch = _protocol.find_node(state.second_state, _is_linesearch_state)
     if linesearch is not None:
         scalars["linesearch_learning_rate"] = linesearch.learning_rate
         if "value" in linesearch._fields:

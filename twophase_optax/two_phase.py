@@ -54,15 +54,16 @@ class TwoPhaseState(NamedTuple):
 
 def find_conjugate_gradient_state(second_state: Any) -> ConjugateGradientState:
     """The :class:`ConjugateGradientState` inside ``second``'s state."""
-    is_cg = lambda node: isinstance(node, ConjugateGradientState)
-    found = [n for n in jax.tree.leaves(second_state, is_leaf=is_cg) if is_cg(n)]
-    if not found:
+    found = _protocol.find_node(
+        second_state, lambda node: isinstance(node, ConjugateGradientState)
+    )
+    if found is None:
         raise ValueError(
             'fallback="first" counts the line-search failures of the second '
             "phase, so `second` must be twophase_optax.conjugate_gradient (alone "
             "or inside a chain); its state holds no ConjugateGradientState."
         )
-    return found[0]
+    return found
 
 
 def two_phase(

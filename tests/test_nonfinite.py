@@ -1,0 +1,161 @@
+"""A step with a NaN or inf loss or gradient is skipped as if it never happened."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import twophase_optax as tpo
+from tests.test_two_phase import regression_problem
+
+POISONS = {
+    "nan gradient": (jnp.nan, 1.0),
+    "inf gradient": (jnp.inf, 1.0),
+    "nan loss": (1.0, jnp.nan),
+    "inf loss": (1.0, jnp.inf),
+}
+
+
+def poisoned_step(opt, loss):
+    """A jitted step whose gradient's ``w`` and loss are multiplied as told."""
+
+    @jax.jit
+    def step(params, state, batch_x, batch_y, grad_factor, value_factor):
+        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
+        grad = {**grad, "w": grad["w"] * grad_factor}
+        updates, state = opt.update(
+            grad,
+            state,
+            params,
+            value=value * value_factor,
+            value_fn=loss,
+            batch_x=batch_x,
+            batch_y=batch_y,
+        )
+        return optax.apply_updates(params, updates), state, updates
+
+    return step
+
+
+def run(opt, loss, batches, params, schedule, poison=(1.0, 1.0)):
+    """Steps through ``schedule``: batch indices, or ``None`` for a bad step."""
+    step = poisoned_step(opt, loss)
+    state, history = opt.init(params), []
+    for k in schedule:
+        if k is None:
+            params, state, updates = step(params, state, *batches[0], *poison)
+        else:
+            params, state, updates = step(params, state, *batches[k], 1.0, 1.0)
+        history.append((updates, params, state))
+    return history
+
+
+def without_counters(state):
+    """The state with its skipped-step counters zeroed, for comparison."""
+    state = state._replace(num_skipped=jnp.zeros_like(state.num_skipped))
+    if isinstance(state, tpo.TwoPhaseState):
+        cg = state.second_state._replace(
+            num_skipped=jnp.zeros_like(state.second_state.num_skipped)
+        )
+        state = state._replace(second_state=cg)
+    return state
+
+
+def check_skipped_as_if_never_seen(opt, bad_at, poison, steps=30):
+    loss, batches, params = regression_problem()
+    clean = [k % len(batches) for k in range(steps)]
+    bad = clean[:bad_at] + [None] + clean[bad_at:]
+    reference = run(opt, loss, batches, params, clean)
+    ours = run(opt, loss, batches, params, bad, poison)
+    updates, after_bad, state = ours[bad_at]
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+    before = ours[bad_at - 1]
+    chex.assert_trees_all_equal(after_bad, before[1])
+    assert int(state.num_skipped) == 1
+    chex.assert_trees_all_equal(without_counters(state), before[2])
+    for k in range(bad_at, steps):
+        ours_k, reference_k = ours[k + 1], reference[k]
+        chex.assert_trees_all_equal(ours_k[0], reference_k[0])  # updates
+        chex.assert_trees_all_equal(ours_k[1], reference_k[1])  # params
+        chex.assert_trees_all_equal(without_counters(ours_k[2]), reference_k[2])
+    return ours, reference
+
+
+@pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
+def test_first_phase_skips_the_step_mid_window(poison):
+    # window=4 with "mean_grad" keeps a gradient sum; step 6 is mid-window.
+    opt = tpo.two_phase(optax.adam(1e-2), window=4, swap_at=20)
+    ours, _ = check_skipped_as_if_never_seen(opt, bad_at=6, poison=poison)
+    state = ours[6][2]
+    assert not bool(state.in_second_phase)
+    assert int(state.count) == 6 and int(state.first_state[0].count) == 6
+    assert int(state.detection.window_count) == 2
+    assert int(ours[-1][2].swap_step) == 20  # The step count did not advance.
+
+
+@pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
+def test_second_phase_skips_the_step_and_keeps_the_cg_direction(poison):
+    opt = tpo.two_phase(optax.adam(1e-2), swap_at=5)
+    ours, _ = check_skipped_as_if_never_seen(opt, bad_at=9, poison=poison)
+    state = ours[9][2]
+    assert bool(state.in_second_phase)
+    assert int(state.second_state.count) == 4
+    assert int(state.second_state.num_skipped) == 0  # two_phase skipped first.
+
+
+def test_conjugate_gradient_alone_skips_the_step():
+    opt = tpo.conjugate_gradient()
+    ours, _ = check_skipped_as_if_never_seen(opt, bad_at=3, poison=(jnp.nan, 1.0))
+    assert int(ours[-1][2].num_skipped) == 1
+
+
+def test_composes_with_optax_apply_if_finite():
+    """apply_if_finite checks the gradient; two_phase also checks the loss."""
+    loss, batches, params = regression_problem()
+    inner = tpo.two_phase(optax.adam(1e-2), swap_at=4)
+    opt = optax.apply_if_finite(inner, max_consecutive_errors=5)
+    clean = [k % len(batches) for k in range(12)]
+    reference = run(inner, loss, batches, params, clean)
+    bad = clean[:6] + [None] + clean[6:]
+    nan_grad = run(opt, loss, batches, params, bad, (jnp.nan, 1.0))
+    nan_loss = run(opt, loss, batches, params, bad, (1.0, jnp.nan))
+    # A NaN gradient never reaches two_phase: apply_if_finite rejects it.
+    state = nan_grad[6][2]
+    assert int(state.total_notfinite) == 1 and int(state.inner_state.num_skipped) == 0
+    # A NaN loss with a finite gradient passes apply_if_finite; two_phase skips it.
+    state = nan_loss[6][2]
+    assert int(state.total_notfinite) == 0 and int(state.inner_state.num_skipped) == 1
+    for history in (nan_grad, nan_loss):
+        chex.assert_trees_all_equal(history[6][1], history[5][1])
+        for k in range(6, 12):
+            chex.assert_trees_all_equal(history[k + 1][0], reference[k][0])
+            chex.assert_trees_all_equal(history[k + 1][1], reference[k][1])
+
+
+def test_skipped_step_does_not_retrace():
+    loss, batches, params = regression_problem()
+    opt = tpo.two_phase(optax.adam(1e-2), swap_at=2)
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, batch_x, batch_y, factor):
+        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
+        updates, state = opt.update(
+            optax.tree.scale(factor, grad),
+            state,
+            params,
+            value=value,
+            value_fn=loss,
+            batch_x=batch_x,
+            batch_y=batch_y,
+        )
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for factor in (1.0, jnp.nan, 1.0, 1.0, jnp.inf, 1.0):
+        params, state = step(params, state, *batches[0], factor)
+    assert int(state.num_skipped) == 2 and int(state.count) == 4
+    assert np.isfinite(np.asarray(params["w"])).all()
