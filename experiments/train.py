@@ -49,6 +49,7 @@ import twophase_optax as tpo
 from experiments import data as data_lib
 from experiments import models
 from experiments import sharding
+from twophase_optax.two_phase import FALLBACKS
 
 OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg")
 EVAL_BATCH = 2048
@@ -68,6 +69,8 @@ class Config:
     loss: str = "mse"
     gn_factor: float = 0.9
     swap_epoch: int = 30
+    fallback: str | None = None  # two_phase's fallback: None or "first".
+    max_failures: int = 3
     seed: int = 0
     out: str = "runs/digits/vit-mlp/two-phase"
     data_dir: str | None = None
@@ -90,6 +93,8 @@ class Config:
             "cg_batch_size": self.cg_batch_size is None or self.cg_batch_size >= 1,
             "lr": self.lr > 0,
             "swap_epoch": self.swap_epoch >= 0,
+            "fallback": self.fallback in FALLBACKS,
+            "max_failures": self.max_failures >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -107,7 +112,12 @@ def make_optimizer(config: Config, adam_steps_per_epoch: int):
     if config.optimizer == "two-phase-fixed":
         swap_at = config.swap_epoch * adam_steps_per_epoch
     return tpo.two_phase(
-        adam, window=adam_steps_per_epoch, gn_factor=config.gn_factor, swap_at=swap_at
+        adam,
+        window=adam_steps_per_epoch,
+        gn_factor=config.gn_factor,
+        swap_at=swap_at,
+        fallback=config.fallback,
+        max_failures=config.max_failures,
     )
 
 
@@ -237,11 +247,14 @@ class Trainer:
                 jnp.zeros((), jnp.int32),
                 jnp.asarray(self.config.lr),
             )
+            failed = jnp.asarray(False)
         else:
             evaluations = jnp.where(ran_cg, linesearch.info.num_evaluations, 0)
             step_size = jnp.where(ran_cg, linesearch.learning_rate, self.config.lr)
+            # A fallback resets the CG state; its zero update marks the failure.
+            failed = ran_cg & (optax.tree.norm(updates) == 0)
         grad_sum = optax.tree.add(grad_sum, optax.tree.cast(grad, jnp.float32))
-        stats = {"evaluations": evaluations, "step_size": step_size}
+        stats = {"evaluations": evaluations, "step_size": step_size, "failed": failed}
         return optax.apply_updates(params, updates), opt_state, grad_sum, stats
 
     def _evaluate_batch(self, params, images, labels, mask):
@@ -292,6 +305,7 @@ class Trainer:
             "gn_reading": reading,
             "step_size": float(stats[-1]["step_size"]),
             "linesearch_evaluations": int(evaluations.sum()),
+            "linesearch_failures": int(sum(s["failed"] for s in stats)),
             "steps": len(sizes),
             "epoch_forward_passes": forward_passes,
             "epoch_seconds": seconds,
@@ -448,6 +462,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=defaults.swap_epoch,
         help="first CG epoch of two-phase-fixed",
     )
+    parser.add_argument(
+        "--fallback",
+        default=None,
+        choices=("first",),
+        help="two-phase: return to Adam after --max-failures failed line "
+        "searches in a row (default: stay in CG)",
+    )
+    parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="default: runs/DATASET/MODEL/OPT")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory")

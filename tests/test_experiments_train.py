@@ -26,6 +26,7 @@ FIELDS = {
     "gn_reading",
     "step_size",
     "linesearch_evaluations",
+    "linesearch_failures",
     "steps",
     "forward_passes",
     "wall_time",
