@@ -118,18 +118,25 @@ def test_fallback_returns_to_a_fresh_first_phase_after_max_failures():
     phases = [bool(s.in_second_phase) for _, _, s in history]
     # Steps 0-1 Adam, 2-4 CG (three failures), then Adam again from step 5
     # until the re-armed detector swaps.
-    assert phases[:7] == [False, True, True, True, False, False, False]
-    state = history[4][2]
+    assert phases[:7] == [False, True, True, True, True, False, False]
+    assert int(history[4][2].second_state.num_failures) == 3
+    state = history[5][2]
     assert int(state.num_fallbacks) == 1 and int(state.swap_step) == -1
-    assert int(state.count) == 5
-    fresh = opt.init(w)
-    chex.assert_trees_all_equal(state.first_state, fresh.first_state)
-    chex.assert_trees_all_equal(state.second_state, fresh.second_state)
-    chex.assert_trees_all_equal(state.detection, fresh.detection)
-    # Step 5 is the first step of a fresh Adam from where CG left the params.
+    assert int(state.count) == 6
+    # Step 5 is the first step of a fresh Adam from where CG left the params,
+    # with fresh detection and a fresh CG state for the next swap.
     w4 = history[4][1]
-    expected, _ = adam.update(jax.grad(quadratic)(w4), adam.init(w4), w4)
+    grad = jax.grad(quadratic)(w4)
+    # Inside one jitted program, as in the step, where XLA folds the fresh
+    # state's constants into Adam's bias correction.
+    fresh_adam = jax.jit(lambda g, w: adam.update(g, adam.init(w), w))
+    expected, adam_state = fresh_adam(grad, w4)
     chex.assert_trees_all_equal(history[5][0], expected)
+    chex.assert_trees_all_equal(state.first_state, adam_state)
+    fresh = opt.init(w4)
+    chex.assert_trees_all_equal(state.second_state, fresh.second_state)
+    assert int(state.detection.num_readings) == 1
+    assert float(state.detection.gn_max) == pytest.approx(float(optax.tree.norm(grad)))
 
 
 def test_after_a_fallback_the_detector_decides_the_next_swap():
@@ -143,9 +150,10 @@ def test_after_a_fallback_the_detector_decides_the_next_swap():
     )
     history = steps(opt, jnp.array([-5.0, 8.0]), 20)
     states = [s for _, _, s in history]
-    assert [bool(s.in_second_phase) for s in states[:3]] == [True, False, False]
-    assert int(states[1].num_fallbacks) == 1
-    again = next(i for i in range(2, 20) if states[i].in_second_phase)
+    # Step 1 fails; step 2 falls back.
+    assert [bool(s.in_second_phase) for s in states[:3]] == [True, True, False]
+    assert int(states[2].num_fallbacks) == 1
+    again = next(i for i in range(3, 20) if states[i].in_second_phase)
     # Detected on step `again`, so CG runs from the next step on.
     assert int(states[again].detection.detect_step) == again
     assert int(states[again].swap_step) == again + 1

@@ -200,11 +200,14 @@ def golden_section_linesearch(
         )
         dtype = state.learning_rate.dtype
 
+        def scaled(alpha: jax.Array) -> optax.Updates:
+            return optax.tree.cast_like(optax.tree.scale(alpha, updates), updates)
+
         def phi(alpha: jax.Array) -> jax.Array:
-            trial_params = optax.tree.cast_like(
-                optax.tree.add_scale(params, alpha, updates), params
-            )
-            f = jnp.asarray(loss(trial_params), dtype)
+            # Exactly the params that optax.apply_updates makes of the step, so
+            # that the value accepted is the value the caller gets, also where
+            # half-precision params round the step.
+            f = jnp.asarray(loss(optax.apply_updates(params, scaled(alpha))), dtype)
             # NaN compares False with everything; as +inf it is simply "worse".
             return jnp.where(jnp.isfinite(f), f, jnp.inf)
 
@@ -330,11 +333,7 @@ def golden_section_linesearch(
             ),
         )
         # A select, not alpha * d: 0 * NaN would leak a non-finite direction.
-        step = optax.tree.where(
-            accepted,
-            optax.tree.cast_like(optax.tree.scale(alpha, updates), updates),
-            optax.tree.zeros_like(updates),
-        )
+        step = optax.tree.where(accepted, scaled(alpha), optax.tree.zeros_like(updates))
         return step, optax.tree.cast_like(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

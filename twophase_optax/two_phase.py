@@ -16,7 +16,8 @@ from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
 
 FALLBACKS = (None, "first")
-_SKIP = 2  # The third branch of the step's switch, after the two phases.
+# The branches of the step's lax.switch.
+_FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
 
 class TwoPhaseState(NamedTuple):
@@ -207,16 +208,13 @@ def two_phase(
         if grad is not None:
             kwargs["grad"] = grad
 
-        def run_first(_):
+        def first_update(first_state):
             if first_takes_extra_args:
-                new_updates, first_state = first.update(
-                    updates, state.first_state, params, **kwargs
-                )
-            else:
-                new_updates, first_state = first.update(
-                    updates, state.first_state, params
-                )
-            return new_updates, first_state, state.second_state
+                return first.update(updates, first_state, params, **kwargs)
+            return first.update(updates, first_state, params)
+
+        def run_first(_):
+            return *first_update(state.first_state), state.second_state
 
         def run_second(_):
             new_updates, second_state = second.update(
@@ -227,63 +225,65 @@ def two_phase(
         def skip(_):
             return optax.tree.zeros_like(updates), state.first_state, state.second_state
 
-        # One conditional picks the phase, or skips a step whose loss or
-        # gradient is not finite, as if it had never happened.
+        def fall_back(_):
+            return *first_update(first.init(params)), second.init(params)
+
         finite = _protocol.all_finite(value, updates, grad)
-        branch = jnp.where(finite, state.in_second_phase.astype(jnp.int32), _SKIP)
+        # CG stuck after max_failures failed searches: this step is the first
+        # of a fresh first phase.
+        fall_back_now = finite & state.in_second_phase
+        if fallback == "first":
+            cg_state = find_conjugate_gradient_state(state.second_state)
+            fall_back_now &= cg_state.num_failures >= max_failures
+        else:
+            fall_back_now &= False
+        in_second_phase = state.in_second_phase & ~fall_back_now
+        # One conditional runs the phase, falls back, or skips a step whose
+        # loss or gradient is not finite, as if it had never happened.
+        branch = jnp.select(
+            [~finite, fall_back_now, in_second_phase],
+            [_SKIP, _FALL_BACK, _SECOND],
+            _FIRST,
+        )
         new_updates, first_state, second_state = jax.lax.switch(
-            branch, (run_first, run_second, skip), None
+            branch, (run_first, run_second, skip, fall_back), None
         )
 
-        detection, detected = swap_detection.update(
+        detection = optax.tree.where(
+            fall_back_now,
+            swap_detection.init(params, statistic, window),
             state.detection,
+        )
+        detection, detected = swap_detection.update(
+            detection,
             updates if grad is None else grad,
             state.count,
             gn_factor=gn_factor,
             window=window,
             statistic=statistic,
             min_windows=min_windows,
-            armed=~state.in_second_phase,
+            armed=~in_second_phase,
         )
         detection = optax.tree.where(finite, detection, state.detection)
+        num_fallbacks = state.num_fallbacks + fall_back_now.astype(jnp.int32)
         if swap_at is None:
             swap_now = detected
         else:  # The fixed split; after a fallback the detector decides.
             swap_now = jnp.where(
-                state.num_fallbacks > 0, detected, state.count + 1 == swap_at
+                num_fallbacks > 0, detected, state.count + 1 == swap_at
             )
-        swap_now &= finite & ~state.in_second_phase
+        swap_now &= finite & ~in_second_phase
+        swap_step = jnp.where(fall_back_now, -1, state.swap_step)
         new_state = TwoPhaseState(
             count=state.count + finite.astype(jnp.int32),
-            in_second_phase=state.in_second_phase | swap_now,
-            swap_step=jnp.where(swap_now, state.count + 1, state.swap_step),
+            in_second_phase=in_second_phase | swap_now,
+            swap_step=jnp.where(swap_now, state.count + 1, swap_step),
             num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
-            num_fallbacks=state.num_fallbacks,
+            num_fallbacks=num_fallbacks,
             detection=detection,
             first_state=first_state,
             second_state=second_state,
         )
-        if fallback == "first":
-            new_state = _fall_back_if_stuck(new_state, params)
         return new_updates, optax.tree.cast_like(new_state, state)
-
-    def _fall_back_if_stuck(state: TwoPhaseState, params: optax.Params):
-        """Back to ``first`` with a fresh state once CG has failed too often."""
-        stuck = state.in_second_phase & (
-            find_conjugate_gradient_state(state.second_state).num_failures
-            >= max_failures
-        )
-        fresh = init_fn(params)
-        return optax.tree.where(
-            stuck,
-            fresh._replace(
-                count=state.count,
-                num_skipped=state.num_skipped,
-                num_fallbacks=state.num_fallbacks + 1,
-                in_second_phase=jnp.asarray(False),
-                swap_step=jnp.asarray(-1, jnp.int32),
-            ),
-            state,
-        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

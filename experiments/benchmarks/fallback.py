@@ -7,9 +7,12 @@ line search) with ``fallback=None`` (stay in the second phase) and with
 ``fallback="first"`` after 1, 3 and 10 failed searches in a row, on problems
 where the searches fail for different reasons:
 
-* softmax regression on the digits, float32, full batch: convex; CG reaches
-  the float32 floor, where no step lowers the loss any more;
-* a tanh MLP (64-32-10) on the digits, float32, full batch: non-convex;
+* softmax regression on the digits with an L2 penalty of 1e-3, float32, full
+  batch: strongly convex with one minimum; CG reaches the float32 floor,
+  where no step lowers the loss any more;
+* a tanh MLP (64-32-10) with an L2 penalty of 1e-4: non-convex, with minima;
+* both without the penalty: the digits are separable, so the loss has no
+  minimum and keeps falling as the weights grow;
 * the same MLP with bfloat16 parameters: steps smaller than a bfloat16 ulp
   round away, so searches fail far from a minimum;
 * the same float32 MLP with CG on mini-batches of 128, a different batch each
@@ -17,8 +20,10 @@ where the searches fail for different reasons:
 
 The first phase is Adam (learning rate 1e-2) until the fixed ``swap_at``. For
 each run the table gives the final and the best full-batch training loss, the
-steps spent in the second phase, the failed searches and the fallbacks. These
-are outcomes, not timings: every run is deterministic.
+steps spent in the second phase, the failed searches, the fallbacks and the
+compute in full-batch forward-pass equivalents (a gradient counts 3, a
+line-search evaluation 1 per batch; a failed search spends its whole budget of
+30). These are outcomes, not timings: every run is deterministic.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import twophase_optax as tpo
 from experiments import data as data_lib
 from experiments.benchmarks import timing
 
+MAX_EVALUATIONS = 30  # The golden-section search's default budget.
 SETTINGS = {
     "stay (None)": {},
     "first, max_failures=1": {"fallback": "first", "max_failures": 1},
@@ -49,26 +55,27 @@ def digits() -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(x), jnp.asarray(data.y_train)
 
 
-def masked_loss(logits_fn):
-    """The mean cross-entropy over the rows that ``mask`` marks."""
+def masked_loss(logits_fn, l2):
+    """Mean cross-entropy over the rows ``mask`` marks, plus ``l2/2 |w|^2``."""
 
     def loss(params, x, y, mask):
         logits = logits_fn(params, x).astype(jnp.float32)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(per_example * mask) / jnp.sum(mask)
+        penalty = 0.5 * l2 * optax.tree.norm(params, squared=True)
+        return jnp.sum(per_example * mask) / jnp.sum(mask) + penalty
 
     return loss
 
 
-def softmax_regression(x, dtype):
+def softmax_regression(x, dtype, l2=0.0):
     def logits(params, x):
         return x.astype(dtype) @ params["w"] + params["b"]
 
     params = {"w": jnp.zeros((x.shape[1], 10), dtype), "b": jnp.zeros(10, dtype)}
-    return masked_loss(logits), params
+    return masked_loss(logits, l2), params
 
 
-def mlp(x, dtype, hidden=32, seed=0):
+def mlp(x, dtype, hidden=32, seed=0, l2=0.0):
     def logits(params, x):
         h = jnp.tanh(x.astype(dtype) @ params["w1"] + params["b1"])
         return h @ params["w2"] + params["b2"]
@@ -81,7 +88,7 @@ def mlp(x, dtype, hidden=32, seed=0):
         "w2": (jax.random.normal(k2, (hidden, 10)) / np.sqrt(hidden)).astype(dtype),
         "b2": jnp.zeros(10, dtype),
     }
-    return masked_loss(logits), params
+    return masked_loss(logits, l2), params
 
 
 def problems(quick: bool):
@@ -89,6 +96,18 @@ def problems(quick: bool):
     x, y = digits()
     scale = 10 if quick else 1
     return {
+        "softmax regression + L2 1e-3, float32": (
+            *softmax_regression(x, jnp.float32, l2=1e-3),
+            100 // scale,
+            3000 // scale,
+            None,
+        ),
+        "MLP + L2 1e-4, float32": (
+            *mlp(x, jnp.float32, l2=1e-4),
+            300 // scale,
+            3000 // scale,
+            None,
+        ),
         "softmax regression, float32": (
             *softmax_regression(x, jnp.float32),
             100 // scale,
@@ -129,8 +148,17 @@ def run(loss, params, data, swap_at, steps, cg_batch, setting):
         )
         ran_cg = state.in_second_phase
         failed = ran_cg & (optax.tree.norm(updates) == 0)
+        # A fallback resets the CG state, so a failure is counted at the
+        # budget it always spends.
+        evaluations = jnp.where(
+            failed,
+            MAX_EVALUATIONS,
+            new_state.second_state.linesearch_state.info.num_evaluations,
+        )
+        cost = (3 + jnp.where(ran_cg, evaluations, 0)) * jnp.sum(mask) / len(y)
         params = optax.apply_updates(params, updates)
-        return (params, new_state), (loss(params, x, y, everything), ran_cg, failed)
+        full_loss = loss(params, x, y, everything)
+        return (params, new_state), (full_loss, ran_cg, failed, cost)
 
     @jax.jit
     def go(params):
@@ -138,7 +166,7 @@ def run(loss, params, data, swap_at, steps, cg_batch, setting):
         (params, state), trace = jax.lax.scan(body, carry, jnp.arange(steps))
         return state, trace
 
-    state, (losses, ran_cg, failed) = jax.device_get(go(params))
+    state, (losses, ran_cg, failed, cost) = jax.device_get(go(params))
     return {
         "final_loss": float(losses[-1]),
         "best_loss": float(np.min(losses)),
@@ -146,6 +174,7 @@ def run(loss, params, data, swap_at, steps, cg_batch, setting):
         "failed_searches": int(failed.sum()),
         "first_failure": int(np.argmax(failed)) if failed.any() else -1,
         "fallbacks": int(state.num_fallbacks),
+        "forward_passes": float(np.sum(cost)),
     }
 
 
@@ -185,6 +214,7 @@ def format_rows(rows: list[dict]) -> str:
         "failed searches",
         "first failure (step)",
         "fallbacks",
+        "forward passes",
     ]
     body = [
         [
@@ -196,6 +226,7 @@ def format_rows(rows: list[dict]) -> str:
             r["failed_searches"],
             r["first_failure"],
             r["fallbacks"],
+            f"{r['forward_passes']:.0f}",
         ]
         for r in rows
     ]
