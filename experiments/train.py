@@ -69,7 +69,7 @@ class Config:
     loss: str = "mse"
     gn_factor: float = 0.9
     swap_epoch: int = 30
-    fallback: str | None = None  # two_phase's fallback: None or "first".
+    fallback: str | None = "first"  # two_phase's fallback: "first" or None.
     max_failures: int = 3
     seed: int = 0
     out: str = "runs/digits/vit-mlp/two-phase"
@@ -464,10 +464,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--fallback",
-        default=None,
-        choices=("first",),
-        help="two-phase: return to Adam after --max-failures failed line "
-        "searches in a row (default: stay in CG)",
+        default="first",
+        choices=("first", "none"),
+        help="two-phase: after --max-failures failed line searches in a row, "
+        "return to Adam ('first', the default) or stay in CG ('none')",
     )
     parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -496,6 +496,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     args = vars(parser.parse_args(argv))
+    args["fallback"] = None if args["fallback"] == "none" else args["fallback"]
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"
     return Config(**args)

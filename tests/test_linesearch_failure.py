@@ -159,15 +159,14 @@ def test_after_a_fallback_the_detector_decides_the_next_swap():
     assert int(states[again].swap_step) == again + 1
 
 
-def test_fallback_needs_conjugate_gradient_as_second():
-    opt = tpo.two_phase(second=optax.sgd(0.1), fallback="first")
-    with pytest.raises(ValueError, match="conjugate_gradient"):
-        opt.init(jnp.zeros(2))
-    chained = tpo.two_phase(
-        second=optax.chain(optax.clip(1.0), tpo.conjugate_gradient()),
-        fallback="first",
+def test_fallback_reads_the_line_search_inside_a_chain():
+    second = optax.chain(optax.clip(10.0), tpo.conjugate_gradient(linesearch=FAILING))
+    opt = tpo.two_phase(
+        optax.adam(0.1), second, swap_at=1, fallback="first", max_failures=2
     )
-    chained.init(jnp.zeros(2))  # Found inside the chain.
+    states = [s for _, _, s in steps(opt, jnp.array([0.0, 3.0]), 4)]
+    assert [int(s.num_failures) for s in states] == [0, 1, 2, 0]
+    assert [int(s.num_fallbacks) for s in states] == [0, 0, 0, 1]
 
 
 @pytest.mark.parametrize(

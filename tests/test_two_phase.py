@@ -325,7 +325,7 @@ def test_metrics_helper_gives_flat_python_scalars():
     assert metrics["num_skipped"] == 0 and metrics["num_fallbacks"] == 0
     # The scripted gradients point away from the minimum of value_fn, so both
     # CG steps' line searches fail.
-    assert metrics["cg_num_failures"] == 2 and metrics["linesearch_failed"]
+    assert metrics["num_failures"] == 2 and metrics["linesearch_failed"]
     assert set(metrics) >= {
         "linesearch_learning_rate",
         "linesearch_value",

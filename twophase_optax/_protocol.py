@@ -106,3 +106,13 @@ def find_node(tree: Any, predicate: Callable[[Any], bool]) -> Any | None:
     """
     nodes = jax.tree.leaves(tree, is_leaf=predicate)
     return next((node for node in nodes if predicate(node)), None)
+
+
+def is_linesearch_state(node: Any) -> bool:
+    """Whether ``node`` is a line search's state (ours or optax's).
+
+    optax's line-search states and ours share the fields ``learning_rate`` and
+    ``info``.
+    """
+    fields = getattr(node, "_fields", ())
+    return "learning_rate" in fields and "info" in fields

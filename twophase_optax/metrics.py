@@ -7,14 +7,7 @@ from typing import Any
 import jax
 
 from twophase_optax import _protocol
-from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.two_phase import TwoPhaseState
-
-
-def _is_linesearch_state(node: Any) -> bool:
-    # optax's line-search states and ours share these two field names.
-    fields = getattr(node, "_fields", ())
-    return "learning_rate" in fields and "info" in fields
 
 
 def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
@@ -26,10 +19,9 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
 
     Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
     ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
-    ``num_readings``, ``num_skipped`` (non-finite steps), ``num_fallbacks``;
-    ``cg_num_failures`` (failed line searches in a row) when the second phase
-    is :func:`twophase_optax.conjugate_gradient`; and, once the second phase
-    has a line search,
+    ``num_readings``, ``num_skipped`` (non-finite steps), ``num_failures``
+    (failed second-phase steps in a row), ``num_fallbacks``; and, once the
+    second phase has a line search,
     ``linesearch_learning_rate``, ``linesearch_value`` if recorded, and one
     ``linesearch_<field>`` per field of its info (for the golden section:
     ``num_evaluations``, ``bracket_width``, ``failed``).
@@ -58,13 +50,10 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "gn_last": detection.gn_last,
         "num_readings": detection.num_readings,
         "num_skipped": state.num_skipped,
+        "num_failures": state.num_failures,
         "num_fallbacks": state.num_fallbacks,
     }
-    is_cg = lambda n: isinstance(n, ConjugateGradientState)
-    cg = _protocol.find_node(state.second_state, is_cg)
-    if cg is not None:
-        scalars["cg_num_failures"] = cg.num_failures
-    linesearch = _protocol.find_node(state.second_state, _is_linesearch_state)
+    linesearch = _protocol.find_node(state.second_state, _protocol.is_linesearch_state)
     if linesearch is not None:
         scalars["linesearch_learning_rate"] = linesearch.learning_rate
         if "value" in linesearch._fields:

@@ -12,8 +12,8 @@ import optax
 
 from twophase_optax import _protocol
 from twophase_optax import swap_detection
-from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
+from twophase_optax.conjugate_gradient import linesearch_failed
 
 FALLBACKS = (None, "first")
 # The branches of the step's lax.switch.
@@ -33,6 +33,9 @@ class TwoPhaseState(NamedTuple):
       num_skipped: steps skipped because the loss or the gradient was not
         finite (int32). A skipped step changes nothing else, ``count``
         included.
+      num_failures: second-phase steps in a row whose line search failed
+        (see :func:`twophase_optax.linesearch_failed`), 0 after a success
+        (int32).
       num_fallbacks: how often the second phase handed back to the first
         (``fallback="first"``; int32).
       detection: the gradient-norm readings, the running maximum ``gn_max``,
@@ -47,24 +50,11 @@ class TwoPhaseState(NamedTuple):
     in_second_phase: jax.Array
     swap_step: jax.Array
     num_skipped: jax.Array
+    num_failures: jax.Array
     num_fallbacks: jax.Array
     detection: swap_detection.GradientNormPeakState
     first_state: optax.OptState
     second_state: optax.OptState
-
-
-def find_conjugate_gradient_state(second_state: Any) -> ConjugateGradientState:
-    """The :class:`ConjugateGradientState` inside ``second``'s state."""
-    found = _protocol.find_node(
-        second_state, lambda node: isinstance(node, ConjugateGradientState)
-    )
-    if found is None:
-        raise ValueError(
-            'fallback="first" counts the line-search failures of the second '
-            "phase, so `second` must be twophase_optax.conjugate_gradient (alone "
-            "or inside a chain); its state holds no ConjugateGradientState."
-        )
-    return found
 
 
 def two_phase(
@@ -76,7 +66,7 @@ def two_phase(
     statistic: str = "mean_grad",
     min_windows: int = 1,
     swap_at: int | None = None,
-    fallback: str | None = None,
+    fallback: str | None = "first",
     max_failures: int = 3,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``first`` until the gradient norm has peaked, then ``second``.
@@ -96,10 +86,10 @@ def two_phase(
     ``second`` runs from step ``N``, the fixed split of the paper's
     experiments; detection is then only recorded.
 
-    Each step a jitted ``lax.switch`` runs exactly one of the two; the swap is
-    one-way (unless ``fallback="first"``), and ``second`` starts from the
-    parameters ``first`` left with a fresh state (for CG: a steepest-descent
-    step).
+    Each step a jitted ``lax.switch`` runs exactly one of the two. The swap
+    is one-way unless the second phase gets stuck (see ``fallback``), and
+    ``second`` starts from the parameters ``first`` left with a fresh state
+    (for CG: a steepest-descent step).
 
     A step whose loss ``value`` or gradient holds a NaN or an infinity is
     skipped, in either phase, the way ``optax.apply_if_finite`` skips: the
@@ -121,15 +111,20 @@ def two_phase(
         ``window=1``. See :mod:`twophase_optax.swap_detection`.
       min_windows: no swap before this many readings exist.
       swap_at: if set, swap at this step regardless of the readings.
-      fallback: what to do when CG is stuck, that is when ``max_failures``
-        line searches in a row have failed (each failure already restarts CG
-        with steepest descent). ``None`` (the default) stays in the second
-        phase: near a minimum a failed search mostly means that no float
-        step lowers the loss any more, and Adam would climb out of it.
-        ``"first"`` returns to ``first`` with a fresh state (new moments) and
-        re-armed detection, for runs where CG stalls far from a minimum; the
-        next swap is then the detector's, also with ``swap_at``.
-      max_failures: failed line searches in a row that count as stuck.
+      fallback: what to do when the second phase is stuck, that is after
+        ``max_failures`` steps in a row whose line search failed (each failure
+        already restarts CG with steepest descent). ``"first"`` (the default)
+        returns to ``first`` with a fresh state (new moments) and re-armed
+        detection; the next swap is then the detector's, also with
+        ``swap_at``. ``None`` stays in the second phase, as Algorithm 1 does.
+        Measured (``experiments/benchmarks/fallback.py``): once a search
+        has failed, staying made nearly every later search fail too (a failed
+        search spends its whole evaluation budget), while falling back reached
+        an equal or lower loss on every problem tried, at about half the
+        compute.
+      max_failures: failed line searches in a row that count as stuck; 3
+        tolerates a single unlucky mini-batch at the cost of two more searches
+        in a deterministic run.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` called as
@@ -179,18 +174,16 @@ def two_phase(
     first_takes_extra_args = isinstance(first, optax.GradientTransformationExtraArgs)
 
     def init_fn(params: optax.Params) -> TwoPhaseState:
-        second_state = second.init(params)
-        if fallback == "first":
-            find_conjugate_gradient_state(second_state)  # Raises if there is none.
         return TwoPhaseState(
             count=jnp.asarray(0, jnp.int32),
             in_second_phase=jnp.asarray(swap_at == 0),
             swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
             num_skipped=jnp.asarray(0, jnp.int32),
+            num_failures=jnp.asarray(0, jnp.int32),
             num_fallbacks=jnp.asarray(0, jnp.int32),
             detection=swap_detection.init(params, statistic, window),
             first_state=first.init(params),
-            second_state=second_state,
+            second_state=second.init(params),
         )
 
     def update_fn(
@@ -213,29 +206,35 @@ def two_phase(
                 return first.update(updates, first_state, params, **kwargs)
             return first.update(updates, first_state, params)
 
+        no_failure = jnp.asarray(False)
+
         def run_first(_):
-            return *first_update(state.first_state), state.second_state
+            return *first_update(state.first_state), state.second_state, no_failure
 
         def run_second(_):
             new_updates, second_state = second.update(
                 updates, state.second_state, params, **kwargs
             )
-            return new_updates, state.first_state, second_state
+            linesearch = _protocol.find_node(
+                second_state, _protocol.is_linesearch_state
+            )
+            failed = linesearch_failed(linesearch, new_updates)
+            return new_updates, state.first_state, second_state, failed
 
         def skip(_):
-            return optax.tree.zeros_like(updates), state.first_state, state.second_state
+            zero = optax.tree.zeros_like(updates)
+            return zero, state.first_state, state.second_state, no_failure
 
         def fall_back(_):
-            return *first_update(first.init(params)), second.init(params)
+            fresh = first_update(first.init(params))
+            return *fresh, second.init(params), no_failure
 
         finite = _protocol.all_finite(value, updates, grad)
-        # CG stuck after max_failures failed searches: this step is the first
-        # of a fresh first phase.
+        # The second phase stuck after max_failures failed searches: this step
+        # is the first of a fresh first phase.
         fall_back_now = finite & state.in_second_phase
-        if fallback == "first":
-            cg_state = find_conjugate_gradient_state(state.second_state)
-            fall_back_now &= cg_state.num_failures >= max_failures
-        else:
+        fall_back_now &= state.num_failures >= max_failures
+        if fallback is None:
             fall_back_now &= False
         in_second_phase = state.in_second_phase & ~fall_back_now
         # One conditional runs the phase, falls back, or skips a step whose
@@ -245,8 +244,11 @@ def two_phase(
             [_SKIP, _FALL_BACK, _SECOND],
             _FIRST,
         )
-        new_updates, first_state, second_state = jax.lax.switch(
+        new_updates, first_state, second_state, failed = jax.lax.switch(
             branch, (run_first, run_second, skip, fall_back), None
+        )
+        num_failures = jnp.where(
+            finite, jnp.where(failed, state.num_failures + 1, 0), state.num_failures
         )
 
         detection = optax.tree.where(
@@ -279,6 +281,7 @@ def two_phase(
             in_second_phase=in_second_phase | swap_now,
             swap_step=jnp.where(swap_now, state.count + 1, swap_step),
             num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+            num_failures=num_failures,
             num_fallbacks=num_fallbacks,
             detection=detection,
             first_state=first_state,
