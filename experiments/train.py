@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -293,6 +297,7 @@ class Trainer:
             )
             if self.block_every_step:
                 jax.block_until_ready(step_stats)
+            _stop_if_requested(epoch)
             stats.append(step_stats)
             sizes.append(len(labels))
         stats = jax.device_get(stats)
@@ -312,7 +317,34 @@ class Trainer:
         }
 
 
+# -- stopping on SIGTERM ---------------------------------------------------
+STOP_REQUESTED = threading.Event()
+
+
+class Interrupted(RuntimeError):
+    """The run was asked to stop (SIGTERM) and stopped between two steps."""
+
+
+def _request_stop(signum, frame) -> None:
+    # Only a flag: the epoch loop stops at the next step, never in the middle
+    # of writing a checkpoint or a metrics row.
+    STOP_REQUESTED.set()
+
+
+def _stop_if_requested(epoch: int) -> None:
+    if STOP_REQUESTED.is_set():
+        STOP_REQUESTED.clear()
+        raise Interrupted(
+            f"Stopped by SIGTERM during epoch {epoch}; the checkpoints written "
+            "so far are intact. Continue with --resume."
+        )
+
+
 # -- checkpoints and metrics ----------------------------------------------
+class RunOutputError(RuntimeError):
+    """A checkpoint or metrics row could not be written (disk full, permissions)."""
+
+
 def _checkpoint_tree(trainer: Trainer, counters: dict[str, float]) -> dict[str, Any]:
     # jax.Arrays as they are: orbax writes each host's shards and restores them
     # with the same shardings.
@@ -323,38 +355,132 @@ def _checkpoint_tree(trainer: Trainer, counters: dict[str, float]) -> dict[str, 
     }
 
 
+def _digest(tree: dict[str, Any]) -> np.ndarray:
+    """SHA-256 of every value in ``tree``, as 32 uint8; empty if not addressable.
+
+    Stored with each checkpoint, so that a restore notices flipped bits that
+    the file formats would pass on silently. Arrays spread over several hosts
+    are not hashed (no host holds them whole).
+    """
+    leaves = jax.tree.leaves(tree)
+    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return np.zeros(0, np.uint8)
+    sha = hashlib.sha256()
+    for x in jax.device_get(leaves):
+        x = np.ascontiguousarray(x)
+        sha.update(f"{x.dtype}{x.shape}".encode())
+        sha.update(x.tobytes())
+    return np.frombuffer(sha.digest(), np.uint8).copy()
+
+
+def open_checkpoints(out: pathlib.Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        out / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, cleanup_tmp_directories=True
+        ),
+    )
+
+
 def save_checkpoint(manager, epoch: int, trainer: Trainer, counters) -> None:
-    manager.save(epoch, args=ocp.args.StandardSave(_checkpoint_tree(trainer, counters)))
-    manager.wait_until_finished()
+    """Writes epoch ``epoch``'s checkpoint; the older ones stay if it fails.
+
+    orbax writes into a temporary directory and renames it when complete, and
+    removes the oldest checkpoint only after that, so a failed write (a full
+    disk, a killed process) never costs a checkpoint already written.
+    """
+    tree = _checkpoint_tree(trainer, counters)
+    tree["digest"] = _digest(tree)
+    try:
+        manager.save(epoch, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
+    except Exception as error:  # orbax wraps OSErrors in its own types.
+        kept = sorted(manager.all_steps())
+        raise RunOutputError(
+            f"Could not write the checkpoint of epoch {epoch} to "
+            f"{manager.directory}: {error}. The checkpoints of epochs {kept} are "
+            "intact; free some space or fix the permissions, then run again "
+            "with --resume."
+        ) from error
 
 
-def restore_checkpoint(manager, trainer: Trainer, counters) -> int:
-    """Restores the newest checkpoint into ``trainer``; returns its epoch."""
-    epoch = manager.latest_step()
+def restore_checkpoint(manager, trainer: Trainer, counters) -> int | None:
+    """Restores the newest readable checkpoint into ``trainer``; returns its epoch.
+
+    A checkpoint that cannot be read, or whose contents do not match the digest
+    written with it, is moved to ``corrupted-checkpoints/`` beside the
+    checkpoints, with a warning, and the previous one is tried. Returns
+    ``None`` if no checkpoint is left.
+    """
     target = jax.tree.map(
         ocp.utils.to_shape_dtype_struct, _checkpoint_tree(trainer, counters)
     )
-    restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
-    treedef = jax.tree.structure((trainer.params, trainer.opt_state))
-    leaves = [restored["state"][str(i)] for i in range(len(restored["state"]))]
-    trainer.params, trainer.opt_state = jax.tree.unflatten(
-        treedef, [jnp.asarray(x) for x in leaves]
+    target["digest"] = jax.ShapeDtypeStruct((32,), np.uint8)
+    for epoch in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
+            digest = _digest({k: restored[k] for k in ("state", "counters")})
+            if digest.size and not np.array_equal(digest, restored["digest"]):
+                raise ValueError("its contents do not match the digest saved with it")
+        except Exception as error:
+            _set_aside(manager, epoch, error)
+            continue
+        treedef = jax.tree.structure((trainer.params, trainer.opt_state))
+        leaves = [restored["state"][str(i)] for i in range(len(restored["state"]))]
+        trainer.params, trainer.opt_state = jax.tree.unflatten(
+            treedef, [jnp.asarray(x) for x in leaves]
+        )
+        counters.update({k: float(v) for k, v in restored["counters"].items()})
+        return int(epoch)
+    return None
+
+
+def _set_aside(manager, epoch: int, error: Exception) -> None:
+    directory = pathlib.Path(manager.directory)
+    aside = directory.parent / "corrupted-checkpoints" / str(epoch)
+    if jax.process_index() == 0:
+        aside.parent.mkdir(exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        (directory / str(epoch)).rename(aside)
+    _sync_hosts(f"set aside checkpoint {epoch}")
+    manager.reload()
+    warnings.warn(
+        f"The checkpoint of epoch {epoch} is unreadable or corrupted ({error}); "
+        f"moved it to {aside} and falling back to the previous checkpoint.",
+        stacklevel=3,
     )
-    counters.update({k: float(v) for k, v in restored["counters"].items()})
-    return int(epoch)
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a last line cut short by a crash is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
 
 
 def append_metrics(path: pathlib.Path, row: dict[str, Any]) -> None:
+    """Appends one row and syncs it to disk; on failure the file is as it was."""
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        size = f.tell()
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as error:
+            f.truncate(size)
+            raise RunOutputError(
+                f"Could not append epoch {row['epoch']}'s metrics to {path}: "
+                f"{error}. The rows already written are intact; free some space "
+                "or fix the permissions, then run again with --resume."
+            ) from error
 
 
 def train(config: Config) -> list[dict[str, Any]]:
@@ -369,24 +495,29 @@ def train(config: Config) -> list[dict[str, Any]]:
         )
     chief = jax.process_index() == 0
     out = pathlib.Path(config.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
     metrics_path = out / "metrics.jsonl"
     if chief:
         config_json = json.dumps(dataclasses.asdict(config), indent=2)
-        (out / "config.json").write_text(config_json)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(config_json)
+        except OSError as error:
+            raise RunOutputError(
+                f"Cannot write to the output directory {out}: {error}. Choose a "
+                "writable --out."
+            ) from error
         if not config.resume:
             # A fresh run replaces an earlier one in the same directory.
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             metrics_path.unlink(missing_ok=True)
     _sync_hosts("cleared the run directory")
-    manager = ocp.CheckpointManager(
-        out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
-    )
+    manager = open_checkpoints(out)
     counters = {"forward_passes": 0.0, "wall_time": 0.0}
     first_epoch = 0
-    if config.resume and manager.latest_step() is not None:
-        first_epoch = restore_checkpoint(manager, trainer, counters) + 1
+    if config.resume:
+        restored = restore_checkpoint(manager, trainer, counters)
+        first_epoch = 0 if restored is None else restored + 1
         # Rows written after the checkpoint belong to an epoch that is redone.
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
         if chief:
@@ -400,34 +531,40 @@ def train(config: Config) -> list[dict[str, Any]]:
         disable=not (config.progress and chief),
         file=sys.stderr,
     )
-    for epoch in bar:
-        row = trainer.run_epoch(epoch)
-        counters["forward_passes"] += row.pop("epoch_forward_passes")
-        counters["wall_time"] += row.pop("epoch_seconds")
-        train_loss, train_acc = trainer.evaluate(
-            trainer.data.x_train, trainer.data.y_train
-        )
-        val_loss, val_acc = trainer.evaluate(trainer.data.x_val, trainer.data.y_val)
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            **row,
-            "forward_passes": counters["forward_passes"],
-            "wall_time": counters["wall_time"],
-            "num_params": trainer.num_params,
-        }
-        if chief:
-            append_metrics(metrics_path, row)
-        save_checkpoint(manager, epoch, trainer, counters)
-        bar.set_postfix(
-            loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
-        )
+    try:
+        for epoch in bar:
+            _train_epoch(trainer, epoch, counters, manager, metrics_path, bar)
+    finally:
+        bar.close()
     manager.close()
     _sync_hosts("wrote the last metrics")
     return read_metrics(metrics_path)
+
+
+def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
+    """One epoch: the steps, the evaluation, a metrics row and a checkpoint."""
+    row = trainer.run_epoch(epoch)
+    counters["forward_passes"] += row.pop("epoch_forward_passes")
+    counters["wall_time"] += row.pop("epoch_seconds")
+    train_loss, train_acc = trainer.evaluate(trainer.data.x_train, trainer.data.y_train)
+    val_loss, val_acc = trainer.evaluate(trainer.data.x_val, trainer.data.y_val)
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        **row,
+        "forward_passes": counters["forward_passes"],
+        "wall_time": counters["wall_time"],
+        "num_params": trainer.num_params,
+    }
+    if jax.process_index() == 0:
+        append_metrics(metrics_path, row)
+    save_checkpoint(manager, epoch, trainer, counters)
+    bar.set_postfix(
+        loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
+    )
 
 
 def _sync_hosts(name: str) -> None:
@@ -504,10 +641,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _request_stop)
     try:
         rows = train(config)
-    except data_lib.DatasetUnavailableError as error:
+    except (data_lib.DatasetUnavailableError, RunOutputError) as error:
         raise SystemExit(str(error)) from None
+    except Interrupted as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     last = rows[-1]
     print(
         f"{config.model} {config.optimizer}: train loss {last['train_loss']:.4g}, "

@@ -94,9 +94,12 @@ def test_failure_flags_of_optax_line_searches_are_read():
     assert not bool(tpo.linesearch_failed(optax.EmptyState(), step))
 
 
-def test_stays_in_the_second_phase_by_default():
+def test_fallback_none_stays_in_the_second_phase():
     opt = tpo.two_phase(
-        optax.adam(0.1), tpo.conjugate_gradient(linesearch=FAILING), swap_at=2
+        optax.adam(0.1),
+        tpo.conjugate_gradient(linesearch=FAILING),
+        swap_at=2,
+        fallback=None,
     )
     history = steps(opt, jnp.zeros(2), 12)
     final = history[-1][2]
