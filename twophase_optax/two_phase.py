@@ -119,9 +119,9 @@ def two_phase(
         ``swap_at``. ``None`` stays in the second phase, as Algorithm 1 does.
         Measured (``experiments/benchmarks/fallback.py``): once a search
         has failed, staying made nearly every later search fail too (a failed
-        search spends its whole evaluation budget), while falling back reached
-        an equal or lower loss on every problem tried, at about half the
-        compute.
+        search spends its whole evaluation budget), while falling back after
+        3 failures reached an equal or lower loss on every problem tried, at
+        about half the compute.
       max_failures: failed line searches in a row that count as stuck; 3
         tolerates a single unlucky mini-batch at the cost of two more searches
         in a deterministic run.
