@@ -255,8 +255,9 @@ class Trainer:
         else:
             evaluations = jnp.where(ran_cg, linesearch.info.num_evaluations, 0)
             step_size = jnp.where(ran_cg, linesearch.learning_rate, self.config.lr)
-            # A fallback resets the CG state; its zero update marks the failure.
-            failed = ran_cg & (optax.tree.norm(updates) == 0)
+            # After a fallback the fresh CG state reads "not failed": right, as
+            # that step ran Adam.
+            failed = ran_cg & linesearch.info.failed
         grad_sum = optax.tree.add(grad_sum, optax.tree.cast(grad, jnp.float32))
         stats = {"evaluations": evaluations, "step_size": step_size, "failed": failed}
         return optax.apply_updates(params, updates), opt_state, grad_sum, stats

@@ -19,9 +19,8 @@ POISONS = {
 
 
 def poisoned_step(opt, loss):
-    """A jitted step whose gradient's ``w`` and loss are multiplied as told."""
+    """A step whose gradient's ``w`` and loss are multiplied as told."""
 
-    @jax.jit
     def step(params, state, batch_x, batch_y, grad_factor, value_factor):
         value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
         grad = {**grad, "w": grad["w"] * grad_factor}
@@ -41,7 +40,7 @@ def poisoned_step(opt, loss):
 
 def run(opt, loss, batches, params, schedule, poison=(1.0, 1.0)):
     """Steps through ``schedule``: batch indices, or ``None`` for a bad step."""
-    step = poisoned_step(opt, loss)
+    step = jax.jit(poisoned_step(opt, loss))
     state, history = opt.init(params), []
     for k in schedule:
         if k is None:
@@ -138,24 +137,9 @@ def test_skipped_step_does_not_retrace():
     loss, batches, params = regression_problem()
     opt = tpo.two_phase(optax.adam(1e-2), swap_at=2)
     chex.clear_trace_counter()
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(params, state, batch_x, batch_y, factor):
-        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
-        updates, state = opt.update(
-            optax.tree.scale(factor, grad),
-            state,
-            params,
-            value=value,
-            value_fn=loss,
-            batch_x=batch_x,
-            batch_y=batch_y,
-        )
-        return optax.apply_updates(params, updates), state
-
+    step = jax.jit(chex.assert_max_traces(poisoned_step(opt, loss), n=1))
     state = opt.init(params)
     for factor in (1.0, jnp.nan, 1.0, 1.0, jnp.inf, 1.0):
-        params, state = step(params, state, *batches[0], factor)
+        params, state, _ = step(params, state, *batches[0], factor, 1.0)
     assert int(state.num_skipped) == 2 and int(state.count) == 4
     assert np.isfinite(np.asarray(params["w"])).all()

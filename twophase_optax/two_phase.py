@@ -232,10 +232,11 @@ def two_phase(
         finite = _protocol.all_finite(value, updates, grad)
         # The second phase stuck after max_failures failed searches: this step
         # is the first of a fresh first phase.
-        fall_back_now = finite & state.in_second_phase
-        fall_back_now &= state.num_failures >= max_failures
-        if fallback is None:
-            fall_back_now &= False
+        fall_back_now = (
+            finite & state.in_second_phase & (state.num_failures >= max_failures)
+            if fallback == "first"
+            else jnp.asarray(False)
+        )
         in_second_phase = state.in_second_phase & ~fall_back_now
         # One conditional runs the phase, falls back, or skips a step whose
         # loss or gradient is not finite, as if it had never happened.
