@@ -73,7 +73,7 @@ class Config:
     loss: str = "mse"
     gn_factor: float = 0.9
     swap_epoch: int = 30
-    fallback: str | None = "first"  # two_phase's fallback: "first" or None.
+    fallback: str | None = None  # two_phase's fallback: None or "first".
     max_failures: int = 3
     seed: int = 0
     out: str = "runs/digits/vit-mlp/two-phase"
@@ -357,7 +357,7 @@ def _checkpoint_tree(trainer: Trainer, counters: dict[str, float]) -> dict[str, 
 
 
 def _digest(tree: dict[str, Any]) -> np.ndarray:
-    """SHA-256 of every value in ``tree``, as 32 uint8; empty if not addressable.
+    """SHA-256 of every value in ``tree``, as 32 uint8; zeros if not addressable.
 
     Stored with each checkpoint, so that a restore notices flipped bits that
     the file formats would pass on silently. Arrays spread over several hosts
@@ -365,7 +365,7 @@ def _digest(tree: dict[str, Any]) -> np.ndarray:
     """
     leaves = jax.tree.leaves(tree)
     if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
-        return np.zeros(0, np.uint8)
+        return np.zeros(32, np.uint8)  # orbax cannot save an empty array.
     sha = hashlib.sha256()
     for x in jax.device_get(leaves):
         x = np.ascontiguousarray(x)
@@ -400,8 +400,8 @@ def save_checkpoint(manager, epoch: int, trainer: Trainer, counters) -> None:
         raise RunOutputError(
             f"Could not write the checkpoint of epoch {epoch} to "
             f"{manager.directory}: {error}. The checkpoints of epochs {kept} are "
-            "intact; free some space or fix the permissions, then run again "
-            "with --resume."
+            "intact; once the cause is fixed (a full disk or missing "
+            "permissions, say), run again with --resume."
         ) from error
 
 
@@ -421,7 +421,7 @@ def restore_checkpoint(manager, trainer: Trainer, counters) -> int | None:
         try:
             restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
             digest = _digest({k: restored[k] for k in ("state", "counters")})
-            if digest.size and not np.array_equal(digest, restored["digest"]):
+            if digest.any() and not np.array_equal(digest, restored["digest"]):
                 raise ValueError("its contents do not match the digest saved with it")
         except Exception as error:
             _set_aside(manager, epoch, error)
@@ -602,10 +602,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--fallback",
-        default="first",
-        choices=("first", "none"),
+        default="none",
+        choices=("none", "first"),
         help="two-phase: after --max-failures failed line searches in a row, "
-        "return to Adam ('first', the default) or stay in CG ('none')",
+        "stay in CG ('none', the default) or return to Adam ('first')",
     )
     parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -19,7 +19,7 @@ if "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
 try:  # Property tests: reproducible by default, more and fresh examples on demand.
     from hypothesis import settings
 
-    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+    settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)
     settings.register_profile("thorough", max_examples=500, deadline=None)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:

@@ -143,7 +143,7 @@ def test_line_search_never_returns_a_non_finite_or_worse_point(
             assert bool(jnp.isfinite(new_value)) and new_value < value
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(pytrees(leaf_specs), st.integers(0, 2**31 - 1), st.integers(1, 6))
 def test_two_phase_before_the_swap_equals_first(spec_tree, seed, swap_at):
     with jax.enable_x64(True):

@@ -42,8 +42,9 @@ class GoldenSectionInfo(NamedTuple):
       bracket_width: width ``hi - lo`` of the final bracket, in units of the
         step size. When the expansion limit ends the search before the minimum
         is bracketed, it is the width of the last expansion step.
-      failed: ``True`` when no finite value below ``phi(0)`` was found; the
-        step is then zero.
+      failed: ``True`` when no finite value below ``phi(0)`` was found along
+        a non-zero direction; the step is then zero. A zero direction gives
+        a zero step that is not a failure.
     """
 
     num_evaluations: jax.Array  # int32
@@ -329,7 +330,8 @@ def golden_section_linesearch(
             info=GoldenSectionInfo(
                 num_evaluations=search.num_evaluations,
                 bracket_width=width,
-                failed=~accepted,
+                # A zero direction (a zero gradient) leaves nothing to search.
+                failed=~accepted & (d_dot_d != 0),
             ),
         )
         # A select, not alpha * d: 0 * NaN would leak a non-finite direction.

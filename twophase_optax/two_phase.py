@@ -66,7 +66,7 @@ def two_phase(
     statistic: str = "mean_grad",
     min_windows: int = 1,
     swap_at: int | None = None,
-    fallback: str | None = "first",
+    fallback: str | None = None,
     max_failures: int = 3,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``first`` until the gradient norm has peaked, then ``second``.
@@ -113,15 +113,16 @@ def two_phase(
       swap_at: if set, swap at this step regardless of the readings.
       fallback: what to do when the second phase is stuck, that is after
         ``max_failures`` steps in a row whose line search failed (each failure
-        already restarts CG with steepest descent). ``"first"`` (the default)
-        returns to ``first`` with a fresh state (new moments) and re-armed
-        detection; the next swap is then the detector's, also with
-        ``swap_at``. ``None`` stays in the second phase, as Algorithm 1 does.
-        Measured (``experiments/benchmarks/fallback.py``): once a search
-        has failed, staying made nearly every later search fail too (a failed
-        search spends its whole evaluation budget), while falling back after
-        3 failures reached an equal or lower loss on every problem tried, at
-        about half the compute.
+        already restarts CG with steepest descent). ``None`` (the default)
+        stays in the second phase, as Algorithm 1 does. ``"first"`` returns to
+        ``first`` with a fresh state (new moments) and re-armed detection; the
+        next swap is then the detector's, also with ``swap_at``. Measured
+        (``experiments/benchmarks/fallback.py``): where CG stalls away from a
+        minimum (bfloat16 params, a loss without a minimum) falling back
+        reaches far lower losses at half the compute; but at a minimum that
+        CG has resolved to float precision its searches fail too, and each
+        fallback's first Adam step throws the params off it by about the
+        learning rate before the next swap finds it again.
       max_failures: failed line searches in a row that count as stuck; 3
         tolerates a single unlucky mini-batch at the cost of two more searches
         in a deterministic run.

@@ -42,9 +42,9 @@ from experiments.benchmarks import timing
 
 MAX_EVALUATIONS = 30  # The golden-section search's default budget.
 SETTINGS = {
-    "stay (None)": {"fallback": None},
+    "stay (None, default)": {"fallback": None},
     "first, max_failures=1": {"fallback": "first", "max_failures": 1},
-    "first, max_failures=3 (default)": {"fallback": "first", "max_failures": 3},
+    "first, max_failures=3": {"fallback": "first", "max_failures": 3},
     "first, max_failures=10": {"fallback": "first", "max_failures": 10},
 }
 
