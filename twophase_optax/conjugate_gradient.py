@@ -209,56 +209,59 @@ def conjugate_gradient(
     ) -> tuple[optax.Updates, ConjugateGradientState]:
         _protocol.require_value_and_value_fn("conjugate_gradient", value, value_fn)
         g = updates
-        dtype = state.info.beta.dtype
-        steepest = optax.tree.scale(-1.0, g)
 
-        beta_k = jnp.asarray(beta_fn(g, state.grad_prev, state.dir_prev), dtype)
-        conjugate = optax.tree.cast_like(
-            optax.tree.add_scale(steepest, beta_k, state.dir_prev), g
-        )
-        restart = (
-            (state.count == 0)
-            | (state.num_failures > 0)
-            | ~jnp.isfinite(beta_k)
-            | (_protocol.vdot(g, conjugate, dtype) >= 0)
-        )
-        if powell_threshold is not None:
-            g_dot_prev = _protocol.vdot(g, state.grad_prev, dtype)
-            g_dot_g = _protocol.vdot(g, g, dtype)
-            restart |= jnp.abs(g_dot_prev) >= powell_threshold * g_dot_g
-        if restart_every is not None:
-            restart |= state.count % restart_every == 0
-        direction = optax.tree.where(restart, steepest, conjugate)
+        def take_step(_):
+            dtype = state.info.beta.dtype
+            steepest = optax.tree.scale(-1.0, g)
 
-        step, linesearch_state = linesearch.update(
-            direction,
-            state.linesearch_state,
-            params,
-            value=value,
-            grad=g if grad is None else grad,
-            value_fn=value_fn,
-            **extra_args,
-        )
-        failed = linesearch_failed(linesearch_state, step)
-        new_state = ConjugateGradientState(
-            count=state.count + 1,
-            grad_prev=g,
-            dir_prev=direction,
-            linesearch_state=linesearch_state,
-            num_failures=jnp.where(failed, state.num_failures + 1, 0),
-            num_skipped=state.num_skipped,
-            info=ConjugateGradientInfo(
-                beta=jnp.where(restart, 0.0, beta_k),
-                restarted=restart,
-            ),
-        )
-        new_state = optax.tree.cast_like(new_state, state)
+            beta_k = jnp.asarray(beta_fn(g, state.grad_prev, state.dir_prev), dtype)
+            conjugate = optax.tree.cast_like(
+                optax.tree.add_scale(steepest, beta_k, state.dir_prev), g
+            )
+            restart = (
+                (state.count == 0)
+                | (state.num_failures > 0)
+                | ~jnp.isfinite(beta_k)
+                | (_protocol.vdot(g, conjugate, dtype) >= 0)
+            )
+            if powell_threshold is not None:
+                g_dot_prev = _protocol.vdot(g, state.grad_prev, dtype)
+                g_dot_g = _protocol.vdot(g, g, dtype)
+                restart |= jnp.abs(g_dot_prev) >= powell_threshold * g_dot_g
+            if restart_every is not None:
+                restart |= state.count % restart_every == 0
+            direction = optax.tree.where(restart, steepest, conjugate)
+
+            step, linesearch_state = linesearch.update(
+                direction,
+                state.linesearch_state,
+                params,
+                value=value,
+                grad=g if grad is None else grad,
+                value_fn=value_fn,
+                **extra_args,
+            )
+            failed = linesearch_failed(linesearch_state, step)
+            new_state = ConjugateGradientState(
+                count=state.count + 1,
+                grad_prev=g,
+                dir_prev=direction,
+                linesearch_state=linesearch_state,
+                num_failures=jnp.where(failed, state.num_failures + 1, 0),
+                num_skipped=state.num_skipped,
+                info=ConjugateGradientInfo(
+                    beta=jnp.where(restart, 0.0, beta_k),
+                    restarted=restart,
+                ),
+            )
+            return step, optax.tree.cast_like(new_state, state)
+
+        def skip(_):
+            skipped = state._replace(num_skipped=state.num_skipped + 1)
+            return optax.tree.zeros_like(g), skipped
+
         # A non-finite loss or gradient: as if the step had never happened.
         finite = _protocol.all_finite(value, g, grad)
-        skipped = state._replace(num_skipped=state.num_skipped + 1)
-        return (
-            optax.tree.where(finite, step, optax.tree.zeros_like(step)),
-            optax.tree.where(finite, new_state, skipped),
-        )
+        return jax.lax.cond(finite, take_step, skip, None)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

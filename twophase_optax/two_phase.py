@@ -246,8 +246,12 @@ def two_phase(
             [_SKIP, _FALL_BACK, _SECOND],
             _FIRST,
         )
+        # Without a fallback its branch is never taken: not compiled at all.
+        branches = (run_first, run_second, skip)
+        if fallback == "first":
+            branches += (fall_back,)
         new_updates, first_state, second_state, failed = jax.lax.switch(
-            branch, (run_first, run_second, skip, fall_back), None
+            branch, branches, None
         )
         num_failures = jnp.where(
             finite, jnp.where(failed, state.num_failures + 1, 0), state.num_failures
