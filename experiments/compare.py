@@ -70,6 +70,7 @@ def run_all(args) -> list[Run]:
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 lr=args.lr,
+                loss=args.loss,
                 swap_epoch=args.swap_epoch,
                 seed=args.seed,
                 out=str(args.out / "runs" / model / optimizer),
@@ -90,13 +91,16 @@ def at_equal_compute(runs: list[Run], run: Run) -> tuple[dict, dict] | None:
     return (ours[-1], theirs[-1]) if ours and theirs else None
 
 
-def write_table(runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path):
+def write_table(
+    runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path, loss: str
+):
     n_train, outputs = len(dataset.x_train), dataset.num_classes
     lines = [
         f"# {dataset.name}: Adam against two-phase ({runs[0].last['epoch'] + 1} "
         "epochs each)",
         "",
-        "Final values after the last epoch. Q = training samples * outputs / "
+        f"Loss: {loss}. Final values after the last epoch. "
+        "Q = training samples * outputs / "
         "parameters. Compute is in forward-pass equivalents over the training "
         "set (a backward pass counts 2, each line-search evaluation 1).",
         "",
@@ -152,7 +156,9 @@ def _grid(models_: list[str]):
     return fig, dict(zip(models_, axes.flat, strict=False))
 
 
-def plot_losses(runs: list[Run], x_key: str, x_label: str, path: pathlib.Path):
+def plot_losses(
+    runs: list[Run], x_key: str, x_label: str, path: pathlib.Path, loss: str
+):
     models_ = list(dict.fromkeys(r.model for r in runs))
     fig, axes = _grid(models_)
     for run in runs:
@@ -177,7 +183,7 @@ def plot_losses(runs: list[Run], x_key: str, x_label: str, path: pathlib.Path):
             ax.axvline(
                 swap[x_key] + (1 if x_key == "epoch" else 0), color=colour, ls=":", lw=1
             )
-        ax.set(title=run.model, xlabel=x_label, ylabel="MSE loss", yscale="log")
+        ax.set(title=run.model, xlabel=x_label, ylabel=f"{loss} loss", yscale="log")
     for ax in axes.values():
         ax.grid(alpha=0.3)
     next(iter(axes.values())).legend(fontsize=7)
@@ -243,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
+        "--loss",
+        default=models.DEFAULT_LOSS,
+        choices=tuple(models.LOSSES),
+        help="softmax_mse (default): MSE of the softmax outputs against one-hot "
+        "targets; mse: MSE of the raw outputs; xent: cross-entropy",
+    )
+    parser.add_argument(
         "--fixed",
         action="store_true",
         help="also run the paper's fixed split (two-phase-fixed)",
@@ -274,17 +287,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(error)) from None
 
     runs = run_all(args)
-    write_table(runs, dataset, args.out / "table.md")
-    plot_losses(runs, "epoch", "epoch", args.out / "loss_vs_epoch.png")
-    plot_losses(
-        runs, "wall_time", "training wall time (s)", args.out / "loss_vs_time.png"
-    )
-    plot_losses(
-        runs,
-        "forward_passes",
-        "forward-pass equivalents",
-        args.out / "loss_vs_compute.png",
-    )
+    write_table(runs, dataset, args.out / "table.md", args.loss)
+    for x_key, x_label, name in (
+        ("epoch", "epoch", "loss_vs_epoch.png"),
+        ("wall_time", "training wall time (s)", "loss_vs_time.png"),
+        ("forward_passes", "forward-pass equivalents", "loss_vs_compute.png"),
+    ):
+        plot_losses(runs, x_key, x_label, args.out / name, args.loss)
     plot_gradnorm(runs, args.out / "gradnorm_vs_loss.png")
     print((args.out / "table.md").read_text())
     print(f"Plots in {args.out}/")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -38,14 +37,12 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -53,6 +50,11 @@ import twophase_optax as tpo
 from experiments import data as data_lib
 from experiments import models
 from experiments import sharding
+from experiments.checkpoints import RunOutputError
+from experiments.checkpoints import open_checkpoints
+from experiments.checkpoints import restore_checkpoint
+from experiments.checkpoints import save_checkpoint
+from experiments.checkpoints import sync_hosts
 from twophase_optax.two_phase import FALLBACKS
 
 OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg")
@@ -70,7 +72,7 @@ class Config:
     batch_size: int = 512
     cg_batch_size: int | None = None  # None: the whole training set.
     lr: float = 1e-3
-    loss: str = "mse"
+    loss: str = models.DEFAULT_LOSS
     gn_factor: float = 0.9
     swap_epoch: int = 30
     fallback: str | None = None  # two_phase's fallback: None or "first".
@@ -132,13 +134,6 @@ def in_second_phase(config: Config, opt_state: Any) -> bool:
     if config.optimizer == "cg":
         return True
     return bool(opt_state.in_second_phase)
-
-
-def find_linesearch_state(opt_state: Any) -> tpo.GoldenSectionLinesearchState | None:
-    is_ls = lambda n: isinstance(n, tpo.GoldenSectionLinesearchState)  # noqa: E731
-    return next(
-        (n for n in jax.tree.leaves(opt_state, is_leaf=is_ls) if is_ls(n)), None
-    )
 
 
 class Trainer:
@@ -245,7 +240,7 @@ class Trainer:
             labels=labels,
             mask=mask,
         )
-        linesearch = find_linesearch_state(opt_state)
+        linesearch = tpo.find_linesearch_state(opt_state)
         if linesearch is None:
             evaluations, step_size = (
                 jnp.zeros((), jnp.int32),
@@ -341,117 +336,7 @@ def _stop_if_requested(epoch: int) -> None:
         )
 
 
-# -- checkpoints and metrics ----------------------------------------------
-class RunOutputError(RuntimeError):
-    """A checkpoint or metrics row could not be written (disk full, permissions)."""
-
-
-def _checkpoint_tree(trainer: Trainer, counters: dict[str, float]) -> dict[str, Any]:
-    # jax.Arrays as they are: orbax writes each host's shards and restores them
-    # with the same shardings.
-    leaves = jax.tree.leaves((trainer.params, trainer.opt_state))
-    return {
-        "state": {str(i): x for i, x in enumerate(leaves)},
-        "counters": {k: np.asarray(v, np.float64) for k, v in counters.items()},
-    }
-
-
-def _digest(tree: dict[str, Any]) -> np.ndarray:
-    """SHA-256 of every value in ``tree``, as 32 uint8; zeros if not addressable.
-
-    Stored with each checkpoint, so that a restore notices flipped bits that
-    the file formats would pass on silently. Arrays spread over several hosts
-    are not hashed (no host holds them whole).
-    """
-    leaves = jax.tree.leaves(tree)
-    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
-        return np.zeros(32, np.uint8)  # orbax cannot save an empty array.
-    sha = hashlib.sha256()
-    for x in jax.device_get(leaves):
-        x = np.ascontiguousarray(x)
-        sha.update(f"{x.dtype}{x.shape}".encode())
-        sha.update(x.tobytes())
-    return np.frombuffer(sha.digest(), np.uint8).copy()
-
-
-def open_checkpoints(out: pathlib.Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        out / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, cleanup_tmp_directories=True
-        ),
-    )
-
-
-def save_checkpoint(manager, epoch: int, trainer: Trainer, counters) -> None:
-    """Writes epoch ``epoch``'s checkpoint; the older ones stay if it fails.
-
-    orbax writes into a temporary directory and renames it when complete, and
-    removes the oldest checkpoint only after that, so a failed write (a full
-    disk, a killed process) never costs a checkpoint already written.
-    """
-    tree = _checkpoint_tree(trainer, counters)
-    tree["digest"] = _digest(tree)
-    try:
-        manager.save(epoch, args=ocp.args.StandardSave(tree))
-        manager.wait_until_finished()
-    except Exception as error:  # orbax wraps OSErrors in its own types.
-        kept = sorted(manager.all_steps())
-        raise RunOutputError(
-            f"Could not write the checkpoint of epoch {epoch} to "
-            f"{manager.directory}: {error}. The checkpoints of epochs {kept} are "
-            "intact; once the cause is fixed (a full disk or missing "
-            "permissions, say), run again with --resume."
-        ) from error
-
-
-def restore_checkpoint(manager, trainer: Trainer, counters) -> int | None:
-    """Restores the newest readable checkpoint into ``trainer``; returns its epoch.
-
-    A checkpoint that cannot be read, or whose contents do not match the digest
-    written with it, is moved to ``corrupted-checkpoints/`` beside the
-    checkpoints, with a warning, and the previous one is tried. Returns
-    ``None`` if no checkpoint is left.
-    """
-    target = jax.tree.map(
-        ocp.utils.to_shape_dtype_struct, _checkpoint_tree(trainer, counters)
-    )
-    target["digest"] = jax.ShapeDtypeStruct((32,), np.uint8)
-    for epoch in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
-            digest = _digest({k: restored[k] for k in ("state", "counters")})
-            if digest.any() and not np.array_equal(digest, restored["digest"]):
-                raise ValueError("its contents do not match the digest saved with it")
-        except Exception as error:
-            _set_aside(manager, epoch, error)
-            continue
-        treedef = jax.tree.structure((trainer.params, trainer.opt_state))
-        leaves = [restored["state"][str(i)] for i in range(len(restored["state"]))]
-        trainer.params, trainer.opt_state = jax.tree.unflatten(
-            treedef, [jnp.asarray(x) for x in leaves]
-        )
-        counters.update({k: float(v) for k, v in restored["counters"].items()})
-        return int(epoch)
-    return None
-
-
-def _set_aside(manager, epoch: int, error: Exception) -> None:
-    directory = pathlib.Path(manager.directory)
-    aside = directory.parent / "corrupted-checkpoints" / str(epoch)
-    if jax.process_index() == 0:
-        aside.parent.mkdir(exist_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
-        (directory / str(epoch)).rename(aside)
-    _sync_hosts(f"set aside checkpoint {epoch}")
-    manager.reload()
-    warnings.warn(
-        f"The checkpoint of epoch {epoch} is unreadable or corrupted ({error}); "
-        f"moved it to {aside} and falling back to the previous checkpoint.",
-        stacklevel=3,
-    )
-
-
+# -- metrics ------------------------------------------------------------
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl``; a last line cut short by a crash is dropped."""
     if not path.exists():
@@ -512,13 +397,17 @@ def train(config: Config) -> list[dict[str, Any]]:
             # A fresh run replaces an earlier one in the same directory.
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             metrics_path.unlink(missing_ok=True)
-    _sync_hosts("cleared the run directory")
+    sync_hosts("cleared the run directory")
     manager = open_checkpoints(out)
     counters = {"forward_passes": 0.0, "wall_time": 0.0}
     first_epoch = 0
     if config.resume:
-        restored = restore_checkpoint(manager, trainer, counters)
-        first_epoch = 0 if restored is None else restored + 1
+        restored = restore_checkpoint(
+            manager, (trainer.params, trainer.opt_state), counters
+        )
+        if restored is not None:
+            epoch, (trainer.params, trainer.opt_state) = restored
+            first_epoch = epoch + 1
         # Rows written after the checkpoint belong to an epoch that is redone.
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
         if chief:
@@ -538,7 +427,7 @@ def train(config: Config) -> list[dict[str, Any]]:
     finally:
         bar.close()
     manager.close()
-    _sync_hosts("wrote the last metrics")
+    sync_hosts("wrote the last metrics")
     return read_metrics(metrics_path)
 
 
@@ -562,17 +451,10 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     }
     if jax.process_index() == 0:
         append_metrics(metrics_path, row)
-    save_checkpoint(manager, epoch, trainer, counters)
+    save_checkpoint(manager, epoch, (trainer.params, trainer.opt_state), counters)
     bar.set_postfix(
         loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
     )
-
-
-def _sync_hosts(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -592,7 +474,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="batch size of the CG phase (default: the whole training set)",
     )
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--loss", default=defaults.loss, choices=tuple(models.LOSSES))
+    parser.add_argument(
+        "--loss",
+        default=defaults.loss,
+        choices=tuple(models.LOSSES),
+        help="softmax_mse (default): MSE of the softmax outputs against one-hot "
+        "targets; mse: MSE of the raw outputs; xent: cross-entropy",
+    )
     parser.add_argument("--gn-factor", type=float, default=defaults.gn_factor)
     parser.add_argument(
         "--swap-epoch",

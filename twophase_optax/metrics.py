@@ -53,7 +53,7 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "num_failures": state.num_failures,
         "num_fallbacks": state.num_fallbacks,
     }
-    linesearch = _protocol.find_node(state.second_state, _protocol.is_linesearch_state)
+    linesearch = _protocol.find_linesearch_state(state.second_state)
     if linesearch is not None:
         scalars["linesearch_learning_rate"] = linesearch.learning_rate
         if "value" in linesearch._fields:

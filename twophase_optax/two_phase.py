@@ -216,9 +216,7 @@ def two_phase(
             new_updates, second_state = second.update(
                 updates, state.second_state, params, **kwargs
             )
-            linesearch = _protocol.find_node(
-                second_state, _protocol.is_linesearch_state
-            )
+            linesearch = _protocol.find_linesearch_state(second_state)
             failed = linesearch_failed(linesearch, new_updates)
             return new_updates, state.first_state, second_state, failed
 

@@ -1,0 +1,358 @@
+"""The paper's Fig. 5 on our runs: the gradient-norm reading against the loss.
+
+    python -m experiments.fig5          # vit-mlp and vgg5 on digits and mnist5k
+    python -m experiments.fig5 --quick --out /tmp/fig5      # a smoke test
+
+For each model and dataset it trains Adam (batch 512, the paper's setting)
+with the softmax + MSE head and records, once per epoch, the reading that
+:func:`twophase_optax.two_phase` reads (the norm of the epoch's mean
+gradient), the training loss and the validation accuracy. It then marks
+
+* the **peak**: the epoch of the largest reading;
+* the **smoothed peak**: the epoch where a centred 5-epoch moving average of
+  the readings is largest (single readings jitter by 10% and more);
+* the **swap**: the epoch whose reading Algorithm 1 (``gn_factor`` 0.9, one
+  reading per epoch, no smoothing) would swap on, found by replaying the
+  readings through the library's own detector
+  (:func:`twophase_optax.swap_detection.update`).
+
+and writes ``<out>/<dataset>-<model>.png`` (reading against the loss and
+against the epoch), ``<out>/<dataset>-<model>.json`` (every epoch's numbers
+and the marks; the names end in ``-<loss>`` for a head other than the
+default) and ``<out>/summary.md``, a table of every run in ``<out>``.
+Epochs are counted from 1. A run whose reading does not rise and then fall
+says so in its plot's title and in the summary. The training runs themselves
+(metrics and checkpoints) go to ``<out>/runs/``; ``--resume`` continues
+unfinished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import data as data_lib  # noqa: E402
+from experiments import models  # noqa: E402
+from experiments import train as train_lib  # noqa: E402
+from twophase_optax import swap_detection  # noqa: E402
+
+SMOOTHING = 5  # epochs in the centred moving average
+RISE = 1.5  # the peak must be at least this multiple of the first reading ...
+FALL = 2 / 3  # ... and the last reading at most this fraction of the peak
+
+
+def centred_average(readings: np.ndarray, width: int = SMOOTHING) -> np.ndarray:
+    """Centred moving average; near the ends it averages the readings there are.
+
+    Example:
+      >>> centred_average(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 3).tolist()
+      [1.5, 2.0, 3.0, 4.0, 4.5]
+    """
+    half = width // 2
+    sums = np.concatenate([[0.0], np.cumsum(readings)])
+    index = np.arange(len(readings))
+    lo, hi = np.maximum(index - half, 0), np.minimum(index + half + 1, len(readings))
+    return (sums[hi] - sums[lo]) / (hi - lo)
+
+
+def algorithm1_swap(readings: np.ndarray, gn_factor: float) -> int | None:
+    """Index of the reading on which the library's detector signals the swap.
+
+    The readings go through :func:`twophase_optax.swap_detection.update` one
+    per window, exactly as :func:`twophase_optax.two_phase` reads them in
+    training (a reading's norm is the reading itself). ``None``: no swap.
+
+    Example:
+      >>> algorithm1_swap(np.array([1.0, 2.0, 3.0, 2.8, 2.6]), 0.9)
+      4
+    """
+    readings = jnp.asarray(readings, jnp.float32)
+    state = swap_detection.init(readings[0], "mean_grad", window=1)
+
+    def read(state, step_and_reading):
+        step, reading = step_and_reading
+        return swap_detection.update(
+            state,
+            reading,
+            step,
+            gn_factor=gn_factor,
+            window=1,
+            statistic="mean_grad",
+            min_windows=1,
+        )
+
+    steps = jnp.arange(len(readings), dtype=jnp.int32)
+    state, _ = jax.lax.scan(read, state, (steps, readings))
+    detect = int(state.detect_step)
+    return None if detect < 0 else detect
+
+
+def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
+    """The peak, the smoothed peak, the swap and the verdict of one Adam run."""
+    readings = np.array([r["gn_reading"] for r in rows])
+    losses = np.array([r["train_loss"] for r in rows])
+    smoothed = centred_average(readings)
+    peak, smooth_peak = int(np.argmax(readings)), int(np.argmax(smoothed))
+    swap = algorithm1_swap(readings, gn_factor)
+    rise = float(smoothed[smooth_peak] / smoothed[0])
+    fall = float(smoothed[-1] / smoothed[smooth_peak])
+    mark = lambda i: (
+        None
+        if i is None
+        else {  # noqa: E731
+            "epoch": i + 1,
+            "train_loss": float(losses[i]),
+            "gn_reading": float(readings[i]),
+        }
+    )
+    return {
+        "peak": mark(peak),
+        "smoothed_peak": {
+            **mark(smooth_peak),
+            "smoothed": float(smoothed[smooth_peak]),
+        },
+        "algorithm1_swap": mark(swap),
+        "gn_factor": gn_factor,
+        "rise": rise,
+        "fall": fall,
+        "rise_then_fall": bool(rise >= RISE and fall <= FALL),
+        "first_reading": float(readings[0]),
+    }
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One line on the shape of the curve, for a title and the summary."""
+    rise, fall = result["rise"], result["fall"]
+    if result["rise_then_fall"]:
+        return f"rises {rise:.1f}x, then falls to {fall:.2f} of the peak"
+    if rise < RISE:
+        return (
+            f"NO rise-then-fall: the smoothed reading rises only {rise:.2f}x "
+            "from epoch 1"
+        )
+    return (
+        f"NO rise-then-fall within the run: rises {rise:.1f}x but ends at "
+        f"{fall:.2f} of the peak"
+    )
+
+
+def plot(
+    rows: list[dict[str, Any]], result: dict[str, Any], title: str, path: pathlib.Path
+) -> None:
+    """Reading against the loss (the paper's Fig. 5) and against the epoch."""
+    epochs = np.arange(1, len(rows) + 1)
+    readings = np.array([r["gn_reading"] for r in rows])
+    losses = np.array([r["train_loss"] for r in rows])
+    smoothed = centred_average(readings)
+    fig, (by_loss, by_epoch) = plt.subplots(
+        1, 2, figsize=(11, 4.2), constrained_layout=True
+    )
+    by_loss.plot(losses, readings, ".-", ms=3, lw=0.7, color="tab:blue")
+    by_loss.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training loss (log; training moves right)",
+        ylabel="gradient-norm reading (log)",
+    )
+    by_loss.invert_xaxis()
+    by_epoch.plot(epochs, readings, ".", ms=3, color="tab:blue", label="reading")
+    by_epoch.plot(epochs, smoothed, "-", color="tab:blue", lw=1.2, label="5-epoch mean")
+    by_epoch.set(xlabel="epoch", ylabel="gradient-norm reading")
+    loss_axis = by_epoch.twinx()
+    loss_axis.plot(epochs, losses, color="tab:grey", lw=1, label="training loss")
+    loss_axis.set(yscale="log", ylabel="training loss (log)")
+    marks = (
+        ("peak", "^", "tab:orange"),
+        ("smoothed_peak", "D", "tab:green"),
+        ("algorithm1_swap", "*", "tab:red"),
+    )
+    labels = {
+        "peak": "peak",
+        "smoothed_peak": "smoothed peak",
+        "algorithm1_swap": f"Algorithm 1 swap (gn_factor {result['gn_factor']})",
+    }
+    for key, marker, colour in marks:
+        mark = result[key]
+        if mark is None:
+            continue
+        label = f"{labels[key]}: epoch {mark['epoch']}"
+        # On the epoch axis the smoothed peak sits on the smoothed curve.
+        height = mark.get("smoothed", mark["gn_reading"])
+        for ax, x, y in (
+            (by_loss, mark["train_loss"], mark["gn_reading"]),
+            (by_epoch, mark["epoch"], height),
+        ):
+            ax.plot(
+                x, y, marker, ms=11, color=colour, mec="black", label=label, zorder=5
+            )
+    by_loss.legend(fontsize=8, loc="lower left")
+    lines, names = by_epoch.get_legend_handles_labels()
+    more_lines, more_names = loss_axis.get_legend_handles_labels()
+    by_epoch.legend(lines[:2] + more_lines, names[:2] + more_names, fontsize=8)
+    for ax in (by_loss, by_epoch):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}\n{verdict(result)}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_name(model: str, loss: str) -> str:
+    """The model's name, with the loss where it is not the default head."""
+    return model if loss == models.DEFAULT_LOSS else f"{model}-{loss}"
+
+
+def run_one(args, dataset: str, model: str) -> dict[str, Any]:
+    config = train_lib.Config(
+        model=model,
+        dataset=dataset,
+        optimizer="adam",
+        epochs=args.epochs[dataset],
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        seed=args.seed,
+        out=str(args.out / "runs" / dataset / run_name(model, args.loss)),
+        data_dir=args.data_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    rows = train_lib.train(config)
+    result = analyse(rows, args.gn_factor)
+    name = f"{dataset}-{run_name(model, args.loss)}"
+    title = (
+        f"{model} on {dataset}: Adam, batch {args.batch_size}, lr {args.lr}, "
+        f"{args.loss}, seed {args.seed}"
+    )
+    plot(rows, result, title, args.out / f"{name}.png")
+    keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "gn_reading")
+    record = {
+        "model": model,
+        "dataset": dataset,
+        "optimizer": "adam",
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "loss": args.loss,
+        "seed": args.seed,
+        "epochs": len(rows),
+        "verdict": verdict(result),
+        **result,
+        "rows": [{**{k: r[k] for k in keep}, "epoch": r["epoch"] + 1} for r in rows],
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def write_summary(out: pathlib.Path) -> str:
+    """``<out>/summary.md`` from every run's JSON in ``out``."""
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    records.sort(key=lambda r: (r["dataset"], r["loss"] != models.DEFAULT_LOSS))
+    lines = [
+        "# The gradient-norm reading under Adam (the paper's Fig. 5)",
+        "",
+        "Adam, batch 512; one reading per epoch (the norm of "
+        "the epoch's mean gradient, what `two_phase` reads). Epochs count from 1. "
+        f"Smoothed: centred {SMOOTHING}-epoch mean. Rise: smoothed peak over the "
+        "first smoothed reading; fall: last smoothed reading over the smoothed "
+        "peak.",
+        "",
+        "| dataset | model | loss | epochs | first reading | "
+        "peak: epoch, reading, loss | "
+        "smoothed peak: epoch, loss | Algorithm 1 swap: epoch, loss | rise | fall "
+        "| shape |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        peak, smooth, swap = r["peak"], r["smoothed_peak"], r["algorithm1_swap"]
+        swap_text = (
+            "none" if swap is None else f"{swap['epoch']}, {swap['train_loss']:.3g}"
+        )
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['loss']} | {r['epochs']} | "
+            f"{r['first_reading']:.3g} | {peak['epoch']}, {peak['gn_reading']:.3g}, "
+            f"{peak['train_loss']:.3g} | {smooth['epoch']}, "
+            f"{smooth['train_loss']:.3g} | {swap_text} | {r['rise']:.2f}x | "
+            f"{r['fall']:.2f} | {r['verdict']} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def _epochs(text: str) -> dict[str, int]:
+    """``150`` (every dataset) or ``digits=150,mnist5k=60``."""
+    if "=" not in text:
+        return dict.fromkeys(data_lib.DATASET_NAMES, int(text))
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["vit-mlp", "vgg5"], choices=models.MODEL_NAMES
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["digits", "mnist5k"],
+        choices=data_lib.DATASET_NAMES,
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_epochs,
+        default="digits=150,mnist5k=80",
+        help="epochs per run: N, or per dataset as digits=N,mnist5k=M",
+    )
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--loss", default=models.DEFAULT_LOSS, choices=tuple(models.LOSSES)
+    )
+    parser.add_argument("--gn-factor", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("results/fig5")
+    )
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: vit-mlp on digits for 4 epochs",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.datasets = ["vit-mlp"], ["digits"]
+        args.epochs = {"digits": 4}
+    for dataset in args.datasets:
+        if args.epochs.get(dataset, 0) < 1:
+            parser.error(
+                f"argument --epochs: give dataset {dataset!r} at least 1 epoch"
+            )
+    if not 0 < args.gn_factor < 1:
+        parser.error(f"argument --gn-factor: must lie in (0, 1), got {args.gn_factor}")
+    if args.batch_size < 1:
+        parser.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        for dataset in args.datasets:
+            for model in args.models:
+                run_one(args, dataset, model)
+    except data_lib.DatasetUnavailableError as error:
+        raise SystemExit(str(error)) from None
+    print(write_summary(args.out))
+    print(f"Plots and data in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
