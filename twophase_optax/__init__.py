@@ -6,6 +6,7 @@ gradient built on it, and the two-phase combinator.
 """
 
 from twophase_optax import cg_directions
+from twophase_optax import curvature
 from twophase_optax import swap_detection
 from twophase_optax._protocol import find_linesearch_state
 from twophase_optax.cg_directions import BETA_RULES
@@ -38,6 +39,7 @@ __all__ = [
     "TwoPhaseState",
     "cg_directions",
     "conjugate_gradient",
+    "curvature",
     "dai_yuan",
     "find_linesearch_state",
     "fletcher_reeves",
