@@ -33,8 +33,6 @@ import json
 import pathlib
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -66,35 +64,20 @@ def centred_average(readings: np.ndarray, width: int = SMOOTHING) -> np.ndarray:
 
 
 def algorithm1_swap(readings: np.ndarray, gn_factor: float) -> int | None:
-    """Index of the reading on which the library's detector signals the swap.
+    """Index of the reading on which Algorithm 1 as printed signals the swap.
 
-    The readings go through :func:`twophase_optax.swap_detection.update` one
-    per window, exactly as :func:`twophase_optax.two_phase` reads them in
-    training (a reading's norm is the reading itself). ``None``: no swap.
+    Replays the readings through the library's detector
+    (:func:`twophase_optax.swap_detection.replay` with ``PAPER_RULE``), the
+    code that :func:`twophase_optax.two_phase` runs in training. ``None``: no
+    swap.
 
     Example:
       >>> algorithm1_swap(np.array([1.0, 2.0, 3.0, 2.8, 2.6]), 0.9)
       4
     """
-    readings = jnp.asarray(readings, jnp.float32)
-    state = swap_detection.init(readings[0], "mean_grad", window=1)
-
-    def read(state, step_and_reading):
-        step, reading = step_and_reading
-        return swap_detection.update(
-            state,
-            reading,
-            step,
-            gn_factor=gn_factor,
-            window=1,
-            statistic="mean_grad",
-            min_windows=1,
-        )
-
-    steps = jnp.arange(len(readings), dtype=jnp.int32)
-    state, _ = jax.lax.scan(read, state, (steps, readings))
-    detect = int(state.detect_step)
-    return None if detect < 0 else detect
+    return swap_detection.replay(
+        readings, **{**swap_detection.PAPER_RULE, "gn_factor": gn_factor}
+    )
 
 
 def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
@@ -104,6 +87,7 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
     smoothed = centred_average(readings)
     peak, smooth_peak = int(np.argmax(readings)), int(np.argmax(smoothed))
     swap = algorithm1_swap(readings, gn_factor)
+    default_swap = swap_detection.replay(readings)  # the library's default rule
     rise = float(smoothed[smooth_peak] / smoothed[0])
     fall = float(smoothed[-1] / smoothed[smooth_peak])
     mark = lambda i: (
@@ -122,6 +106,7 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
             "smoothed": float(smoothed[smooth_peak]),
         },
         "algorithm1_swap": mark(swap),
+        "default_swap": mark(default_swap),
         "gn_factor": gn_factor,
         "rise": rise,
         "fall": fall,
@@ -154,9 +139,21 @@ def plot(
     readings = np.array([r["gn_reading"] for r in rows])
     losses = np.array([r["train_loss"] for r in rows])
     smoothed = centred_average(readings)
-    fig, (by_loss, by_epoch) = plt.subplots(
-        1, 2, figsize=(11, 4.2), constrained_layout=True
-    )
+    probes = [r for r in rows if r.get("lambda_min") is not None]
+    if probes:
+        fig, axes = plt.subplots(
+            2,
+            2,
+            figsize=(11, 7.2),
+            constrained_layout=True,
+            gridspec_kw={"height_ratios": [1.4, 1]},
+        )
+        (by_loss, by_epoch), (_, curvature_axis) = axes
+        axes[1, 0].remove()
+    else:
+        fig, (by_loss, by_epoch) = plt.subplots(
+            1, 2, figsize=(11, 4.2), constrained_layout=True
+        )
     by_loss.plot(losses, readings, ".-", ms=3, lw=0.7, color="tab:blue")
     by_loss.set(
         xscale="log",
@@ -175,11 +172,13 @@ def plot(
         ("peak", "^", "tab:orange"),
         ("smoothed_peak", "D", "tab:green"),
         ("algorithm1_swap", "*", "tab:red"),
+        ("default_swap", "P", "tab:purple"),
     )
     labels = {
         "peak": "peak",
         "smoothed_peak": "smoothed peak",
         "algorithm1_swap": f"Algorithm 1 swap (gn_factor {result['gn_factor']})",
+        "default_swap": "default rule swap",
     }
     for key, marker, colour in marks:
         mark = result[key]
@@ -201,9 +200,33 @@ def plot(
     by_epoch.legend(lines[:2] + more_lines, names[:2] + more_names, fontsize=8)
     for ax in (by_loss, by_epoch):
         ax.grid(alpha=0.3)
+    if probes:
+        plot_curvature(curvature_axis, probes, result)
     fig.suptitle(f"{title}\n{verdict(result)}", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curvature(ax, probes: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """The Hessian's smallest over largest eigenvalue, under the reading."""
+    epochs = [r["epoch"] + 1 for r in probes]
+    ratio = [r["lambda_min"] / r["lambda_max"] for r in probes]
+    ax.plot(epochs, ratio, "o-", ms=3, lw=1, color="tab:purple")
+    ax.axhline(0.0, color="black", lw=0.8)
+    for key, colour in (
+        ("smoothed_peak", "tab:green"),
+        ("algorithm1_swap", "tab:red"),
+        ("default_swap", "tab:purple"),
+    ):
+        if result[key] is not None:
+            ax.axvline(result[key]["epoch"], color=colour, ls=":", lw=1.5)
+    ax.set(
+        xlabel="epoch",
+        ylabel="lambda_min / lambda_max",
+        title="Hessian on a fixed batch (Lanczos): below 0 is non-convex",
+    )
+    ax.set_xlim(0.5, max(epochs) + 0.5)
+    ax.grid(alpha=0.3)
 
 
 def run_name(model: str, loss: str) -> str:
@@ -225,6 +248,7 @@ def run_one(args, dataset: str, model: str) -> dict[str, Any]:
         data_dir=args.data_dir,
         resume=args.resume,
         progress=not args.no_progress,
+        curvature_every=args.curvature_every,
     )
     rows = train_lib.train(config)
     result = analyse(rows, args.gn_factor)
@@ -235,6 +259,7 @@ def run_one(args, dataset: str, model: str) -> dict[str, Any]:
     )
     plot(rows, result, title, args.out / f"{name}.png")
     keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "gn_reading")
+    keep += ("lambda_min", "lambda_max") if args.curvature_every else ()
     record = {
         "model": model,
         "dataset": dataset,
@@ -246,7 +271,9 @@ def run_one(args, dataset: str, model: str) -> dict[str, Any]:
         "epochs": len(rows),
         "verdict": verdict(result),
         **result,
-        "rows": [{**{k: r[k] for k in keep}, "epoch": r["epoch"] + 1} for r in rows],
+        "rows": [
+            {**{k: r.get(k) for k in keep}, "epoch": r["epoch"] + 1} for r in rows
+        ],
     }
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -267,14 +294,15 @@ def write_summary(out: pathlib.Path) -> str:
         "",
         "| dataset | model | loss | epochs | first reading | "
         "peak: epoch, reading, loss | "
-        "smoothed peak: epoch, loss | Algorithm 1 swap: epoch, loss | rise | fall "
-        "| shape |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "smoothed peak: epoch, loss | Algorithm 1 swap: epoch, loss | "
+        "default rule swap: epoch, loss | rise | fall | shape |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        peak, smooth, swap = r["peak"], r["smoothed_peak"], r["algorithm1_swap"]
-        swap_text = (
+        peak, smooth = r["peak"], r["smoothed_peak"]
+        swap_text = " | ".join(
             "none" if swap is None else f"{swap['epoch']}, {swap['train_loss']:.3g}"
+            for swap in (r["algorithm1_swap"], r["default_swap"])
         )
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['loss']} | {r['epochs']} | "
@@ -318,6 +346,13 @@ def main(argv: list[str] | None = None) -> None:
         "--loss", default=models.DEFAULT_LOSS, choices=tuple(models.LOSSES)
     )
     parser.add_argument("--gn-factor", type=float, default=0.9)
+    parser.add_argument(
+        "--curvature-every",
+        type=int,
+        default=0,
+        help="every N epochs probe the Hessian's extreme eigenvalues on a fixed "
+        "batch (Lanczos) and plot their ratio under the reading; 0: never",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("results/fig5")
@@ -341,6 +376,10 @@ def main(argv: list[str] | None = None) -> None:
             )
     if not 0 < args.gn_factor < 1:
         parser.error(f"argument --gn-factor: must lie in (0, 1), got {args.gn_factor}")
+    if args.curvature_every < 0:
+        parser.error(
+            f"argument --curvature-every: must be >= 0, got {args.curvature_every}"
+        )
     if args.batch_size < 1:
         parser.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,10 @@ class Config:
     cg_batch_size: int | None = None  # None: the whole training set.
     lr: float = 1e-3
     loss: str = models.DEFAULT_LOSS
-    gn_factor: float = 0.9
+    gn_factor: float = tpo.swap_detection.DEFAULT_GN_FACTOR
+    smoothing: float = tpo.swap_detection.DEFAULT_SMOOTHING
+    patience: int = tpo.swap_detection.DEFAULT_PATIENCE
+    min_rise: float = tpo.swap_detection.DEFAULT_MIN_RISE
     swap_epoch: int = 30
     fallback: str | None = None  # two_phase's fallback: None or "first".
     max_failures: int = 3
@@ -82,6 +85,9 @@ class Config:
     data_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    curvature_every: int = 0  # Probe the Hessian every N epochs; 0: never.
+    curvature_iterations: int = 20  # Lanczos steps (Hessian-vector products).
+    curvature_batch: int = 512  # The fixed probe batch: the first N images.
     mesh: str | None = None  # "data=N[,model=M]"; None: data-parallel, all devices.
     distributed: bool = False  # Call jax.distributed.initialize() first.
     coordinator: str | None = None  # host:port; None: detected (SLURM, TPU, ...).
@@ -101,6 +107,13 @@ class Config:
             "swap_epoch": self.swap_epoch >= 0,
             "fallback": self.fallback in FALLBACKS,
             "max_failures": self.max_failures >= 1,
+            "gn_factor": 0 < self.gn_factor < 1,
+            "smoothing": 0 < self.smoothing <= 1,
+            "patience": self.patience >= 1,
+            "min_rise": self.min_rise >= 1,
+            "curvature_every": self.curvature_every >= 0,
+            "curvature_iterations": self.curvature_iterations >= 1,
+            "curvature_batch": self.curvature_batch >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -121,6 +134,9 @@ def make_optimizer(config: Config, adam_steps_per_epoch: int):
         adam,
         window=adam_steps_per_epoch,
         gn_factor=config.gn_factor,
+        smoothing=config.smoothing,
+        patience=config.patience,
+        min_rise=config.min_rise,
         swap_at=swap_at,
         fallback=config.fallback,
         max_failures=config.max_failures,
@@ -176,6 +192,7 @@ class Trainer:
             ),
         )
         self.evaluate_batch = jax.jit(self._evaluate_batch)
+        self.probe_curvature = jax.jit(self._probe_curvature)
         # Simulated CPU devices share a few cores; steps dispatched ahead of time
         # can starve the threads an all-reduce waits for (see README).
         self.block_every_step = (
@@ -264,6 +281,25 @@ class Trainer:
             return self.loss_fn(outputs, labels) * len(labels), jnp.sum(hits)
         loss_sum = jnp.sum(self._per_example(outputs, labels) * mask)
         return loss_sum, jnp.sum(hits * mask)
+
+    def _probe_curvature(self, params, images, labels, mask):
+        extremes = tpo.curvature.hessian_extremes(
+            lambda p: self.batch_loss(p, images, labels, mask),
+            params,
+            self.config.curvature_iterations,
+        )
+        return extremes.lambda_min, extremes.lambda_max
+
+    def curvature(self) -> dict[str, float]:
+        """Extreme Hessian eigenvalues of the loss on the fixed probe batch.
+
+        The probe batch is the first ``curvature_batch`` training images, the
+        same at every probe, so that the estimates are comparable over time.
+        """
+        n = self.config.curvature_batch
+        batch = self.place(self.data.x_train[:n], self.data.y_train[:n])
+        lambda_min, lambda_max = self.probe_curvature(self.params, *batch)
+        return {"lambda_min": float(lambda_min), "lambda_max": float(lambda_max)}
 
     def evaluate(self, x, y) -> tuple[float, float]:
         loss_sum, correct = 0.0, 0
@@ -438,6 +474,9 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     counters["wall_time"] += row.pop("epoch_seconds")
     train_loss, train_acc = trainer.evaluate(trainer.data.x_train, trainer.data.y_train)
     val_loss, val_acc = trainer.evaluate(trainer.data.x_val, trainer.data.y_val)
+    every = trainer.config.curvature_every
+    if every and (epoch + 1) % every == 0:
+        row.update(trainer.curvature())
     row = {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -481,7 +520,39 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="softmax_mse (default): MSE of the softmax outputs against one-hot "
         "targets; mse: MSE of the raw outputs; xent: cross-entropy",
     )
-    parser.add_argument("--gn-factor", type=float, default=defaults.gn_factor)
+    parser.add_argument(
+        "--gn-factor",
+        type=float,
+        default=defaults.gn_factor,
+        help="two-phase: swap once the smoothed reading falls to this fraction "
+        "of its maximum, in (0, 1) (the paper's 0.9 is for raw readings)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        type=float,
+        default=defaults.smoothing,
+        help="two-phase: weight of the newest reading in the moving average, "
+        "in (0, 1]; 1 tests the raw reading",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=defaults.patience,
+        help="two-phase: readings in a row below the threshold before the swap",
+    )
+    parser.add_argument(
+        "--min-rise",
+        type=float,
+        default=defaults.min_rise,
+        help="two-phase: no fall counts before the maximum is this multiple of "
+        "the first reading (>= 1)",
+    )
+    parser.add_argument(
+        "--paper-rule",
+        action="store_true",
+        help="two-phase: Algorithm 1 as printed (same as --gn-factor 0.9 "
+        "--smoothing 1 --patience 1 --min-rise 1)",
+    )
     parser.add_argument(
         "--swap-epoch",
         type=int,
@@ -496,6 +567,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "stay in CG ('none', the default) or return to Adam ('first')",
     )
     parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
+    parser.add_argument(
+        "--curvature-every",
+        type=int,
+        default=0,
+        help="every N epochs record the smallest and largest Hessian "
+        "eigenvalue of the loss on a fixed probe batch (Lanczos); 0: never",
+    )
+    parser.add_argument(
+        "--curvature-iterations",
+        type=int,
+        default=defaults.curvature_iterations,
+        help="Lanczos steps (Hessian-vector products) per curvature probe",
+    )
+    parser.add_argument(
+        "--curvature-batch",
+        type=int,
+        default=defaults.curvature_batch,
+        help="images in the fixed curvature probe batch",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None, help="default: runs/DATASET/MODEL/OPT")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory")
@@ -523,6 +613,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--process-id", type=int, default=None)
     args = vars(parser.parse_args(argv))
     args["fallback"] = None if args["fallback"] == "none" else args["fallback"]
+    if args.pop("paper_rule"):
+        args.update(tpo.swap_detection.PAPER_RULE)
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"
     return Config(**args)

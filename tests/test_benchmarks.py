@@ -115,3 +115,40 @@ def test_time_to_loss_quick_mode_repeats_the_same_trajectory(tmp_path, capsys):
     assert table.count("never") == sum(
         hit is None for s in result["optimizers"] for hit in s["targets"].values()
     )
+
+
+def test_detector_quick_mode_replays_the_recorded_readings(tmp_path, capsys):
+    from experiments.benchmarks import detector
+    from twophase_optax import swap_detection
+
+    out = tmp_path / "detector.json"
+    result = detector.main(
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
+    )
+    assert json.loads(out.read_text()) == result
+    (run,) = result["runs"]
+    metrics = tmp_path / "runs" / "vit-mlp" / "b512" / "s0" / "adam" / "metrics.jsonl"
+    readings = [
+        json.loads(line)["gn_reading"] for line in metrics.read_text().splitlines()
+    ]
+    assert run["readings"] == readings and run["epochs"] == 6
+    (cell,) = run["cells"]
+    # The swap epochs are the library's detector on these readings, 1-based.
+    paper = swap_detection.replay(readings, **swap_detection.PAPER_RULE)
+    default = swap_detection.replay(readings, gn_factor=0.9)
+    assert cell["paper"] == (None if paper is None else paper + 1)
+    assert cell["default"] == (None if default is None else default + 1)
+    smoothed = [
+        sum(readings[max(0, i - 2) : i + 3]) / len(readings[max(0, i - 2) : i + 3])
+        for i in range(6)
+    ]
+    assert run["smoothed_peak"] == smoothed.index(max(smoothed)) + 1
+    table = capsys.readouterr().out
+    assert table.count("\n| vit-mlp | 512 | 0 |") == 1

@@ -144,3 +144,34 @@ def test_a_fresh_run_replaces_an_earlier_one_in_the_same_directory(tmp_path):
 def test_invalid_config_raises_value_error(tmp_path):
     with pytest.raises(ValueError, match="epochs"):
         train.train(train.Config(**SMALL, epochs=0, out=str(tmp_path)))
+
+
+def test_curvature_probe_records_the_extreme_eigenvalues_of_the_probe_batch(
+    tmp_path,
+):
+    import twophase_optax as tpo
+
+    config = train.Config(
+        **SMALL,
+        optimizer="adam",
+        epochs=3,
+        curvature_every=2,
+        curvature_iterations=8,
+        curvature_batch=64,
+        out=str(tmp_path),
+    )
+    rows = train.train(config)
+    probed = [r["epoch"] for r in rows if "lambda_min" in r]
+    assert probed == [1]  # every 2nd epoch, counted from 1
+    assert rows[1]["lambda_min"] <= rows[1]["lambda_max"]
+    # The same probe on a trainer's params equals the library's Lanczos on
+    # the loss of the first 64 training images.
+    trainer = train.Trainer(config)
+    x, y = trainer.data.x_train[:64], trainer.data.y_train[:64]
+    expected = tpo.curvature.hessian_extremes(
+        lambda p: trainer.batch_loss(p, x, y), trainer.params, 8
+    )
+    probe = trainer.curvature()
+    assert probe["lambda_min"] == pytest.approx(float(expected.lambda_min), rel=1e-4)
+    assert probe["lambda_max"] == pytest.approx(float(expected.lambda_max), rel=1e-4)
+    assert probe["lambda_max"] > 0

@@ -150,6 +150,7 @@ def test_after_a_fallback_the_detector_decides_the_next_swap():
         swap_at=1,
         fallback="first",
         max_failures=1,
+        **tpo.swap_detection.PAPER_RULE,  # a falling norm is a peak here
     )
     history = steps(opt, jnp.array([-5.0, 8.0]), 20)
     states = [s for _, _, s in history]

@@ -14,7 +14,9 @@ E1 = jnp.array([1.0, 0.0])
 # gradients below point away from the minimum of value_fn, so every CG search
 # fails, and the mini-batch CG runs fail three in a row too; with the default
 # fallback those runs would return to Adam.
-ONE_WAY = {"fallback": None}
+# Algorithm 1 as printed, one-way: these tests pin its exact swap steps (the
+# default rule's are pinned in test_swap_detection.py).
+ONE_WAY = {"fallback": None, **tpo.swap_detection.PAPER_RULE}
 
 
 def value_fn(params):
@@ -321,7 +323,9 @@ def test_inject_hyperparams_around_first_learning_rate():
 
 
 def test_metrics_helper_gives_flat_python_scalars():
-    states = feed(optax.chain(optax.identity(), tpo.two_phase()), scripted(NORMS))
+    states = feed(
+        optax.chain(optax.identity(), tpo.two_phase(**ONE_WAY)), scripted(NORMS)
+    )
     metrics = tpo.two_phase_metrics(states[-1])
     assert metrics["phase"] == 1
     assert metrics["swap_step"] == 8

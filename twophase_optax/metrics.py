@@ -19,6 +19,7 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
 
     Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
     ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
+    ``gn_smoothed``,
     ``num_readings``, ``num_skipped`` (non-finite steps), ``num_failures``
     (failed second-phase steps in a row), ``num_fallbacks``; and, once the
     second phase has a line search,
@@ -48,6 +49,7 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "detect_step": detection.detect_step,
         "gn_max": detection.gn_max,
         "gn_last": detection.gn_last,
+        "gn_smoothed": detection.gn_smoothed,
         "num_readings": detection.num_readings,
         "num_skipped": state.num_skipped,
         "num_failures": state.num_failures,

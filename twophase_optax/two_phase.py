@@ -61,10 +61,13 @@ def two_phase(
     first: optax.GradientTransformation | None = None,
     second: optax.GradientTransformation | None = None,
     *,
-    gn_factor: float = 0.9,
+    gn_factor: float = swap_detection.DEFAULT_GN_FACTOR,
     window: int = 1,
     statistic: str = "mean_grad",
     min_windows: int = 1,
+    smoothing: float = swap_detection.DEFAULT_SMOOTHING,
+    patience: int = swap_detection.DEFAULT_PATIENCE,
+    min_rise: float = swap_detection.DEFAULT_MIN_RISE,
     swap_at: int | None = None,
     fallback: str | None = None,
     max_failures: int = 3,
@@ -78,6 +81,14 @@ def two_phase(
     .. math::
       \text{swap at the first reading } g_n \le \text{gn\_factor} \cdot
       \max_{m \le n} g_m \quad (\text{and } n \ge \text{min\_windows}).
+
+    That is the rule as printed (``**swap_detection.PAPER_RULE``). By default
+    the test reads an exponential moving average of the readings
+    (``smoothing``), needs ``patience`` readings in a row below the threshold,
+    and counts no fall before the maximum has risen ``min_rise``-fold over the
+    first reading: single readings under mini-batch noise jitter by 10% and
+    more, and the raw rule fires on the first dip (see
+    :mod:`twophase_optax.swap_detection`).
 
     A reading completes with the last gradient of its window. That step's
     update still comes from ``first``; ``second`` runs from the next step on,
@@ -101,8 +112,8 @@ def two_phase(
       first: the optimiser of the non-convex phase; default ``optax.adam(1e-3)``.
       second: the optimiser of the convex phase; default
         :func:`twophase_optax.conjugate_gradient`.
-      gn_factor: swap once a reading is at most this fraction of the maximum
-        reading (the paper's ``gnfact``, 0.9).
+      gn_factor: swap once the (smoothed) reading is at most this fraction of
+        its maximum; the paper's ``gnfact`` is 0.9, for raw readings.
       window: steps per gradient-norm reading; the paper reads once per epoch,
         so set it to the number of steps in an epoch.
       statistic: ``"mean_grad"`` (norm of the window's mean gradient, one
@@ -110,6 +121,12 @@ def two_phase(
         of the per-step norms, scalar state); the two coincide for
         ``window=1``. See :mod:`twophase_optax.swap_detection`.
       min_windows: no swap before this many readings exist.
+      smoothing: weight of the newest reading in the exponential moving
+        average that is tested, in (0, 1]; 1 tests the raw reading.
+      patience: smoothed readings in a row at or below ``gn_factor`` times
+        the maximum before the swap; 1 swaps on the first.
+      min_rise: no reading counts as a fall until the maximum is at least
+        this multiple of the first reading (>= 1; 1 counts every fall).
       swap_at: if set, swap at this step regardless of the readings.
       fallback: what to do when the second phase is stuck, that is after
         ``max_failures`` steps in a row whose line search failed (each failure
@@ -164,7 +181,7 @@ def two_phase(
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise ValueError(f"{name} must be an optax transformation, got {tx!r}.")
     swap_detection.check_detection_hyperparameters(
-        gn_factor, window, statistic, min_windows
+        gn_factor, window, statistic, min_windows, smoothing, patience, min_rise
     )
     if swap_at is not None and not (isinstance(swap_at, int) and swap_at >= 0):
         raise ValueError(f"swap_at must be None or an integer >= 0, got {swap_at!r}.")
@@ -268,6 +285,9 @@ def two_phase(
             window=window,
             statistic=statistic,
             min_windows=min_windows,
+            smoothing=smoothing,
+            patience=patience,
+            min_rise=min_rise,
             armed=~in_second_phase,
         )
         detection = optax.tree.where(finite, detection, state.detection)
