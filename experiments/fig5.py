@@ -148,8 +148,7 @@ def plot(
             constrained_layout=True,
             gridspec_kw={"height_ratios": [1.4, 1]},
         )
-        (by_loss, by_epoch), (_, curvature_axis) = axes
-        axes[1, 0].remove()
+        (by_loss, by_epoch), (eigen_axis, curvature_axis) = axes
     else:
         fig, (by_loss, by_epoch) = plt.subplots(
             1, 2, figsize=(11, 4.2), constrained_layout=True
@@ -201,32 +200,46 @@ def plot(
     for ax in (by_loss, by_epoch):
         ax.grid(alpha=0.3)
     if probes:
-        plot_curvature(curvature_axis, probes, result)
+        plot_curvature(eigen_axis, curvature_axis, probes, result)
     fig.suptitle(f"{title}\n{verdict(result)}", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_curvature(ax, probes: list[dict[str, Any]], result: dict[str, Any]) -> None:
-    """The Hessian's smallest over largest eigenvalue, under the reading."""
+def plot_curvature(
+    eigen_axis, ratio_axis, probes: list[dict[str, Any]], result: dict[str, Any]
+) -> None:
+    """The Hessian's extreme eigenvalues and their ratio, under the reading."""
     epochs = [r["epoch"] + 1 for r in probes]
-    ratio = [r["lambda_min"] / r["lambda_max"] for r in probes]
-    ax.plot(epochs, ratio, "o-", ms=3, lw=1, color="tab:purple")
-    ax.axhline(0.0, color="black", lw=0.8)
-    for key, colour in (
-        ("smoothed_peak", "tab:green"),
-        ("algorithm1_swap", "tab:red"),
-        ("default_swap", "tab:purple"),
-    ):
-        if result[key] is not None:
-            ax.axvline(result[key]["epoch"], color=colour, ls=":", lw=1.5)
-    ax.set(
+    lambda_min = np.array([r["lambda_min"] for r in probes])
+    lambda_max = np.array([r["lambda_max"] for r in probes])
+    eigen_axis.plot(epochs, lambda_max, "o-", ms=3, lw=1, label="lambda_max")
+    eigen_axis.plot(epochs, -lambda_min, "o-", ms=3, lw=1, label="-lambda_min")
+    eigen_axis.set(
+        yscale="log",
+        xlabel="epoch",
+        ylabel="eigenvalue (log)",
+        title="extreme Hessian eigenvalues (Lanczos, fixed batch)",
+    )
+    ratio_axis.plot(
+        epochs, lambda_min / lambda_max, "o-", ms=3, lw=1, color="tab:purple"
+    )
+    ratio_axis.axhline(0.0, color="black", lw=0.8)
+    ratio_axis.set(
         xlabel="epoch",
         ylabel="lambda_min / lambda_max",
-        title="Hessian on a fixed batch (Lanczos): below 0 is non-convex",
+        title="below 0: the loss is not convex there",
     )
-    ax.set_xlim(0.5, max(epochs) + 0.5)
-    ax.grid(alpha=0.3)
+    for ax in (eigen_axis, ratio_axis):
+        for key, colour in (
+            ("smoothed_peak", "tab:green"),
+            ("algorithm1_swap", "tab:red"),
+            ("default_swap", "tab:purple"),
+        ):
+            if result[key] is not None:
+                ax.axvline(result[key]["epoch"], color=colour, ls=":", lw=1.5)
+        ax.grid(alpha=0.3)
+    eigen_axis.legend(fontsize=8)
 
 
 def run_name(model: str, loss: str) -> str:
