@@ -248,13 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "1437 training images would give only 3 steps per epoch at 512)",
     )
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--loss",
-        default=models.DEFAULT_LOSS,
-        choices=tuple(models.LOSSES),
-        help="softmax_mse (default): MSE of the softmax outputs against one-hot "
-        "targets; mse: MSE of the raw outputs; xent: cross-entropy",
-    )
+    train_lib.add_loss_argument(parser)
     parser.add_argument(
         "--fixed",
         action="store_true",

@@ -355,9 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--loss", default=models.DEFAULT_LOSS, choices=tuple(models.LOSSES)
-    )
+    train_lib.add_loss_argument(parser)
     parser.add_argument("--gn-factor", type=float, default=0.9)
     parser.add_argument(
         "--curvature-every",

@@ -496,6 +496,17 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     )
 
 
+def add_loss_argument(parser: argparse.ArgumentParser) -> None:
+    """``--loss``, shared by the scripts that train."""
+    parser.add_argument(
+        "--loss",
+        default=models.DEFAULT_LOSS,
+        choices=tuple(models.LOSSES),
+        help="softmax_mse (default): MSE of the softmax outputs against one-hot "
+        "targets; mse: MSE of the raw outputs; xent: cross-entropy",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -513,13 +524,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="batch size of the CG phase (default: the whole training set)",
     )
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument(
-        "--loss",
-        default=defaults.loss,
-        choices=tuple(models.LOSSES),
-        help="softmax_mse (default): MSE of the softmax outputs against one-hot "
-        "targets; mse: MSE of the raw outputs; xent: cross-entropy",
-    )
+    add_loss_argument(parser)
     parser.add_argument(
         "--gn-factor",
         type=float,

@@ -135,8 +135,10 @@ def hessian_extremes(
             lambda b: b,
             basis,
         )
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(
-            jnp.where(tiny, 0.0, beta)
+        return (
+            basis,
+            alphas.at[i].set(alpha),
+            betas.at[i].set(jnp.where(tiny, 0.0, beta)),
         )
 
     basis, alphas, betas = jax.lax.fori_loop(

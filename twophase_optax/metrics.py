@@ -19,13 +19,12 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
 
     Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
     ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
-    ``gn_smoothed``,
-    ``num_readings``, ``num_skipped`` (non-finite steps), ``num_failures``
-    (failed second-phase steps in a row), ``num_fallbacks``; and, once the
-    second phase has a line search,
-    ``linesearch_learning_rate``, ``linesearch_value`` if recorded, and one
-    ``linesearch_<field>`` per field of its info (for the golden section:
-    ``num_evaluations``, ``bracket_width``, ``failed``).
+    ``gn_smoothed``, ``num_readings``, ``num_skipped`` (non-finite steps),
+    ``num_failures`` (failed second-phase steps in a row), ``num_fallbacks``;
+    and, once the second phase has a line search, ``linesearch_learning_rate``,
+    ``linesearch_value`` if recorded, and one ``linesearch_<field>`` per field
+    of its info (for the golden section: ``num_evaluations``,
+    ``bracket_width``, ``failed``).
 
     Example:
       >>> import jax.numpy as jnp
