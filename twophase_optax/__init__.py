@@ -23,6 +23,9 @@ from twophase_optax.golden_section import GoldenSectionInfo
 from twophase_optax.golden_section import GoldenSectionLinesearchState
 from twophase_optax.golden_section import golden_section_linesearch
 from twophase_optax.metrics import two_phase_metrics
+from twophase_optax.slope_linesearch import SlopeLinesearchInfo
+from twophase_optax.slope_linesearch import SlopeLinesearchState
+from twophase_optax.slope_linesearch import slope_linesearch
 from twophase_optax.swap_detection import GradientNormPeakState
 from twophase_optax.two_phase import TwoPhaseState
 from twophase_optax.two_phase import two_phase
@@ -36,6 +39,8 @@ __all__ = [
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",
     "GradientNormPeakState",
+    "SlopeLinesearchInfo",
+    "SlopeLinesearchState",
     "TwoPhaseState",
     "cg_directions",
     "conjugate_gradient",
@@ -48,6 +53,7 @@ __all__ = [
     "linesearch_failed",
     "polak_ribiere",
     "polak_ribiere_plus",
+    "slope_linesearch",
     "swap_detection",
     "two_phase",
     "two_phase_metrics",

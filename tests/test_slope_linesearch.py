@@ -1,0 +1,152 @@
+"""The slope line search: interpolation from phi(0), phi'(0) and trial values."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.optimize
+
+import twophase_optax as tpo
+
+
+def search(f, w, d, ls=None, state=None):
+    ls = ls or tpo.slope_linesearch()
+    state = ls.init(w) if state is None else state
+    value, grad = jax.value_and_grad(f)(w)
+    step, state = ls.update(d, state, w, value=value, grad=grad, value_fn=f)
+    return step, state
+
+
+def test_a_quadratic_line_is_minimised_exactly_by_one_interpolation():
+    f = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * (w - jnp.array([3.0, -1.0])) ** 2)  # noqa: E731
+    w, d = jnp.zeros(2), jnp.array([1.0, -0.5])
+    # phi(a) = (a - 3)^2 + 4 (1 - 0.5 a)^2 = 2 a^2 - 10 a + 13: minimum at 2.5.
+    step, state = search(f, w, d)
+    assert float(state.learning_rate) == pytest.approx(2.5, rel=1e-6)
+    assert int(state.info.num_evaluations) == 2  # the trial at 1, then 2.5
+    assert float(state.value) == pytest.approx(0.5, rel=1e-5)
+    np.testing.assert_allclose(step, 2.5 * d, rtol=1e-6)
+    # Started at the minimum, the first trial is accepted: one evaluation.
+    _, state = search(f, w, d, tpo.slope_linesearch(initial_step=2.5))
+    assert int(state.info.num_evaluations) == 1
+
+
+def test_a_cubic_line_ends_within_rtol_of_the_minimum():
+    # phi(a) = f(a d): a cubic along d = (1,), minimum of a^3/3 - 4 a + a^2 at
+    # a = -1 + sqrt(5).
+    f = lambda w: jnp.sum(w**3 / 3.0 - 4.0 * w + w**2)  # noqa: E731
+    _, state = search(f, jnp.zeros(1), jnp.ones(1))
+    exact = -1.0 + 5.0**0.5
+    # The cubic through phi(0), phi'(0) and two trials is exact here: the
+    # third trial is the minimum, and it confirms itself.
+    assert float(state.learning_rate) == pytest.approx(exact, rel=1e-5)
+    assert int(state.info.num_evaluations) == 3
+    assert not bool(state.info.failed)
+
+
+def test_a_minimum_beyond_the_first_trial_is_reached():
+    # log cosh is linear far from its minimum at 60: no curvature is seen at
+    # first, so the step doubles, then the cubic closes in.
+    f = lambda w: jnp.sum(jnp.log(jnp.cosh(w - 60.0)))  # noqa: E731
+    _, state = search(f, jnp.zeros(1), jnp.ones(1))
+    assert float(state.learning_rate) == pytest.approx(60.0, rel=0.02)
+    assert float(state.value) < 0.2  # from 59.3 at the start
+    assert int(state.info.num_evaluations) <= 12
+
+
+def test_a_non_finite_value_on_the_line_is_never_accepted():
+    # NaN beyond a = 2; minimum of the finite part at a = 1.5.
+    f = lambda w: jnp.where(w[0] > 2.0, jnp.nan, (w[0] - 1.5) ** 2)  # noqa: E731
+    _, state = search(
+        f, jnp.zeros(1), jnp.ones(1), tpo.slope_linesearch(initial_step=8.0)
+    )
+    assert np.isfinite(float(state.value)) and not bool(state.info.failed)
+    assert float(state.learning_rate) == pytest.approx(1.5, rel=0.05)
+
+
+def test_an_ascent_direction_fails_with_a_zero_step():
+    f = lambda w: jnp.sum(w**2)  # noqa: E731
+    step, state = search(f, jnp.ones(2), jnp.ones(2))  # uphill
+    assert bool(state.info.failed)
+    assert int(state.info.num_evaluations) == 0
+    np.testing.assert_array_equal(step, jnp.zeros(2))
+    assert float(state.learning_rate) == 0.0 and float(state.value) == 2.0
+
+
+def test_a_zero_direction_is_a_zero_step_but_not_a_failure():
+    step, state = search(lambda w: jnp.sum(w**2), jnp.ones(2), jnp.zeros(2))
+    assert not bool(state.info.failed)
+    np.testing.assert_array_equal(step, jnp.zeros(2))
+
+
+def test_the_next_first_trial_keeps_alpha_times_slope():
+    f = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * w**2)  # noqa: E731
+    w, d = jnp.array([1.0, 1.0]), jnp.array([-1.0, 0.0])
+    _, state = search(f, w, d)  # slope -2, accepted step 1 (exact)
+    assert float(state.learning_rate) == pytest.approx(1.0, rel=1e-6)
+    # Along -2 d the slope doubles, so the first trial is 0.5: exact again.
+    _, state = search(f, w, 2.0 * d, state=state)
+    assert float(state.learning_rate) == pytest.approx(0.5, rel=1e-6)
+    assert int(state.info.num_evaluations) == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dtypes_and_one_trace(dtype):
+    chex.clear_trace_counter()
+    with jax.enable_x64(dtype == jnp.float64):
+        ls = tpo.slope_linesearch()
+        f = lambda w: jnp.sum((w - 3.0) ** 2)  # noqa: E731
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def step(w, state):
+            value, grad = jax.value_and_grad(f)(w)
+            return ls.update(-grad, state, w, value=value, grad=grad, value_fn=f)
+
+        w = jnp.zeros(3, dtype)
+        state = ls.init(w)
+        for _ in range(3):
+            updates, state = step(w, state)
+            w = optax.apply_updates(w, updates)
+        assert w.dtype == dtype and state.learning_rate.dtype == dtype
+        np.testing.assert_allclose(w, 3.0, rtol=1e-5)
+
+
+def test_cg_with_it_matches_scipy_on_rosenbrock():
+    with jax.enable_x64(True):
+        f = lambda w: jnp.sum(100.0 * (w[1:] - w[:-1] ** 2) ** 2 + (1 - w[:-1]) ** 2)  # noqa: E731
+        opt = tpo.conjugate_gradient(linesearch=tpo.slope_linesearch())
+        w = jnp.array([-1.2, 1.0])
+        state = opt.init(w)
+        step = jax.jit(
+            lambda w, s: opt.update(jax.grad(f)(w), s, w, value=f(w), value_fn=f)
+        )
+        for _ in range(400):
+            updates, state = step(w, state)
+            w = optax.apply_updates(w, updates)
+        reference = scipy.optimize.minimize(
+            lambda x: float(f(jnp.asarray(x))), [-1.2, 1.0]
+        )
+        np.testing.assert_allclose(w, reference.x, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"initial_step": 0.0}, "initial_step"),
+        ({"rtol": 1.0}, "rtol"),
+        ({"max_evaluations": 0}, "max_evaluations"),
+    ],
+)
+def test_bad_hyperparameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tpo.slope_linesearch(**kwargs)
+
+
+def test_missing_grad_says_how_to_call_it():
+    ls = tpo.slope_linesearch()
+    f = lambda w: jnp.sum(w**2)  # noqa: E731
+    with pytest.raises(TypeError, match="grad="):
+        ls.update(jnp.ones(2), ls.init(jnp.ones(2)), jnp.ones(2), value=2.0, value_fn=f)
