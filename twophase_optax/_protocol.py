@@ -67,6 +67,27 @@ def bind_value_fn(
     return functools.partial(value_fn, **extra_args)
 
 
+def line(
+    loss: Callable[[Any], jax.Array], params: Any, direction: Any, dtype: jnp.dtype
+) -> tuple[Callable[[jax.Array], Any], Callable[[jax.Array], jax.Array]]:
+    """The step ``alpha -> alpha * d`` and the line ``alpha -> loss(params + step)``.
+
+    The line evaluates exactly the params that ``optax.apply_updates`` makes of
+    the step (rounded like the direction), so that the value a line search
+    accepts is the value the caller gets, also for half-precision params. A
+    NaN or infinite value reads as ``+inf``: simply "worse".
+    """
+
+    def step(alpha: jax.Array) -> Any:
+        return optax.tree.cast_like(optax.tree.scale(alpha, direction), direction)
+
+    def phi(alpha: jax.Array) -> jax.Array:
+        f = jnp.asarray(loss(optax.apply_updates(params, step(alpha))), dtype)
+        return jnp.where(jnp.isfinite(f), f, jnp.inf)
+
+    return step, phi
+
+
 def scalar_dtype(params: Any) -> jnp.dtype:
     """Dtype for step sizes and values: float64 for float64 params, else float32.
 

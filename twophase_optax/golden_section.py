@@ -201,16 +201,7 @@ def golden_section_linesearch(
         )
         dtype = state.learning_rate.dtype
 
-        def scaled(alpha: jax.Array) -> optax.Updates:
-            return optax.tree.cast_like(optax.tree.scale(alpha, updates), updates)
-
-        def phi(alpha: jax.Array) -> jax.Array:
-            # Exactly the params that optax.apply_updates makes of the step, so
-            # that the value accepted is the value the caller gets, also where
-            # half-precision params round the step.
-            f = jnp.asarray(loss(optax.apply_updates(params, scaled(alpha))), dtype)
-            # NaN compares False with everything; as +inf it is simply "worse".
-            return jnp.where(jnp.isfinite(f), f, jnp.inf)
+        scaled, phi = _protocol.line(loss, params, updates, dtype)
 
         phi0 = jnp.asarray(value, dtype)
         zero, inf = jnp.zeros((), dtype), jnp.full((), jnp.inf, dtype)

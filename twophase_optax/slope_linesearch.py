@@ -163,12 +163,7 @@ def slope_linesearch(
         loss = _protocol.bind_value_fn("slope_linesearch", value_fn, extra_args)
         dtype = state.learning_rate.dtype
 
-        def scaled(alpha):
-            return optax.tree.cast_like(optax.tree.scale(alpha, updates), updates)
-
-        def phi(alpha):
-            f = jnp.asarray(loss(optax.apply_updates(params, scaled(alpha))), dtype)
-            return jnp.where(jnp.isfinite(f), f, jnp.inf)
+        scaled, phi = _protocol.line(loss, params, updates, dtype)
 
         phi0 = jnp.asarray(value, dtype)
         slope = _protocol.vdot(grad, updates, dtype)
