@@ -36,49 +36,43 @@ from twophase_optax import swap_detection
 GN_FACTORS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
-def adam_run(args, model: str, batch: int, seed: int) -> list[dict[str, Any]]:
+# Each rule's settings; the paper's brings its own gn_factor (0.9).
+RULES = {"paper": swap_detection.PAPER_RULE, "default": {}}
+
+
+def run(args, model: str, batch: int, seed: int, swap: int | None = None):
+    """The metrics rows of Adam (``swap=None``) or of two-phase swapping after
+    (1-based) epoch ``swap``: CG from the epoch after it, 0-based ``swap``."""
     config = train_lib.Config(
         model=model,
         dataset=args.dataset,
-        optimizer="adam",
+        optimizer="adam" if swap is None else "two-phase-fixed",
+        swap_epoch=0 if swap is None else swap,
         epochs=args.epochs[batch],
         batch_size=batch,
         seed=seed,
-        out=str(args.runs / model / f"b{batch}" / f"s{seed}" / "adam"),
+        out=str(
+            args.runs
+            / model
+            / f"b{batch}"
+            / f"s{seed}"
+            / ("adam" if swap is None else f"swap{swap}")
+        ),
         resume=True,
         progress=not args.no_progress,
     )
     return train_lib.train(config)
 
 
-def two_phase_run(args, model: str, batch: int, seed: int, swap: int) -> float:
-    """Final training loss of two-phase swapping after (1-based) epoch ``swap``."""
-    config = train_lib.Config(
-        model=model,
-        dataset=args.dataset,
-        optimizer="two-phase-fixed",
-        swap_epoch=swap,  # the first CG epoch, 0-based: the one after ``swap``
-        epochs=args.epochs[batch],
-        batch_size=batch,
-        seed=seed,
-        out=str(args.runs / model / f"b{batch}" / f"s{seed}" / f"swap{swap}"),
-        resume=True,
-        progress=not args.no_progress,
-    )
-    return train_lib.train(config)[-1]["train_loss"]
+def swap_epoch(readings: list[float], rule: str, **settings) -> int | None:
+    """The 1-based epoch on which ``rule`` swaps (``None``: never)."""
+    index = swap_detection.replay(readings, **{**RULES[rule], **settings})
+    return None if index is None else index + 1
 
 
 def swaps(readings: list[float], gn_factor: float) -> dict[str, int | None]:
     """1-based swap epochs of the paper's rule and of the default rule."""
-    epoch = lambda i: None if i is None else i + 1  # noqa: E731
-    return {
-        "paper": epoch(
-            swap_detection.replay(
-                readings, **{**swap_detection.PAPER_RULE, "gn_factor": gn_factor}
-            )
-        ),
-        "default": epoch(swap_detection.replay(readings, gn_factor=gn_factor)),
-    }
+    return {rule: swap_epoch(readings, rule, gn_factor=gn_factor) for rule in RULES}
 
 
 def final_losses(args, entry, model, batch, seed) -> dict[str, Any]:
@@ -88,18 +82,13 @@ def final_losses(args, entry, model, batch, seed) -> dict[str, Any]:
     batch) for every epoch after the swap, so only the two rules as shipped
     are trained: the paper's at 0.9 and the default at its default factor.
     """
-    readings, epochs = entry["readings"], entry["epochs"]
     out = {"adam": entry["adam_final_loss"]}
-    for rule, settings in (
-        ("paper", swap_detection.PAPER_RULE),
-        ("default", {"gn_factor": swap_detection.DEFAULT_GN_FACTOR}),
-    ):
-        index = swap_detection.replay(readings, **settings)
-        swap = None if index is None else index + 1
-        if swap is None or swap >= epochs:  # Adam throughout.
+    for rule in RULES:
+        swap = swap_epoch(entry["readings"], rule)
+        if swap is None or swap >= entry["epochs"]:  # Adam throughout.
             loss = entry["adam_final_loss"]
         else:
-            loss = two_phase_run(args, model, batch, seed, swap)
+            loss = run(args, model, batch, seed, swap)[-1]["train_loss"]
         out[rule] = {"swap": swap, "final_loss": loss}
     return out
 
@@ -109,7 +98,7 @@ def study(args) -> dict[str, Any]:
     for model in args.models:
         for batch in args.batch_sizes:
             for seed in args.seeds:
-                rows = adam_run(args, model, batch, seed)
+                rows = run(args, model, batch, seed)
                 readings = [r["gn_reading"] for r in rows]
                 peak = int(centred_average(readings).argmax()) + 1
                 cells = []
