@@ -19,10 +19,13 @@ Optimizers:
 * ``two-phase-fixed``: the paper's fixed split, CG from ``--swap-epoch`` on.
 * ``cg``: CG from the start on ``--cg-batch-size`` batches.
 
-Compute is counted in forward-pass equivalents over the training set: a step on
-``b`` samples costs ``b * (3 + k) / n_train`` (forward 1, backward 2, and ``k``
-line-search evaluations). Evaluation passes are not counted; ``wall_time`` is
-the cumulative time of the training steps alone, compilation included.
+Compute is counted in forward-pass equivalents over the training set: on a
+batch of ``b`` samples a value costs ``b / n_train`` and a value and gradient
+``3 b / n_train`` (forward 1, backward 2). A step pays for the gradient at its
+start, unless a full-batch CG step finds it in the state of the line search
+before it (``optax.value_and_grad_from_state``), and for its line search's
+values and gradients. Evaluation passes are not counted; ``wall_time`` is the
+cumulative time of the training steps alone, compilation included.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from twophase_optax.two_phase import FALLBACKS
 
 OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg")
 EVAL_BATCH = 2048
+VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
 
 
 @dataclasses.dataclass
@@ -143,6 +147,28 @@ def make_optimizer(config: Config, adam_steps_per_epoch: int):
     )
 
 
+def linesearch_forward_passes(linesearch_state: Any) -> jax.Array:
+    """What a line search cost, in forward passes over its batch.
+
+    A value is 1, a value and gradient 3: the slope search counts its trials
+    with a gradient (``info.num_gradients``), optax's zoom search evaluates
+    both at every trial, and the golden section only values.
+    """
+    info = linesearch_state.info
+    if hasattr(info, "num_gradients"):
+        values = info.num_evaluations - info.num_gradients
+        return VALUE * values + VALUE_AND_GRAD * info.num_gradients
+    if hasattr(info, "num_linesearch_steps"):  # optax's zoom search
+        return VALUE_AND_GRAD * info.num_linesearch_steps
+    return VALUE * info.num_evaluations
+
+
+def stores_gradient(opt_state: Any) -> bool:
+    """Whether ``optax.value_and_grad_from_state`` can read ``opt_state``."""
+    linesearch = tpo.find_linesearch_state(opt_state)
+    return getattr(linesearch, "grad", None) is not None
+
+
 def in_second_phase(config: Config, opt_state: Any) -> bool:
     """Whether the next step runs CG (read on the host, once per epoch)."""
     if config.optimizer == "adam":
@@ -177,6 +203,14 @@ class Trainer:
         self.cg_batch_size = min(config.cg_batch_size or n_train, n_train)
         self.adam_steps = data_lib.num_batches(n_train, config.batch_size)
         self.tx = make_optimizer(config, self.adam_steps)
+        # A full-batch CG step starts where the last line search ended, on the
+        # same data: its value and gradient are in the state. On mini-batches
+        # they belong to another batch, so every step computes its own.
+        self.reuse_gradient = (
+            config.optimizer != "adam"
+            and self.cg_batch_size == n_train
+            and stores_gradient(self.tx.init(params))
+        )
         state_shardings = sharding.state_shardings(self.mesh, self.tx, self.params)
         self.opt_state = jax.device_put(self.tx.init(self.params), state_shardings)
         self.loss_fn = models.LOSSES[config.loss]
@@ -245,7 +279,18 @@ class Trainer:
             ran_cg = opt_state.in_second_phase
         else:
             ran_cg = jnp.asarray(self.config.optimizer == "cg")
-        value, grad = jax.value_and_grad(self.batch_loss)(params, images, labels, mask)
+        if self.reuse_gradient:
+            # The line search left the value and gradient at these params.
+            stored = optax.tree.get(opt_state, "value")
+            start_cost = jnp.where(jnp.isfinite(stored), 0.0, VALUE_AND_GRAD)
+            value, grad = optax.value_and_grad_from_state(self.batch_loss)(
+                params, images, labels, mask, state=opt_state
+            )
+        else:
+            start_cost = jnp.asarray(VALUE_AND_GRAD, jnp.float32)
+            value, grad = jax.value_and_grad(self.batch_loss)(
+                params, images, labels, mask
+            )
         updates, opt_state = self.tx.update(
             grad,
             opt_state,
@@ -264,14 +309,28 @@ class Trainer:
                 jnp.asarray(self.config.lr),
             )
             failed = jnp.asarray(False)
+            gradients = jnp.zeros((), jnp.int32)
+            cost = start_cost
         else:
             evaluations = jnp.where(ran_cg, linesearch.info.num_evaluations, 0)
             step_size = jnp.where(ran_cg, linesearch.learning_rate, self.config.lr)
             # After a fallback the fresh CG state reads "not failed": right, as
             # that step ran Adam.
             failed = ran_cg & linesearch.info.failed
+            gradients = jnp.where(
+                ran_cg, getattr(linesearch.info, "num_gradients", 0), 0
+            )
+            cost = start_cost + jnp.where(
+                ran_cg, linesearch_forward_passes(linesearch), 0.0
+            )
         grad_sum = optax.tree.add(grad_sum, optax.tree.cast(grad, jnp.float32))
-        stats = {"evaluations": evaluations, "step_size": step_size, "failed": failed}
+        stats = {
+            "evaluations": evaluations,
+            "gradients": gradients,
+            "step_size": step_size,
+            "failed": failed,
+            "forward_passes": cost,
+        }
         return optax.apply_updates(params, updates), opt_state, grad_sum, stats
 
     def _evaluate_batch(self, params, images, labels, mask):
@@ -336,12 +395,14 @@ class Trainer:
         reading = float(optax.tree.norm(grad_sum)) / len(sizes)
         seconds = time.perf_counter() - start
         evaluations = np.array([s["evaluations"] for s in stats])
-        forward_passes = float(np.sum(np.array(sizes) * (3 + evaluations)) / n_train)
+        step_costs = np.array([s["forward_passes"] for s in stats])
+        forward_passes = float(np.sum(np.array(sizes) * step_costs) / n_train)
         return {
             "phase": int(cg_epoch),
             "gn_reading": reading,
             "step_size": float(stats[-1]["step_size"]),
             "linesearch_evaluations": int(evaluations.sum()),
+            "linesearch_gradients": int(sum(s["gradients"] for s in stats)),
             "linesearch_failures": int(sum(s["failed"] for s in stats)),
             "steps": len(sizes),
             "epoch_forward_passes": forward_passes,

@@ -18,44 +18,65 @@ def test_overhead_quick_mode_writes_well_formed_results(tmp_path, capsys):
         if t["optimizer"] == "optax.adam":
             assert t["ratio"] == 1.0
     multiples = {m["optimizer"]: m["multiple"] for m in result["memory"]}
-    # Adam: two moments. CG: previous gradient and direction. two_phase adds
-    # CG's two trees to Adam's two, plus the window sum for "mean_grad" with a
-    # window of several steps; the remaining scalars are a few bytes against
-    # ~59 kB of params.
+    # Adam: two moments. CG: previous gradient, direction, and the gradient its
+    # line search keeps for the next step. two_phase adds CG's three trees to
+    # Adam's two, plus the window sum for "mean_grad" with a window of several
+    # steps; the remaining scalars are a few bytes against ~59 kB of params.
     assert multiples["optax.adam"] == pytest.approx(2.0, abs=5e-3)
-    assert multiples["conjugate_gradient"] == pytest.approx(2.0, abs=5e-3)
-    assert multiples["two_phase mean_grad"] == pytest.approx(5.0, abs=5e-3)
-    assert multiples["two_phase mean_norm"] == pytest.approx(4.0, abs=5e-3)
-    assert multiples["two_phase window 1"] == pytest.approx(4.0, abs=5e-3)
+    assert multiples["conjugate_gradient"] == pytest.approx(3.0, abs=5e-3)
+    assert multiples["two_phase mean_grad"] == pytest.approx(6.0, abs=5e-3)
+    assert multiples["two_phase mean_norm"] == pytest.approx(5.0, abs=5e-3)
+    assert multiples["two_phase window 1"] == pytest.approx(5.0, abs=5e-3)
     table = capsys.readouterr().out
     assert "| case | optimizer | median ms | ratio to optax.adam | compile s |" in table
     assert table.count("\n| update only") == 8
 
 
-def test_cg_phase_quick_mode_counts_more_evaluations_for_tighter_tolerances(
-    tmp_path, capsys
-):
+def test_cg_phase_quick_mode_counts_every_forward_pass(tmp_path, capsys):
     from experiments.benchmarks import cg_phase
 
     result = cg_phase.main(["--quick", "--out", str(tmp_path / "cg_phase.json")])
     assert json.loads((tmp_path / "cg_phase.json").read_text()) == result
-    rows = result["cg"]
-    assert [r["tol"] for r in rows] == [1e-2, 1e-3, 1e-4]
-    assert [r["default_tol"] for r in rows] == [True, False, False]
-    adam_full = result["adam"][0]["seconds_per_step"]
-    for r in rows:
-        assert len(r["evaluations"]) == result["steps"]
-        assert 1 <= r["median_evaluations"] <= r["max_evaluations"] <= 30
-        assert r["in_adam_full_batch_steps"] == pytest.approx(
-            r["seconds_per_step"] / adam_full
+    (run,) = result["runs"]
+    rows = {r["setting"]: r for r in run["rows"]}
+    assert list(rows)[:-1] == list(cg_phase.QUICK_SETTINGS)
+    golden = rows["cg golden tol 1e-2"]
+    default = rows[cg_phase.DEFAULT]
+    for r in (golden, default):
+        assert len(r["costs"]) >= cg_phase.MIN_STEPS
+        assert sum(r["costs"]) >= max(cg_phase.BUDGETS)
+        # The last state within each budget is the one reported.
+        for budget in cg_phase.BUDGETS:
+            spent = [c for c in np_cumsum(r["costs"]) if c <= budget]
+            assert r[f"loss_at_{budget}"] == r["curve"][len(spent)][1]
+    # The golden section evaluates values only and reuses nothing: a gradient
+    # (3) and its values (1 each) every step.
+    assert golden["costs"] == [3 + k for k in golden["evaluations"]]
+    assert set(golden["gradients"]) == {0}
+    # The default: values 1, values with gradients 3, and the caller's
+    # gradient only where the state held none (the first step, at least).
+    extra = [
+        c - (k - g) - 3 * g
+        for c, k, g in zip(
+            default["costs"], default["evaluations"], default["gradients"], strict=True
         )
-    # Every tolerance starts from the same point with the same steepest-descent
-    # direction, so the first line search narrows the same bracket further.
-    first = [r["evaluations"][0] for r in rows]
-    assert first == sorted(first) and first[0] < first[-1]
+    ]
+    assert extra[0] == 3 and set(extra) <= {0, 3}
+    assert default["mean_fpe_per_step"] < golden["mean_fpe_per_step"]
+    adam = run["rows"][-1]
+    assert adam["setting"].startswith("adam")
+    assert adam["epochs"] * 3 >= max(cg_phase.BUDGETS)
     table = capsys.readouterr().out
-    assert "| cg, tol 1e-02 (default) |" in table
-    assert table.count("\n| cg, tol") == 3
+    assert f"| {cg_phase.DEFAULT} |" in table
+    assert table.count("\n| cg ") == 2
+
+
+def np_cumsum(values):
+    total, out = 0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
 
 
 def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
@@ -74,22 +95,29 @@ def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
             if r["f_star"] is not None:  # Rosenbrock 0, the quadratic's closed form.
                 assert r["final_f"] == pytest.approx(r["f_star"], rel=1e-8, abs=1e-8)
     ours = [r for r in rows if r["solver"].startswith("ours")]
-    assert len(ours) == 8
-    # Zoom solves all four. The golden section at its default tol 1e-2 solves
-    # all but the ill-conditioned quadratic, whose conjugacy its inexact steps
-    # spoil (BENCHMARKS.md): there it need only make progress.
+    assert len(ours) == 4 * 4
+    # The default (slope, store_grad) and zoom solve all four. The value-only
+    # searches (golden, slope without gradients) solve all but the
+    # ill-conditioned quadratic, where values stop resolving the decrease
+    # (BENCHMARKS.md): there they need only make progress.
+    steers_by_slopes = ("ours zoom", "ours slope, store_grad")
     for r in ours:
-        if r["solver"] == "ours zoom" or not r["problem"].startswith("quadratic"):
+        if r["solver"] in steers_by_slopes or not r["problem"].startswith("quadratic"):
             assert r["success"], r
         else:
             assert r["final_f"] - r["f_star"] < 1e-6 * abs(r["f_star"])
+    # The default within 1.5x SciPy's CG evaluations on every problem.
+    by = {(r["problem"], r["solver"]): r for r in rows}
+    for problem in problems:
+        ours_default = by[(problem, "ours slope, store_grad")]
+        assert ours_default["f_evals"] <= 1.5 * by[(problem, "scipy CG")]["f_evals"]
     # The golden section evaluates only f in its search: one gradient a step.
     for r in ours:
         if r["solver"] == "ours golden":
             assert r["g_evals"] == r["iterations"] + 1 < r["f_evals"]
     table = capsys.readouterr().out
     # One row per solver, and one per "ours" in the table of ratios.
-    assert table.count("\n| Rosenbrock n=2 |") == len(solvers.SOLVER_ORDER) + 2
+    assert table.count("\n| Rosenbrock n=2 |") == len(solvers.SOLVER_ORDER) + 4
     assert "| problem | ours | f evals / best CG peer | time / best CG peer |" in table
 
 

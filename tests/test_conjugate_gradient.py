@@ -121,9 +121,12 @@ def test_keeps_conjugate_direction_when_no_criterion_fires():
 
 def test_powell_criterion_restarts():
     # g = (2, 4), |g|^2 = 20. g.g_prev = 4 = 0.2 |g|^2: restart; 3.9 would not.
-    opt = tpo.conjugate_gradient(beta=lambda g, gp, dp: 0.5)
+    opt = tpo.conjugate_gradient(beta=lambda g, gp, dp: 0.5, powell_threshold=0.2)
     assert restart_after(opt, [2.0, 0.0], [-2.0, 0.0])[0]
     assert not restart_after(opt, [1.95, 0.0], [-2.0, 0.0])[0]
+    # Off by default.
+    off = tpo.conjugate_gradient(beta=lambda g, gp, dp: 0.5)
+    assert not restart_after(off, [2.0, 0.0], [-2.0, 0.0])[0]
 
 
 def test_periodic_restart_every_n_steps():

@@ -54,14 +54,17 @@ def cg_step(w, state, a, b):
 
 
 @given(quadratics, st.sampled_from(["float32", "float64"]))
-def test_cg_never_increases_the_objective_on_an_accepted_step(problem, dtype):
+def test_cg_never_raises_the_objective_beyond_rounding(problem, dtype):
     with jax.enable_x64(dtype == "float64"):
         a, b, w = (jnp.asarray(x, dtype) for x in spd_matrix(*problem))
         state = CG.init(w)
         for _ in range(2 * len(w) + 2):
             new_w, state = cg_step(w, state, a, b)
             if float(state.linesearch_state.learning_rate) > 0:  # Accepted.
-                assert objective(new_w, a, b) < objective(w, a, b)
+                # Lower, or level within the rounding allowance (1e-6
+                # relative) with which the search accepts a step on its slope.
+                before = float(objective(w, a, b))
+                assert float(objective(new_w, a, b)) <= before + 1e-6 * abs(before)
             else:  # Failed, or a zero gradient: nothing moves.
                 np.testing.assert_array_equal(new_w, w)
             w = new_w

@@ -85,8 +85,9 @@ def test_model_axis_shards_the_state_like_the_params():
     assert_params_close(many["params_after_20"], one["params_after_20"], rtol=1e-9)
     assert many["state_sharding_kept"] and many["cache_size"] == 1
     # w1 (64, 32) and w2 (32, 10) split their last dimension over "model":
-    # Adam's two moments and CG's two trees of each are sharded that way.
-    assert many["sharded_state_leaves"] == [[None, "model"]] * (2 * 4)
+    # Adam's two moments and CG's three trees of each (previous gradient,
+    # direction, the line search's stored gradient) are sharded that way.
+    assert many["sharded_state_leaves"] == [[None, "model"]] * (2 * 5)
 
 
 TRAIN_ARGS = [

@@ -150,3 +150,105 @@ def test_missing_grad_says_how_to_call_it():
     f = lambda w: jnp.sum(w**2)  # noqa: E731
     with pytest.raises(TypeError, match="grad="):
         ls.update(jnp.ones(2), ls.init(jnp.ones(2)), jnp.ones(2), value=2.0, value_fn=f)
+
+
+# -- store_grad: the gradient at the accepted point, for the next step --------
+def test_store_grad_keeps_the_exact_gradient_of_the_accepted_point():
+    f = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * (w - jnp.array([3.0, -1.0])) ** 2)  # noqa: E731
+    w, d = jnp.zeros(2), jnp.array([1.0, -0.5])
+    step, state = search(f, w, d, tpo.slope_linesearch(store_grad=True))
+    # A value at the first trial, then value and gradient at the parabola's
+    # minimum 2.5, where the slope is zero: accepted.
+    assert float(state.learning_rate) == pytest.approx(2.5, rel=1e-6)
+    assert int(state.info.num_evaluations) == 2
+    assert int(state.info.num_gradients) == 1
+    new_w = optax.apply_updates(w, step)
+    value, grad = jax.value_and_grad(f)(new_w)
+    np.testing.assert_allclose(state.grad, grad, rtol=1e-6)
+    assert float(state.value) == pytest.approx(float(value), rel=1e-6)
+    # optax's convention hands them over without computing.
+    reused_value, reused_grad = optax.value_and_grad_from_state(f)(new_w, state=state)
+    assert float(reused_value) == float(state.value)
+    np.testing.assert_array_equal(reused_grad, state.grad)
+
+
+def test_store_grad_stops_on_the_slope_and_matches_the_line_minimum():
+    # phi(a) = a^3/3 - 4 a + a^2 along d = 1, minimum at -1 + sqrt(5).
+    f = lambda w: jnp.sum(w**3 / 3.0 - 4.0 * w + w**2)  # noqa: E731
+    ls = tpo.slope_linesearch(rtol=0.01, store_grad=True)
+    _, state = search(f, jnp.zeros(1), jnp.ones(1), ls)
+    exact = -1.0 + 5.0**0.5
+    # |phi'(a)| <= 0.01 |phi'(0)| = 0.04 and phi''(exact) = 2 sqrt(5).
+    assert abs(float(state.learning_rate) - exact) <= 0.04 / (2 * 5**0.5) + 1e-6
+    slope = float(state.grad[0])
+    assert abs(slope) <= 0.04
+    assert int(state.info.num_gradients) == int(state.info.num_evaluations) - 1
+
+
+def test_store_grad_after_a_failure_keeps_the_start():
+    f = lambda w: jnp.sum(w**2)  # noqa: E731
+    w = jnp.ones(2)
+    step, state = search(f, w, jnp.ones(2), tpo.slope_linesearch(store_grad=True))
+    assert bool(state.info.failed)
+    np.testing.assert_array_equal(step, jnp.zeros(2))
+    # The params do not move: the given value and gradient stay valid.
+    assert float(state.value) == 2.0
+    np.testing.assert_array_equal(state.grad, 2.0 * w)
+
+
+def test_store_grad_never_hands_over_a_non_finite_gradient():
+    # The value is finite everywhere; the gradient is NaN at w = 1 exactly,
+    # the line minimum (0 * the infinite slope of sqrt at 0).
+    f = lambda w: jnp.sum((w - 1.0) ** 2 + 0.0 * jnp.sqrt(jnp.abs(w - 1.0)))  # noqa: E731
+    w, d = jnp.zeros(1), jnp.ones(1)
+    ls = tpo.slope_linesearch(store_grad=True)
+    assert float(ls.init(w).value) == np.inf  # before any search: compute
+    # The first trial (a value) hits the minimum, the second (its gradient)
+    # is NaN there: the search moves off it to a point with a finite gradient
+    # and a slope within rtol of phi'(0) = -2.
+    step, state = search(f, w, d, ls)
+    new_w = optax.apply_updates(w, step)
+    assert abs(float(state.learning_rate) - 1.0) <= 0.1
+    np.testing.assert_allclose(state.grad, jax.grad(f)(new_w), rtol=1e-6)
+    assert float(state.value) == pytest.approx(float(f(new_w)))
+    # Out of evaluations right after the NaN, the best point is the first
+    # trial, whose gradient is not known: the state says "compute".
+    _, state = search(f, w, d, tpo.slope_linesearch(max_evaluations=2, store_grad=True))
+    assert float(state.learning_rate) == 1.0 and not bool(state.info.failed)
+    assert float(state.value) == np.inf
+    value, grad = optax.value_and_grad_from_state(f)(w + 1.0, state=state)
+    assert float(value) == 0.0 and np.isnan(grad[0])  # computed, not stored
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cg_reusing_the_gradient_solves_a_quadratic_in_n_steps(dtype):
+    chex.clear_trace_counter()
+    with jax.enable_x64(dtype == jnp.float64):
+        a = jnp.diag(jnp.array([1.0, 3.0, 10.0], dtype))
+        f = lambda w: 0.5 * w @ a @ w - jnp.sum(w)  # noqa: E731
+        opt = tpo.conjugate_gradient(
+            linesearch=tpo.slope_linesearch(rtol=1e-4, store_grad=True),
+            powell_threshold=None,
+        )
+        value_and_grad = optax.value_and_grad_from_state(f)
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def step(w, state):
+            computed = ~jnp.isfinite(optax.tree.get(state, "value"))
+            value, grad = value_and_grad(w, state=state)
+            updates, state = opt.update(
+                grad, state, w, value=value, grad=grad, value_fn=f
+            )
+            return optax.apply_updates(w, updates), state, computed
+
+        w = jnp.zeros(3, dtype)
+        state = opt.init(w)
+        computed = []
+        for _ in range(3):
+            w, state, c = step(w, state)
+            computed.append(bool(c))
+        assert w.dtype == dtype
+        np.testing.assert_allclose(w, 1.0 / jnp.diag(a), rtol=1e-3)
+        # Only the first step computed the gradient; the others reused it.
+        assert computed == [True, False, False]

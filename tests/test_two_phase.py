@@ -240,6 +240,35 @@ def test_after_the_swap_updates_equal_conjugate_gradient_run_alone():
     assert bool(ours[20][2].second_state.info.restarted)
 
 
+def test_value_and_grad_from_state_computes_before_and_reuses_after_the_swap():
+    a = jnp.diag(jnp.array([1.0, 3.0, 10.0]))
+    f = lambda w: 0.5 * w @ a @ w - jnp.sum(w)  # noqa: E731
+    second = tpo.conjugate_gradient(
+        linesearch=tpo.slope_linesearch(store_grad=True), powell_threshold=None
+    )
+    opt = tpo.two_phase(optax.adam(0.1), second, swap_at=3)
+    value_and_grad = optax.value_and_grad_from_state(f)
+
+    @jax.jit
+    def step(w, state):
+        reused = jnp.isfinite(optax.tree.get(state, "value"))
+        value, grad = value_and_grad(w, state=state)
+        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=f)
+        return optax.apply_updates(w, updates), state, reused, value, grad
+
+    w, state, reused = jnp.zeros(3), opt.init(jnp.zeros(3)), []
+    for _ in range(7):
+        exact_value, exact_grad = jax.value_and_grad(f)(w)
+        w, state, was_reused, value, grad = step(w, state)
+        # Computed or handed over, they are the value and gradient at w.
+        np.testing.assert_allclose(value, exact_value, rtol=1e-5)
+        np.testing.assert_allclose(grad, exact_grad, rtol=1e-4, atol=1e-6)
+        reused.append(bool(was_reused))
+    # Adam's three steps and CG's first (a fresh state) compute; then the
+    # line search's last gradient is reused.
+    assert reused == [False] * 4 + [True] * 3
+
+
 def test_no_retrace_across_the_swap():
     loss, batches, params = regression_problem()
     opt = tpo.two_phase(optax.adam(1e-2), swap_at=3)
@@ -341,7 +370,7 @@ def test_metrics_helper_gives_flat_python_scalars():
         "linesearch_learning_rate",
         "linesearch_value",
         "linesearch_num_evaluations",
-        "linesearch_bracket_width",
+        "linesearch_num_gradients",
         "linesearch_failed",
     }
     assert all(isinstance(v, (int, float, bool)) for v in metrics.values())

@@ -142,7 +142,7 @@ def is_linesearch_state(node: Any) -> bool:
 def find_linesearch_state(opt_state: Any) -> Any | None:
     """The first line-search state inside ``opt_state``, or ``None``.
 
-    Finds the state of this package's golden-section search or of optax's
+    Finds the state of this package's line searches or of optax's
     zoom and backtracking searches (they share the fields ``learning_rate``
     and ``info``), wherever it sits: in a :func:`~twophase_optax.conjugate_gradient`
     state, in the second phase of :func:`~twophase_optax.two_phase`, or in a
@@ -154,7 +154,7 @@ def find_linesearch_state(opt_state: Any) -> Any | None:
       >>> import twophase_optax as tpo
       >>> opt = optax.chain(optax.clip(1.0), tpo.two_phase())
       >>> state = tpo.find_linesearch_state(opt.init(jnp.zeros(2)))
-      >>> type(state).__name__, float(state.learning_rate)
-      ('GoldenSectionLinesearchState', 1.0)
+      >>> type(state).__name__, float(state.value)  # inf: nothing stored yet
+      ('SlopeLinesearchState', inf)
     """
     return find_node(opt_state, is_linesearch_state)

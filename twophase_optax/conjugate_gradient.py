@@ -17,7 +17,7 @@ import optax
 
 from twophase_optax import _protocol
 from twophase_optax import cg_directions
-from twophase_optax.golden_section import golden_section_linesearch
+from twophase_optax.slope_linesearch import slope_linesearch
 
 
 class ConjugateGradientInfo(NamedTuple):
@@ -102,7 +102,7 @@ def conjugate_gradient(
     beta: str | cg_directions.BetaRule = "polak_ribiere_plus",
     linesearch: optax.GradientTransformationExtraArgs | None = None,
     restart_every: int | None = None,
-    powell_threshold: float | None = 0.2,
+    powell_threshold: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Nonlinear conjugate gradient with a line search.
 
@@ -115,10 +115,10 @@ def conjugate_gradient(
     first step and whenever
 
     * :math:`d_k` is not a descent direction, :math:`g_k^\top d_k \ge 0`;
-    * Powell's criterion holds,
-      :math:`|g_k^\top g_{k-1}| \ge 0.2\,\|g_k\|^2`: successive gradients are
-      far from orthogonal, so conjugacy is lost (this also restarts after a
-      failed line search, when :math:`g_k = g_{k-1}`);
+    * optionally, Powell's criterion holds,
+      :math:`|g_k^\top g_{k-1}| \ge \text{powell\_threshold}\,\|g_k\|^2`
+      (0.2 is Powell's value): successive gradients are far from orthogonal,
+      so conjugacy is lost;
     * ``beta`` is not finite (a zero denominator);
     * the previous line search failed (see :func:`linesearch_failed`); the
       count of failures in a row is ``state.num_failures``;
@@ -128,8 +128,14 @@ def conjugate_gradient(
     skipped: the update is zero and the state is left as it was, except for
     ``num_skipped``, so the run continues as if the step had never happened.
 
-    Each step costs the gradient the caller computes plus the line search's
-    evaluations of ``value_fn``.
+    With the default line search, ``slope_linesearch(store_grad=True)``, the
+    gradient at the new params is in the state after each step, and
+    ``optax.value_and_grad_from_state(f)(params, state=state)`` hands it over
+    instead of computing it (on the first step it computes). A step then costs
+    its line search alone: typically one value and one value and gradient,
+    about 4 forward passes, against 3 for a plain gradient step. Reusing is
+    right only while ``value_fn`` stays the same function of the params (the
+    same data); on changing mini-batches compute each step's gradient.
 
     Args:
       beta: the rule for :math:`\beta_k`: one of ``"fletcher_reeves"``,
@@ -137,17 +143,26 @@ def conjugate_gradient(
         ``"dai_yuan"``, or any function ``beta(grad, grad_prev, dir_prev)``
         (see :mod:`twophase_optax.cg_directions`).
       linesearch: an optax line-search transformation that scales the
-        direction; defaults to :func:`golden_section_linesearch`.
+        direction; defaults to ``slope_linesearch(store_grad=True)``
+        (:func:`twophase_optax.slope_linesearch`). The paper's
+        :func:`golden_section_linesearch` needs no gradients at its trials but
+        about 14 values a step.
         ``optax.scale_by_zoom_linesearch(..., curv_rtol=0.1)`` works too (the
         strong Wolfe constant 0.1 keeps CG conjugate; optax's default 0.9 is
         meant for quasi-Newton methods). ``optax.scale_by_backtracking_linesearch``
         fits as well, but its Armijo steps leave successive gradients far from
-        orthogonal, so Powell's criterion restarts nearly every step and CG
-        becomes steepest descent.
+        orthogonal: CG loses conjugacy (and with ``powell_threshold=0.2``
+        restarts nearly every step, becoming steepest descent).
       restart_every: restart every this many steps; ``None`` never does
         (the usual choice is the number of parameters, or never for large
         models).
-      powell_threshold: the 0.2 of Powell's criterion; ``None`` disables it.
+      powell_threshold: Powell's 0.2, or ``None`` (the default) for no
+        Powell restarts. Measured (``experiments/benchmarks/cg_phase.py``,
+        ``solvers.py``): with the default line search Powell's test restarts
+        10% of the steps on vit-mlp and leaves the loss after 900
+        forward-pass equivalents 10^5 times higher; it also costs
+        evaluations on the extended Rosenbrock function. Polak-Ribiere+
+        restarts on its own where ``beta`` would turn negative.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``, called as
@@ -163,12 +178,14 @@ def conjugate_gradient(
       >>> A = jnp.diag(jnp.array([1.0, 10.0, 100.0]))
       >>> f = lambda w: 0.5 * w @ A @ w - w.sum()
       >>> opt = tpo.conjugate_gradient(
-      ...     linesearch=tpo.golden_section_linesearch(tol=1e-6, max_evaluations=60))
+      ...     linesearch=tpo.slope_linesearch(rtol=1e-3, store_grad=True))
+      >>> value_and_grad = optax.value_and_grad_from_state(f)
       >>> w = jnp.zeros(3)
       >>> state = opt.init(w)
       >>> for _ in range(4):
-      ...     value, grad = jax.value_and_grad(f)(w)
-      ...     updates, state = opt.update(grad, state, w, value=value, value_fn=f)
+      ...     value, grad = value_and_grad(w, state=state)  # reused after step 1
+      ...     updates, state = opt.update(
+      ...         grad, state, w, value=value, grad=grad, value_fn=f)
       ...     w = optax.apply_updates(w, updates)
       >>> print(" ".join(f"{x:.2f}" for x in w))  # the minimum A^-1 1
       1.00 0.10 0.01
@@ -180,7 +197,7 @@ def conjugate_gradient(
     """
     beta_fn = cg_directions.resolve_beta(beta)
     if linesearch is None:
-        linesearch = golden_section_linesearch()
+        linesearch = slope_linesearch(store_grad=True)
     _check_hyperparameters(linesearch, restart_every, powell_threshold)
 
     def init_fn(params: optax.Params) -> ConjugateGradientState:

@@ -23,8 +23,8 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
     ``num_failures`` (failed second-phase steps in a row), ``num_fallbacks``;
     and, once the second phase has a line search, ``linesearch_learning_rate``,
     ``linesearch_value`` if recorded, and one ``linesearch_<field>`` per field
-    of its info (for the golden section: ``num_evaluations``,
-    ``bracket_width``, ``failed``).
+    of its info (for the default slope search: ``num_evaluations``,
+    ``num_gradients``, ``slope``, ``failed``).
 
     Example:
       >>> import jax.numpy as jnp

@@ -39,13 +39,18 @@ from twophase_optax import _protocol
 
 _MIN_SHRINK, _MAX_GROW = 0.1, 10.0  # the safeguard around a trial
 _GROW, _CUT = 2.0, 0.25  # no curvature seen / a non-finite value
+_VALUE_EPSILON = 1e-6  # rounding allowance on phi(0) (Hager & Zhang's epsilon)
 
 
 class SlopeLinesearchInfo(NamedTuple):
     """Diagnostics of the last search.
 
     Attributes:
-      num_evaluations: ``value_fn`` evaluations used (int32).
+      num_evaluations: ``value_fn`` evaluations used (int32), with or without
+        its gradient.
+      num_gradients: how many of them also computed the gradient (int32; 0
+        unless ``store_grad``). In forward-pass equivalents the search cost
+        ``num_evaluations + 2 * num_gradients``.
       slope: :math:`\\phi'(0) = g \\cdot d` of the search.
       failed: ``True`` when the direction did not descend or no finite value
         below :math:`\\phi(0)` was found; the step is then zero. A zero
@@ -53,6 +58,7 @@ class SlopeLinesearchInfo(NamedTuple):
     """
 
     num_evaluations: jax.Array
+    num_gradients: jax.Array
     slope: jax.Array
     failed: jax.Array
 
@@ -63,29 +69,101 @@ class SlopeLinesearchState(NamedTuple):
     Attributes:
       learning_rate: the accepted step size (zero after a failure).
       value: ``value_fn`` at the accepted point (``phi(0)`` after a failure).
+        With ``store_grad``, ``+inf`` when the gradient there is not known, so
+        that ``optax.value_and_grad_from_state`` computes both.
+      grad: with ``store_grad``, the gradient at the accepted point (the
+        gradient at ``params`` after a failure); ``None`` otherwise.
       info: a :class:`SlopeLinesearchInfo`; its ``slope`` also sets the next
         search's first trial.
     """
 
     learning_rate: jax.Array
     value: jax.Array
+    grad: optax.Updates | None
     info: SlopeLinesearchInfo
+
+
+class _Bracket(NamedTuple):
+    """What the trials with slopes tell about where the line minimum lies."""
+
+    lo: jax.Array  # the lowest point known to descend: 0 at first
+    f_lo: jax.Array
+    slope_lo: jax.Array
+    hi: jax.Array  # the nearest point known to lie past a minimum, or inf
+    slope_hi: jax.Array  # NaN where not known (a value-only trial)
+    last: jax.Array  # the last point with a slope: 0 at first
+    slope_last: jax.Array
+
+
+def _next_trial_from_slopes(
+    bracket: _Bracket, a: jax.Array, f: jax.Array, slope_a: jax.Array, with_grad
+) -> tuple[_Bracket, jax.Array]:
+    r"""The bracket after the trial ``a`` and, if it had a slope, the next trial.
+
+    The next trial is the zero of the secant of :math:`\phi'` through the
+    last two points with slopes (exact on a quadratic line, and it takes no
+    differences of values, which cancel near a minimum), kept 10% of the
+    bracket's width inside it, or, past the last descending point, at least
+    10% and at most tenfold beyond it. Where that secant is not defined it
+    takes the secant through the bracket's ends, bisects, or doubles.
+    """
+    b = bracket
+    finite = jnp.isfinite(f)
+    known = with_grad & finite
+    # Values within rounding of lo's (Hager & Zhang's epsilon) do not count
+    # as higher: near a minimum they are noise, and the slope decides.
+    higher = f > b.f_lo + _VALUE_EPSILON * jnp.abs(b.f_lo)
+    descends = known & (slope_a < 0) & ~higher
+    # Every trial lies beyond lo; a higher value or a rising slope puts a
+    # minimum between them.
+    past = ~descends & (~finite | higher | (known & (slope_a >= 0)))
+    nearer = past & (a < b.hi)
+    new = _Bracket(
+        lo=jnp.where(descends, a, b.lo),
+        f_lo=jnp.where(descends, f, b.f_lo),
+        slope_lo=jnp.where(descends, slope_a, b.slope_lo),
+        hi=jnp.where(nearer, a, b.hi),
+        slope_hi=jnp.where(nearer, jnp.where(known, slope_a, jnp.nan), b.slope_hi),
+        last=jnp.where(known, a, b.last),
+        slope_last=jnp.where(known, slope_a, b.slope_last),
+    )
+
+    def secant(x0, s0, x1, s1):
+        ok = jnp.isfinite(s0) & jnp.isfinite(s1) & (s1 != s0)
+        zero = x1 - s1 * (x1 - x0) / jnp.where(ok, s1 - s0, 1.0)
+        return jnp.where(ok & jnp.isfinite(zero), zero, jnp.nan)
+
+    recent = secant(b.last, b.slope_last, a, slope_a)
+    bracketed = jnp.isfinite(new.hi)
+    width = new.hi - new.lo
+    ends = secant(new.lo, new.slope_lo, new.hi, new.slope_hi)
+    fallback = jnp.where(jnp.isnan(ends), new.lo + 0.5 * width, ends)
+    low = jnp.where(bracketed, new.lo + 0.1 * width, 1.1 * a)
+    high = jnp.where(bracketed, new.hi - 0.1 * width, _MAX_GROW * a)
+    usable = known & (recent >= low) & (recent <= high)
+    guess = jnp.where(bracketed, fallback, _GROW * a)
+    return new, jnp.clip(jnp.where(usable, recent, guess), low, high)
 
 
 class _Search(NamedTuple):
     trial: jax.Array
     previous: jax.Array  # the trial before, 0 before the second evaluation
     f_previous: jax.Array
+    bracket: _Bracket | None  # with store_grad
     best: jax.Array
     f_best: jax.Array
+    grad_best: Any  # with store_grad: the gradient at best, if known
+    best_has_grad: jax.Array
     done: jax.Array
     num_evaluations: jax.Array
+    num_gradients: jax.Array
 
 
 def slope_linesearch(
     initial_step: float = 1.0,
     rtol: float = 0.1,
     max_evaluations: int = 20,
+    store_grad: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""An interpolating line search from :math:`\phi(0)`, :math:`\phi'(0)` and trials.
 
@@ -94,6 +172,16 @@ def slope_linesearch(
       rtol: stop once the parabola's minimum lies within ``rtol`` (relative)
         of the trial it was built from.
       max_evaluations: budget of ``value_fn`` evaluations per search.
+      store_grad: evaluate the gradient too at every trial after the first,
+        and keep the one at the accepted point in ``state.grad``, so that
+        ``optax.value_and_grad_from_state`` hands it to the next step instead
+        of a new forward and backward pass. A trial with a gradient is
+        accepted once its slope has fallen to ``rtol`` of the first,
+        :math:`|\phi'(a)| \le \text{rtol}\,|\phi'(0)|` (on a quadratic line:
+        ``a`` within ``rtol`` of the minimum, the test without gradients). A
+        typical search is then one value and one value-and-gradient, about 4
+        forward-pass equivalents in all, where a value-only search of two
+        trials plus the next step's gradient costs 5.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` called as
@@ -129,14 +217,18 @@ def slope_linesearch(
         raise ValueError(
             f"max_evaluations must be an integer >= 1, got {max_evaluations!r}."
         )
+    if not isinstance(store_grad, bool):
+        raise ValueError(f"store_grad must be a bool, got {store_grad!r}.")
 
     def init_fn(params: optax.Params) -> SlopeLinesearchState:
         dtype = _protocol.scalar_dtype(params)
         return SlopeLinesearchState(
             learning_rate=jnp.zeros((), dtype),
             value=jnp.asarray(jnp.inf, dtype),
+            grad=optax.tree.zeros_like(params) if store_grad else None,
             info=SlopeLinesearchInfo(
                 num_evaluations=jnp.asarray(0, jnp.int32),
+                num_gradients=jnp.asarray(0, jnp.int32),
                 slope=jnp.zeros((), dtype),
                 failed=jnp.asarray(False),
             ),
@@ -164,6 +256,22 @@ def slope_linesearch(
         dtype = state.learning_rate.dtype
 
         scaled, phi = _protocol.line(loss, params, updates, dtype)
+        zero_grad = optax.tree.zeros_like(params) if store_grad else None
+
+        def evaluate(a, with_grad):
+            """``phi(a)`` and, if ``with_grad``, the gradient at ``a``."""
+            if not store_grad:
+                return phi(a), None
+
+            def value_and_grad(a):
+                f, g = jax.value_and_grad(loss)(optax.apply_updates(params, scaled(a)))
+                f = jnp.asarray(f, dtype)
+                f = jnp.where(jnp.isfinite(f) & _protocol.all_finite(g), f, jnp.inf)
+                return f, optax.tree.cast_like(g, zero_grad)
+
+            return jax.lax.cond(
+                with_grad, value_and_grad, lambda a: (phi(a), zero_grad), a
+            )
 
         phi0 = jnp.asarray(value, dtype)
         slope = _protocol.vdot(grad, updates, dtype)
@@ -180,10 +288,24 @@ def slope_linesearch(
             trial=first.astype(dtype),
             previous=zero,
             f_previous=jnp.asarray(jnp.inf, dtype),
+            bracket=_Bracket(
+                lo=zero,
+                f_lo=phi0,
+                slope_lo=slope,
+                hi=jnp.asarray(jnp.inf, dtype),
+                slope_hi=jnp.asarray(jnp.nan, dtype),
+                last=zero,
+                slope_last=slope,
+            )
+            if store_grad
+            else None,
             best=zero,
             f_best=phi0,
+            grad_best=zero_grad,
+            best_has_grad=jnp.asarray(False),
             done=~descends,
             num_evaluations=jnp.asarray(0, jnp.int32),
+            num_gradients=jnp.asarray(0, jnp.int32),
         )
 
         def cond_fn(s):
@@ -191,7 +313,9 @@ def slope_linesearch(
 
         def body_fn(s):
             a = s.trial
-            f = phi(a)
+            # With store_grad every trial after the first computes the gradient.
+            with_grad = jnp.asarray(store_grad) & (s.num_evaluations > 0)
+            f, g = evaluate(a, with_grad)
             better = f < s.f_best
             curvature = (f - phi0 - slope * a) / (a * a)
             minimum = -slope / (2.0 * jnp.where(curvature > 0, curvature, 1.0))
@@ -206,12 +330,18 @@ def slope_linesearch(
             cubic_a = (b * b * r_a - a * a * r_b) / denominator
             cubic_b = (-b * b * b * r_a + a * a * a * r_b) / denominator
             discriminant = cubic_b * cubic_b - 3.0 * cubic_a * slope
-            root = (-cubic_b + jnp.sqrt(jnp.maximum(discriminant, 0.0))) / (
-                3.0 * jnp.where(cubic_a == 0, 1.0, cubic_a)
+            sqrt_discriminant = jnp.sqrt(jnp.maximum(discriminant, 0.0))
+            # The root in the form that does not cancel: a nearly quadratic
+            # line has cubic_a ~ 0 and cubic_b > 0.
+            root = jnp.where(
+                cubic_b > 0,
+                -slope / jnp.where(cubic_b > 0, cubic_b + sqrt_discriminant, 1.0),
+                (sqrt_discriminant - cubic_b)
+                / (3.0 * jnp.where(cubic_a == 0, 1.0, cubic_a)),
             )
             cubic_ok = (
                 usable
-                & (cubic_a != 0)
+                & ((cubic_a != 0) | (cubic_b > 0))
                 & (discriminant >= 0)
                 & jnp.isfinite(root)
                 & (root > 0)
@@ -224,37 +354,82 @@ def slope_linesearch(
                 _CUT * a,
             )
             proposal = jnp.clip(proposal, _MIN_SHRINK * a, _MAX_GROW * a)
-            best = jnp.where(better, a, s.best)
-            f_best = jnp.where(better, f, s.f_best)
-            # The trial is the parabola's minimum (to rtol) and lies below
-            # phi(0): a line minimum.
-            settled = (
-                shaped
-                & jnp.isfinite(f)
-                & (jnp.abs(proposal - a) <= rtol * a)
-                & (f_best < phi0)
-            )
+            if store_grad:
+                slope_a = _protocol.vdot(g, updates, dtype)
+                bracket, proposal_with_slope = _next_trial_from_slopes(
+                    s.bracket, a, f, slope_a, with_grad
+                )
+                proposal = jnp.where(with_grad, proposal_with_slope, proposal)
+            else:
+                bracket = s.bracket
+            if store_grad:
+                # The slope at the trial has fallen to rtol of phi'(0), and the
+                # value is not above phi(0) beyond rounding (Hager & Zhang's
+                # approximate Wolfe conditions): near a minimum the decrease
+                # can be too small for the values to show, the slope is not.
+                settled = (
+                    with_grad
+                    & jnp.isfinite(f)
+                    & (jnp.abs(slope_a) <= rtol * jnp.abs(slope))
+                    & (f <= phi0 + _VALUE_EPSILON * jnp.abs(phi0))
+                )
+                take = better | settled
+                best = jnp.where(take, a, s.best)
+                f_best = jnp.where(take, f, s.f_best)
+                grad_best = optax.tree.where(take, g, s.grad_best)
+                best_has_grad = jnp.where(take, with_grad, s.best_has_grad)
+            else:
+                best = jnp.where(better, a, s.best)
+                f_best = jnp.where(better, f, s.f_best)
+                grad_best, best_has_grad = None, s.best_has_grad
+                # The trial is the parabola's minimum (to rtol) and lies below
+                # phi(0): a line minimum.
+                settled = (
+                    shaped
+                    & jnp.isfinite(f)
+                    & (jnp.abs(proposal - a) <= rtol * a)
+                    & (f_best < phi0)
+                )
             return optax.tree.cast_like(
                 _Search(
                     trial=proposal,
                     previous=a,
                     f_previous=f,
+                    bracket=bracket,
                     best=best,
                     f_best=f_best,
+                    grad_best=grad_best,
+                    best_has_grad=best_has_grad,
                     done=settled,
                     num_evaluations=s.num_evaluations + 1,
+                    num_gradients=s.num_gradients + with_grad.astype(jnp.int32),
                 ),
                 s,
             )
 
         search = jax.lax.while_loop(cond_fn, body_fn, init_search)
-        accepted = descends & (search.f_best < phi0) & (search.best > 0)
+        # A lower value, or (store_grad) a trial that settled on its slope.
+        settled = descends & search.done
+        accepted = descends & ((search.f_best < phi0) | settled) & (search.best > 0)
         alpha = jnp.where(accepted, search.best, zero)
+        value_next = jnp.where(accepted, search.f_best, phi0)
+        grad_next = None
+        if store_grad:
+            # The gradient at the new params, where known: the accepted trial's,
+            # or the given one at params after a failure.
+            grad_next = optax.tree.where(
+                accepted, search.grad_best, optax.tree.cast_like(grad, zero_grad)
+            )
+            known = jnp.where(accepted, search.best_has_grad, True)
+            known &= _protocol.all_finite(grad_next)
+            value_next = jnp.where(known, value_next, jnp.inf)
         new_state = SlopeLinesearchState(
             learning_rate=alpha,
-            value=jnp.where(accepted, search.f_best, phi0),
+            value=value_next,
+            grad=grad_next,
             info=SlopeLinesearchInfo(
                 num_evaluations=search.num_evaluations,
+                num_gradients=search.num_gradients,
                 slope=jnp.where(descends, slope, zero),
                 failed=~accepted & (d_dot_d != 0),
             ),

@@ -154,6 +154,11 @@ def two_phase(
       and the second phase hands it to its line search. ``first`` receives all
       keyword arguments if it accepts extra arguments.
 
+      With the default ``second``, ``optax.value_and_grad_from_state(loss_fn)(
+      params, state=state)`` computes the value and gradient in the first
+      phase and hands over the ones the line search left in the second: use
+      it where the second phase runs on a fixed (full) batch.
+
     Example:
       >>> import jax
       >>> import jax.numpy as jnp

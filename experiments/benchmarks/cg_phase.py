@@ -1,51 +1,132 @@
-"""Cost of the CG phase: line-search evaluations and time per CG step.
+"""Cost of the CG phase: loss reached per forward pass from the same Adam start.
 
-    python -m experiments.benchmarks.cg_phase [--quick] [--out FILE.json]
+    python -m experiments.benchmarks.cg_phase [--quick] [--models vit-mlp vgg5]
+        [--pretrain 90] [--budget 900] [--out FILE.json]
 
-vit-mlp on digits is first trained with Adam (batch 64) for ``--pretrain``
-epochs, the start of the second phase in the paper's fixed split. From those
-parameters, nonlinear CG (:func:`twophase_optax.conjugate_gradient`, full
-batch, as the experiments run it) takes ``--steps`` steps with the
-golden-section line search at its default tolerance 1e-2 and at 1e-3 and 1e-4.
+Each model is first trained on digits (softmax + MSE) with mini-batch Adam,
+batch 512, for ``--pretrain`` epochs. From those parameters every setting
+takes full-batch steps, as the second phase of the experiments does, until
+it has spent ``--budget`` forward-pass equivalents and made at least 100
+steps. The references continue from the same point: mini-batch Adam (its
+moments included) and ``optax.lbfgs``.
 
-Reported per tolerance: the line-search evaluations per step (median and
-max), the time per CG step, and that time in units of one Adam step, both on
-the same full batch and on the batch of 64 that the first phase uses. Times
-are medians of interleaved repeats after a warm-up (each repeat runs the
-``--steps`` steps from the same start); compile time is reported separately.
+Cost is counted honestly in forward-pass equivalents over the training set:
+a value is 1, a value and gradient 3. A step costs the gradient at its start
+(3, or 0 when ``optax.value_and_grad_from_state`` finds it in the state)
+plus its line search (1 per value, 3 per value and gradient; optax's zoom
+search evaluates both at every trial). An Adam epoch is 3.
+
+Reported per setting: median and mean forward-pass equivalents and
+line-search evaluations per step, the fraction of steps that restarted CG
+as steepest descent, the training loss after 100 steps and after budgets of
+450 and 900 forward-pass equivalents (the last state within the budget), the
+median seconds per step after the first (the first, with compiling, is
+reported separately) and the loss curve, in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import statistics
+import time
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import twophase_optax as tpo
 from experiments import train as train_lib
 from experiments.benchmarks import timing
 
-DEFAULT_TOL = 1e-2
+BUDGETS = (450, 900)
+DEFAULT = "cg default: slope rtol 0.1, store_grad, no Powell"
+MIN_STEPS = 100
+VALUE, VALUE_AND_GRAD = 1, 3  # forward-pass equivalents
 
 
-def pretrained_trainer(model: str, epochs: int) -> train_lib.Trainer:
+def golden_cost(state) -> jax.Array:
+    return VALUE * state.info.num_evaluations
+
+
+def slope_cost(state) -> jax.Array:
+    info = state.info
+    values = info.num_evaluations - info.num_gradients
+    return VALUE * values + VALUE_AND_GRAD * info.num_gradients
+
+
+def zoom_cost(state) -> jax.Array:
+    return VALUE_AND_GRAD * state.info.num_linesearch_steps
+
+
+def cg(linesearch, powell: bool = False) -> optax.GradientTransformationExtraArgs:
+    return tpo.conjugate_gradient(
+        linesearch=linesearch, powell_threshold=0.2 if powell else None
+    )
+
+
+# name -> (the optimiser, the cost of its line search from its state)
+SETTINGS: dict[str, tuple[Callable[[], optax.GradientTransformation], Callable]] = {
+    "cg golden tol 1e-2, Powell (the old default)": (
+        lambda: cg(tpo.golden_section_linesearch(), powell=True),
+        golden_cost,
+    ),
+    "cg golden tol 1e-2": (lambda: cg(tpo.golden_section_linesearch()), golden_cost),
+    "cg slope rtol 0.1, values": (lambda: cg(tpo.slope_linesearch()), slope_cost),
+    "cg slope rtol 0.1, store_grad, Powell": (
+        lambda: cg(tpo.slope_linesearch(store_grad=True), powell=True),
+        slope_cost,
+    ),
+    DEFAULT: (lambda: tpo.conjugate_gradient(), slope_cost),
+    "cg slope rtol 0.3, store_grad": (
+        lambda: cg(tpo.slope_linesearch(rtol=0.3, store_grad=True)),
+        slope_cost,
+    ),
+    "cg zoom curv_rtol 0.1": (
+        lambda: cg(optax.scale_by_zoom_linesearch(30, curv_rtol=0.1)),
+        zoom_cost,
+    ),
+    "optax.lbfgs": (lambda: optax.lbfgs(), zoom_cost),
+}
+QUICK_SETTINGS = ("cg golden tol 1e-2", DEFAULT, "optax.lbfgs")
+
+
+def pretrained_trainer(model: str, epochs: int, images: int | None):
     config = train_lib.Config(
-        model=model, optimizer="adam", batch_size=64, epochs=epochs, progress=False
+        model=model, optimizer="adam", batch_size=512, epochs=epochs, progress=False
     )
     trainer = train_lib.Trainer(config)
+    if images is not None:
+        data = trainer.data
+        trainer.data = dataclasses.replace(
+            data, x_train=data.x_train[:images], y_train=data.y_train[:images]
+        )
     for epoch in range(epochs):
         trainer.run_epoch(epoch)
     return trainer
 
 
-def make_step(trainer: train_lib.Trainer, tx: optax.GradientTransformationExtraArgs):
-    """One jitted step of ``tx`` on a batch (value, gradient and update)."""
+def full_batch_step(trainer, tx, cost_of):
+    """One jitted full-batch step that reuses a stored value and gradient.
+
+    Returns ``(params, state, forward-pass equivalents, restarted)``.
+    """
+    reuse = _stores_gradient(tx.init(trainer.params))
+    if reuse:
+        value_and_grad = optax.value_and_grad_from_state(trainer.batch_loss)
+    else:
+        value_and_grad = jax.value_and_grad(trainer.batch_loss)
 
     def step(params, state, images, labels):
-        value, grad = jax.value_and_grad(trainer.batch_loss)(params, images, labels)
+        if reuse:
+            stored = optax.tree.get(state, "value")
+            start_cost = jnp.where(jnp.isfinite(stored), 0, VALUE_AND_GRAD)
+            value, grad = value_and_grad(params, images, labels, state=state)
+        else:
+            start_cost = jnp.asarray(VALUE_AND_GRAD)
+            value, grad = value_and_grad(params, images, labels)
         updates, state = tx.update(
             grad,
             state,
@@ -56,160 +137,167 @@ def make_step(trainer: train_lib.Trainer, tx: optax.GradientTransformationExtraA
             images=images,
             labels=labels,
         )
-        return optax.apply_updates(params, updates), state
+        linesearch = tpo.find_linesearch_state(state)
+        restarted = optax.tree.get(state, "restarted", jnp.asarray(False))
+        cost = start_cost + cost_of(linesearch)
+        return optax.apply_updates(params, updates), state, cost, restarted
 
-    return step
-
-
-def run_steps(step, params, state, images, labels, num_steps):
-    for _ in range(num_steps):
-        params, state = step(params, state, images, labels)
-    return params, state
+    return jax.jit(step)
 
 
-def measure(
-    model: str, pretrain: int, num_steps: int, images: int | None, repeats: int
-):
-    trainer = pretrained_trainer(model, pretrain)
-    x, y = trainer.data.x_train[:images], trainer.data.y_train[:images]
-    params = trainer.params
-    adam = optax.adam(trainer.config.lr)
-    adam_step = make_step(trainer, adam)
-    adam_args = (params, adam.init(params))
-    adam_full, full_seconds = timing.compiled(adam_step, *adam_args, x, y)
-    adam_64, seconds_64 = timing.compiled(adam_step, *adam_args, x[:64], y[:64])
-    # The candidates run num_steps steps from the same start in every repeat.
-    candidates = {
-        "adam, full batch": (
-            lambda: run_steps(adam_full, *adam_args, x, y, num_steps),
-            (),
-        ),
-        "adam, batch 64": (
-            lambda: run_steps(adam_64, *adam_args, x[:64], y[:64], num_steps),
-            (),
-        ),
+def _stores_gradient(state) -> bool:
+    grad = optax.tree.get(tpo.find_linesearch_state(state), "grad")
+    return grad is not None
+
+
+def run_setting(trainer, name: str, budget: float) -> dict:
+    make, cost_of = SETTINGS[name]
+    tx = make()
+    x, y = trainer.data.x_train, trainer.data.y_train
+    step = full_batch_step(trainer, tx, cost_of)
+    params, state = trainer.params, tx.init(trainer.params)
+    loss_fn = jax.jit(trainer.batch_loss)
+    loss = float(loss_fn(params, x, y))
+    curve = [[0.0, loss]]
+    costs, evaluations, gradients, restarts, seconds = [], [], [], [], []
+    spent = 0.0
+    while spent < budget or len(costs) < MIN_STEPS:
+        start = time.perf_counter()
+        params, state, cost, restarted = step(params, state, x, y)
+        cost = int(cost)
+        seconds.append(time.perf_counter() - start)
+        spent += cost
+        costs.append(cost)
+        info = tpo.find_linesearch_state(state).info
+        evaluations.append(int(info[0]))
+        gradients.append(int(getattr(info, "num_gradients", 0)))
+        restarts.append(bool(restarted))
+        curve.append([spent, float(loss_fn(params, x, y))])
+    return {
+        "setting": name,
+        "median_fpe_per_step": statistics.median(costs),
+        "mean_fpe_per_step": statistics.fmean(costs),
+        "median_evaluations": statistics.median(evaluations),
+        "mean_evaluations": statistics.fmean(evaluations),
+        "restart_fraction": statistics.fmean(restarts),
+        "loss_after_100_steps": curve[MIN_STEPS][1],
+        **{f"loss_at_{b}": loss_within(curve, b) for b in BUDGETS},
+        "first_step_seconds": seconds[0],
+        "median_step_seconds": statistics.median(seconds[1:]),
+        "costs": costs,
+        "evaluations": evaluations,
+        "gradients": gradients,
+        "curve": curve,
     }
-    compiles = {"adam, full batch": full_seconds, "adam, batch 64": seconds_64}
-    evaluations = {}
-    for tol in (DEFAULT_TOL, 1e-3, 1e-4):
-        name = f"cg, tol {tol:.0e}"
-        cg = tpo.conjugate_gradient(linesearch=tpo.golden_section_linesearch(tol=tol))
-        state = cg.init(params)
-        cg_step, compiles[name] = timing.compiled(
-            make_step(trainer, cg), params, state, x, y
-        )
-        evaluations[name] = []
-        p, s = params, state
-        for _ in range(num_steps):  # Also the warm-up; evaluations are exact.
-            p, s = cg_step(p, s, x, y)
-            evaluations[name].append(int(s.linesearch_state.info.num_evaluations))
-        candidates[name] = (
-            lambda cg_step=cg_step, state=state: run_steps(
-                cg_step, params, state, x, y, num_steps
-            ),
-            (),
-        )
-    medians = timing.interleaved_medians(candidates, repeats, inner=1)
-    per_step = {name: seconds / num_steps for name, seconds in medians.items()}
+
+
+def loss_within(curve: list[tuple[float, float]], budget: float) -> float:
+    """The loss of the last state reached within ``budget`` forward passes."""
+    return [loss for spent, loss in curve if spent <= budget][-1]
+
+
+def run_adam(trainer, budget: float, first_epoch: int) -> dict:
+    """Mini-batch Adam continued from the trainer's state (3 per epoch)."""
+    x, y = trainer.data.x_train, trainer.data.y_train
+    loss_fn = jax.jit(trainer.batch_loss)
+    curve = [[0.0, float(loss_fn(trainer.params, x, y))]]
+    seconds, epoch = [], first_epoch
+    while curve[-1][0] < budget:
+        row = trainer.run_epoch(epoch)
+        seconds.append(row["epoch_seconds"])
+        epoch += 1
+        spent = curve[-1][0] + VALUE_AND_GRAD
+        curve.append([spent, float(loss_fn(trainer.params, x, y))])
+    steps = len(range(0, len(x), trainer.config.batch_size))
+    return {
+        "setting": f"adam, batch {trainer.config.batch_size} (continued)",
+        "median_fpe_per_step": VALUE_AND_GRAD / steps,
+        "mean_fpe_per_step": VALUE_AND_GRAD / steps,
+        "epochs": epoch - first_epoch,
+        **{f"loss_at_{b}": loss_within(curve, b) for b in BUDGETS},
+        "first_step_seconds": seconds[0] / steps,
+        "median_step_seconds": statistics.median(seconds[1:]) / steps,
+        "curve": curve,
+    }
+
+
+def measure(model: str, pretrain: int, names, budget: float, images: int | None):
+    trainer = pretrained_trainer(model, pretrain, images)
+    x, y = trainer.data.x_train, trainer.data.y_train
+    start_loss = float(jax.jit(trainer.batch_loss)(trainer.params, x, y))
     rows = []
-    for name, k in evaluations.items():
-        rows.append(
-            {
-                "case": name,
-                "tol": float(name.split()[-1]),
-                "default_tol": name == f"cg, tol {DEFAULT_TOL:.0e}",
-                "evaluations": k,
-                "median_evaluations": statistics.median(k),
-                "max_evaluations": max(k),
-                "seconds_per_step": per_step[name],
-                "in_adam_full_batch_steps": per_step[name]
-                / per_step["adam, full batch"],
-                "in_adam_batch_64_steps": per_step[name] / per_step["adam, batch 64"],
-                "compile_seconds": compiles[name],
-            }
-        )
-    adam_rows = [
-        {
-            "case": name,
-            "seconds_per_step": per_step[name],
-            "compile_seconds": compiles[name],
-        }
-        for name in ("adam, full batch", "adam, batch 64")
+    for name in names:
+        rows.append(run_setting(trainer, name, budget))
+        print(format_row(rows[-1]), flush=True)
+    rows.append(run_adam(trainer, budget, pretrain))
+    print(format_row(rows[-1]), flush=True)
+    return {"model": model, "images": len(x), "start_loss": start_loss, "rows": rows}
+
+
+HEADER = [
+    "setting",
+    "fpe/step median",
+    "mean",
+    "evals/step median",
+    "mean",
+    "restarts",
+    "loss @100 steps",
+    *[f"loss @{b} fpe" for b in BUDGETS],
+    "ms/step",
+]
+
+
+def format_row(r: dict) -> str:
+    return timing.markdown_table(HEADER, [table_row(r)]).splitlines()[-1]
+
+
+def table_row(r: dict) -> list:
+    def num(key, fmt):
+        return format(r[key], fmt) if key in r else ""
+
+    return [
+        r["setting"],
+        num("median_fpe_per_step", "g"),
+        num("mean_fpe_per_step", ".2f"),
+        num("median_evaluations", "g"),
+        num("mean_evaluations", ".2f"),
+        num("restart_fraction", ".2f"),
+        num("loss_after_100_steps", ".2e"),
+        *[num(f"loss_at_{b}", ".2e") for b in BUDGETS],
+        f"{1e3 * r['median_step_seconds']:.1f}",
     ]
-    return rows, adam_rows, len(x)
+
+
+def format_table(result: dict) -> str:
+    return timing.markdown_table(HEADER, [table_row(r) for r in result["rows"]])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, smoke test")
-    parser.add_argument("--pretrain", type=int, default=30, help="Adam epochs first")
-    parser.add_argument("--steps", type=int, default=12, help="CG steps timed")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["vit-mlp", "vgg5"])
+    parser.add_argument("--pretrain", type=int, default=90, help="Adam epochs first")
+    parser.add_argument("--budget", type=float, default=max(BUDGETS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
-    model, images = "vit-mlp", None
+    images = None
     if args.quick:
-        model, images, args.pretrain, args.steps = "vit-nomlp-wkewq-wvwo", 128, 1, 2
-    rows, adam_rows, num_images = measure(
-        model, args.pretrain, args.steps, images, args.repeats
-    )
-    result = {
-        **timing.environment(),
-        "model": model,
-        "images": num_images,
-        "pretrain_epochs": args.pretrain,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "cg": rows,
-        "adam": adam_rows,
-    }
+        args.models, args.pretrain, images = ["vit-nomlp-wkewq-wvwo"], 1, 128
+        args.settings = list(QUICK_SETTINGS)
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown --settings {unknown}; choose from {list(SETTINGS)}")
+    result = {**timing.environment(), "pretrain_epochs": args.pretrain, "runs": []}
     print(f"device: {result['device']} ({result['backend']}), jax {jax.__version__}")
-    print(
-        f"{model} on digits, {num_images} images (full batch), CG after "
-        f"{args.pretrain} Adam epochs, {args.steps} CG steps\n"
-    )
-    print(format_table(rows, adam_rows))
+    for model in args.models:
+        print(f"\n{model} on digits, full batch, after {args.pretrain} Adam epochs\n")
+        print("\n".join(timing.markdown_table(HEADER, []).splitlines()[:2]))
+        run = measure(model, args.pretrain, args.settings, args.budget, images)
+        result["runs"].append(run)
+        print(f"start loss {run['start_loss']:.3e}, {run['images']} images")
     timing.write_json(args.out, result)
     return result
-
-
-def format_table(rows: list[dict], adam_rows: list[dict]) -> str:
-    table = [
-        [
-            r["case"] + (" (default)" if r["default_tol"] else ""),
-            f"{r['median_evaluations']:g}",
-            r["max_evaluations"],
-            f"{1e3 * r['seconds_per_step']:.2f}",
-            f"{r['in_adam_full_batch_steps']:.1f}",
-            f"{r['in_adam_batch_64_steps']:.1f}",
-            f"{r['compile_seconds']:.2f}",
-        ]
-        for r in rows
-    ]
-    table += [
-        [
-            r["case"],
-            "",
-            "",
-            f"{1e3 * r['seconds_per_step']:.2f}",
-            "",
-            "",
-            f"{r['compile_seconds']:.2f}",
-        ]
-        for r in adam_rows
-    ]
-    return timing.markdown_table(
-        [
-            "step",
-            "line-search evals (median)",
-            "max",
-            "ms per step",
-            "x Adam step (full batch)",
-            "x Adam step (batch 64)",
-            "compile s",
-        ],
-        table,
-    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ plus a bias, 650 weights, L2 penalty 1e-3 so that the minimum is unique).
 Solvers, all run to the same test, ``||grad f||_2 <= 1e-5`` (or their own
 closest equivalent), from the same start:
 
-* ``ours golden``: :func:`twophase_optax.conjugate_gradient` with its default
-  golden-section line search (tol 1e-2);
+* ``ours golden``: :func:`twophase_optax.conjugate_gradient` with the
+  paper's golden-section line search (tol 1e-2);
+* ``ours slope``: the same with :func:`twophase_optax.slope_linesearch`
+  (values only; the next step computes its value and gradient);
+* ``ours slope, store_grad``: the default, ``slope_linesearch(store_grad=True)``,
+  whose gradient at the accepted point is reused through
+  ``optax.value_and_grad_from_state``;
 * ``ours zoom``: the same with ``optax.scale_by_zoom_linesearch(curv_rtol=0.1)``
   (the value and gradient it returns are reused, as in optax's L-BFGS loop);
 * ``scipy CG``: ``scipy.optimize.minimize(method="CG", jac=True)`` with
@@ -36,6 +41,7 @@ as not installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import time
 from collections.abc import Callable
@@ -123,6 +129,10 @@ def _optax_loop(f, opt, max_iter, evals_per_iteration, from_state):
             searched, with_grad = evals_per_iteration(state)
             if from_state:  # The line search returned f and grad at the new x.
                 value, grad = from_state(state)
+                # Or +inf: not known there, computed (optax's convention).
+                unknown = ~jnp.isfinite(value)
+                value, grad = optax.value_and_grad_from_state(f)(x, state=state)
+                searched, with_grad = searched + unknown, with_grad + unknown
             else:
                 value, grad = value_and_grad(x)
                 searched, with_grad = searched + 1, with_grad + 1
@@ -141,7 +151,8 @@ def ours_golden(f, max_iter):
         n = state.linesearch_state.info.num_evaluations
         return n, jnp.zeros_like(n)
 
-    return _optax_loop(f, tpo.conjugate_gradient(), max_iter, evals, None)
+    opt = tpo.conjugate_gradient(linesearch=tpo.golden_section_linesearch())
+    return _optax_loop(f, opt, max_iter, evals, None)
 
 
 def ours_zoom(f, max_iter):
@@ -156,6 +167,20 @@ def ours_zoom(f, max_iter):
         return state.linesearch_state.value, state.linesearch_state.grad
 
     return _optax_loop(f, opt, max_iter, evals, from_state)
+
+
+def ours_slope(f, max_iter, store_grad=False):
+    linesearch = tpo.slope_linesearch(store_grad=store_grad)
+    opt = tpo.conjugate_gradient(linesearch=linesearch)
+
+    def evals(state):
+        info = state.linesearch_state.info
+        return info.num_evaluations, info.num_gradients
+
+    def from_state(state):
+        return state.linesearch_state.value, state.linesearch_state.grad
+
+    return _optax_loop(f, opt, max_iter, evals, from_state if store_grad else None)
 
 
 def optax_lbfgs(f, max_iter):
@@ -199,12 +224,15 @@ def optimistix_cg(f, max_iter):
 
 JAX_SOLVERS = {
     "ours golden": ours_golden,
+    "ours slope": ours_slope,
+    "ours slope, store_grad": functools.partial(ours_slope, store_grad=True),
     "ours zoom": ours_zoom,
     "jaxopt.NonlinearCG": jaxopt_cg,
     "optimistix.NonlinearCG": optimistix_cg,
     "optax.lbfgs": optax_lbfgs,
 }
-SOLVER_ORDER = ["ours golden", "ours zoom", "scipy CG", *list(JAX_SOLVERS)[2:]]
+OURS = ["ours golden", "ours slope", "ours slope, store_grad", "ours zoom"]
+SOLVER_ORDER = [*OURS, "scipy CG", *[s for s in JAX_SOLVERS if s not in OURS]]
 CG_PEERS = ("scipy CG", "jaxopt.NonlinearCG", "optimistix.NonlinearCG")
 
 
