@@ -123,6 +123,13 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> 
             as_supervised=True,
             download=download,
         )
+    except ImportError as error:  # A module tfds needs, not the data.
+        raise DatasetUnavailableError(
+            f"Loading the TFDS dataset {name!r} failed because tensorflow-datasets "
+            f"could not import {error.name or 'a module'!r} ({error}). "
+            "Reinstall the experiment extras, which declare it: "
+            "pip install -e '.[experiments]'."
+        ) from error
     except Exception as error:  # tfds raises many types; all mean "not here".
         where = data_dir or "the default TFDS directory (~/tensorflow_datasets)"
         raise DatasetUnavailableError(

@@ -39,6 +39,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
@@ -331,9 +332,16 @@ def write_summary(out: pathlib.Path) -> str:
 
 def _epochs(text: str) -> dict[str, int]:
     """``150`` (every dataset) or ``digits=150,mnist5k=60``."""
+    count = cli.integer(1)
     if "=" not in text:
-        return dict.fromkeys(data_lib.DATASET_NAMES, int(text))
-    return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+        return dict.fromkeys(data_lib.DATASET_NAMES, count(text))
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        return {name: count(n) for name, n in pairs}
+    except ValueError:  # not NAME=N
+        raise argparse.ArgumentTypeError(
+            f"must be N or DATASET=N,DATASET=M with N >= 1, got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,20 +361,24 @@ def main(argv: list[str] | None = None) -> None:
         default="digits=150,mnist5k=80",
         help="epochs per run: N, or per dataset as digits=N,mnist5k=M",
     )
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=cli.integer(1), default=512)
+    parser.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
     train_lib.add_loss_argument(parser)
-    parser.add_argument("--gn-factor", type=float, default=0.9)
+    parser.add_argument("--gn-factor", type=cli.FRACTION, default=0.9)
     parser.add_argument(
         "--curvature-every",
-        type=int,
+        type=cli.integer(0),
         default=0,
         help="every N epochs probe the Hessian's extreme eigenvalues on a fixed "
         "batch (Lanczos) and plot their ratio under the reading; 0: never",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("results/fig5")
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("runs/fig5"),
+        help="default: runs/fig5 (git ignores runs/); --out results/fig5 "
+        "replaces the committed plots",
     )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--resume", action="store_true")

@@ -50,6 +50,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import twophase_optax as tpo
+from experiments import cli
 from experiments import data as data_lib
 from experiments import models
 from experiments import sharding
@@ -89,6 +90,7 @@ class Config:
     data_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    label: str = ""  # A prefix for the progress bar ("run 2/10: ").
     curvature_every: int = 0  # Probe the Hessian every N epochs; 0: never.
     curvature_iterations: int = 20  # Lanczos steps (Hessian-vector products).
     curvature_batch: int = 512  # The fixed probe batch: the first N images.
@@ -514,7 +516,7 @@ def train(config: Config) -> list[dict[str, Any]]:
         range(first_epoch, config.epochs),
         initial=first_epoch,
         total=config.epochs,
-        desc=f"{config.model} {config.optimizer}",
+        desc=f"{config.label}{config.model} {config.optimizer}",
         disable=not (config.progress and chief),
         file=sys.stderr,
     )
@@ -576,39 +578,41 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--dataset", default=defaults.dataset, choices=data_lib.DATASET_NAMES
     )
     parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--epochs", type=cli.integer(1), default=defaults.epochs)
+    parser.add_argument(
+        "--batch-size", type=cli.integer(1), default=defaults.batch_size
+    )
     parser.add_argument(
         "--cg-batch-size",
-        type=int,
+        type=cli.integer(1),
         default=None,
         help="batch size of the CG phase (default: the whole training set)",
     )
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=cli.POSITIVE, default=defaults.lr)
     add_loss_argument(parser)
     parser.add_argument(
         "--gn-factor",
-        type=float,
+        type=cli.FRACTION,
         default=defaults.gn_factor,
         help="two-phase: swap once the smoothed reading falls to this fraction "
         "of its maximum, in (0, 1) (the paper's 0.9 is for raw readings)",
     )
     parser.add_argument(
         "--smoothing",
-        type=float,
+        type=cli.number(0.0, 1.0, low_open=True),
         default=defaults.smoothing,
         help="two-phase: weight of the newest reading in the moving average, "
         "in (0, 1]; 1 tests the raw reading",
     )
     parser.add_argument(
         "--patience",
-        type=int,
+        type=cli.integer(1),
         default=defaults.patience,
         help="two-phase: readings in a row below the threshold before the swap",
     )
     parser.add_argument(
         "--min-rise",
-        type=float,
+        type=cli.number(1.0),
         default=defaults.min_rise,
         help="two-phase: no fall counts before the maximum is this multiple of "
         "the first reading (>= 1)",
@@ -621,7 +625,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--swap-epoch",
-        type=int,
+        type=cli.integer(0),
         default=defaults.swap_epoch,
         help="first CG epoch of two-phase-fixed",
     )
@@ -632,23 +636,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="two-phase: after --max-failures failed line searches in a row, "
         "stay in CG ('none', the default) or return to Adam ('first')",
     )
-    parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
+    parser.add_argument(
+        "--max-failures", type=cli.integer(1), default=defaults.max_failures
+    )
     parser.add_argument(
         "--curvature-every",
-        type=int,
+        type=cli.integer(0),
         default=0,
         help="every N epochs record the smallest and largest Hessian "
         "eigenvalue of the loss on a fixed probe batch (Lanczos); 0: never",
     )
     parser.add_argument(
         "--curvature-iterations",
-        type=int,
+        type=cli.integer(1),
         default=defaults.curvature_iterations,
         help="Lanczos steps (Hessian-vector products) per curvature probe",
     )
     parser.add_argument(
         "--curvature-batch",
-        type=int,
+        type=cli.integer(1),
         default=defaults.curvature_batch,
         help="images in the fixed curvature probe batch",
     )
@@ -675,8 +681,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="with --distributed: process 0's host:port (default: detected from "
         "the cluster environment, e.g. SLURM or a TPU pod)",
     )
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--num-processes", type=cli.integer(1), default=None)
+    parser.add_argument("--process-id", type=cli.integer(0), default=None)
     args = vars(parser.parse_args(argv))
     args["fallback"] = None if args["fallback"] == "none" else args["fallback"]
     if args.pop("paper_rule"):

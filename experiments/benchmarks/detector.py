@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--runs", type=pathlib.Path, default=pathlib.Path("results/detector/runs")
     )
     parser.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=pathlib.Path("results/benchmarks/detector_cpu.json"),
+        "--out", type=pathlib.Path, default=None, help="JSON file to write"
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -195,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.epochs.get(batch, 0) < 1:
             parser.error(f"argument --epochs: give batch size {batch} at least 1 epoch")
     result = study(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     return result
 
