@@ -108,8 +108,8 @@ def verdict(runs: list[Run], run: Run) -> str:
         ("wall_time", "time"),
     ):
         pair = at_equal(runs, run, key)
-        if pair is None:
-            parts.append(f"equal {name}: no common point")
+        if pair is None:  # Its first epoch outlasts Adam's whole run.
+            parts.append(f"equal {name}: Adam (two-phase's first epoch exceeds it)")
             continue
         ours, adam = pair
         if ours["train_loss"] == adam["train_loss"]:

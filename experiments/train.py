@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -218,14 +219,22 @@ class Trainer:
         self.loss_fn = models.LOSSES[config.loss]
         # The state keeps its sharding: the outputs are pinned to the inputs'.
         replicated = sharding.replicated(self.mesh)
+        out_shardings = (
+            params_shardings,
+            state_shardings,
+            params_shardings,
+            replicated,
+        )
+        # Adam epochs compute every gradient, exactly as the Adam run does (so
+        # two-phase before the swap repeats it bit for bit); CG epochs take
+        # the one the line search left, where there is one.
         self.train_step = jax.jit(
-            self._train_step,
-            out_shardings=(
-                params_shardings,
-                state_shardings,
-                params_shardings,
-                replicated,
-            ),
+            functools.partial(self._train_step, reuse=False),
+            out_shardings=out_shardings,
+        )
+        self.cg_train_step = jax.jit(
+            functools.partial(self._train_step, reuse=self.reuse_gradient),
+            out_shardings=out_shardings,
         )
         self.evaluate_batch = jax.jit(self._evaluate_batch)
         self.probe_curvature = jax.jit(self._probe_curvature)
@@ -276,12 +285,12 @@ class Trainer:
         """The float32 sum of an epoch's gradients, before its first step."""
         return optax.tree.zeros_like(self.params, dtype=jnp.float32)
 
-    def _train_step(self, params, opt_state, grad_sum, images, labels, mask):
+    def _train_step(self, params, opt_state, grad_sum, images, labels, mask, reuse):
         if self.config.optimizer in ("two-phase", "two-phase-fixed"):
             ran_cg = opt_state.in_second_phase
         else:
             ran_cg = jnp.asarray(self.config.optimizer == "cg")
-        if self.reuse_gradient:
+        if reuse:
             # The line search left the value and gradient at these params.
             stored = optax.tree.get(opt_state, "value")
             start_cost = jnp.where(jnp.isfinite(stored), 0.0, VALUE_AND_GRAD)
@@ -385,7 +394,8 @@ class Trainer:
             self.data.x_train, self.data.y_train, batch_size, self.config.seed, epoch
         ):
             # Every host holds the whole batch and places its own shards.
-            self.params, self.opt_state, grad_sum, step_stats = self.train_step(
+            step = self.cg_train_step if cg_epoch else self.train_step
+            self.params, self.opt_state, grad_sum, step_stats = step(
                 self.params, self.opt_state, grad_sum, *self.place(images, labels)
             )
             if self.block_every_step:

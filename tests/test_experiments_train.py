@@ -222,3 +222,17 @@ def test_cli_rejects_out_of_range_flags_in_one_line(module, argv, message, capsy
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-1].endswith(f"error: {message}, got {argv[1]!r}")
     assert not any("Traceback" in line for line in errors)
+
+
+def test_two_phase_before_the_swap_repeats_the_adam_run_bit_for_bit(tmp_path):
+    common = dict(**SMALL, epochs=2, lr=3e-3)
+    adam = train.train(
+        train.Config(**common, optimizer="adam", out=str(tmp_path / "a"))
+    )
+    ours = train.train(
+        train.Config(
+            **common, optimizer="two-phase-fixed", swap_epoch=5, out=str(tmp_path / "b")
+        )
+    )
+    keys = ("train_loss", "val_loss", "gn_reading", "forward_passes")
+    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in adam]
