@@ -360,9 +360,6 @@ def slope_linesearch(
                     s.bracket, a, f, slope_a, with_grad
                 )
                 proposal = jnp.where(with_grad, proposal_with_slope, proposal)
-            else:
-                bracket = s.bracket
-            if store_grad:
                 # The slope at the trial has fallen to rtol of phi'(0), and the
                 # value is not above phi(0) beyond rounding (Hager & Zhang's
                 # approximate Wolfe conditions): near a minimum the decrease
@@ -379,6 +376,7 @@ def slope_linesearch(
                 grad_best = optax.tree.where(take, g, s.grad_best)
                 best_has_grad = jnp.where(take, with_grad, s.best_has_grad)
             else:
+                bracket = s.bracket
                 best = jnp.where(better, a, s.best)
                 f_best = jnp.where(better, f, s.f_best)
                 grad_best, best_has_grad = None, s.best_has_grad

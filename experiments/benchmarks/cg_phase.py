@@ -44,21 +44,6 @@ from experiments.benchmarks import timing
 BUDGETS = (450, 900)
 DEFAULT = "cg default: slope rtol 0.1, store_grad, no Powell"
 MIN_STEPS = 100
-VALUE, VALUE_AND_GRAD = 1, 3  # forward-pass equivalents
-
-
-def golden_cost(state) -> jax.Array:
-    return VALUE * state.info.num_evaluations
-
-
-def slope_cost(state) -> jax.Array:
-    info = state.info
-    values = info.num_evaluations - info.num_gradients
-    return VALUE * values + VALUE_AND_GRAD * info.num_gradients
-
-
-def zoom_cost(state) -> jax.Array:
-    return VALUE_AND_GRAD * state.info.num_linesearch_steps
 
 
 def cg(linesearch, powell: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -67,28 +52,24 @@ def cg(linesearch, powell: bool = False) -> optax.GradientTransformationExtraArg
     )
 
 
-# name -> (the optimiser, the cost of its line search from its state)
-SETTINGS: dict[str, tuple[Callable[[], optax.GradientTransformation], Callable]] = {
-    "cg golden tol 1e-2, Powell (the old default)": (
-        lambda: cg(tpo.golden_section_linesearch(), powell=True),
-        golden_cost,
+# name -> the optimiser
+SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "cg golden tol 1e-2, Powell (the old default)": lambda: cg(
+        tpo.golden_section_linesearch(), powell=True
     ),
-    "cg golden tol 1e-2": (lambda: cg(tpo.golden_section_linesearch()), golden_cost),
-    "cg slope rtol 0.1, values": (lambda: cg(tpo.slope_linesearch()), slope_cost),
-    "cg slope rtol 0.1, store_grad, Powell": (
-        lambda: cg(tpo.slope_linesearch(store_grad=True), powell=True),
-        slope_cost,
+    "cg golden tol 1e-2": lambda: cg(tpo.golden_section_linesearch()),
+    "cg slope rtol 0.1, values": lambda: cg(tpo.slope_linesearch()),
+    "cg slope rtol 0.1, store_grad, Powell": lambda: cg(
+        tpo.slope_linesearch(store_grad=True), powell=True
     ),
-    DEFAULT: (lambda: tpo.conjugate_gradient(), slope_cost),
-    "cg slope rtol 0.3, store_grad": (
-        lambda: cg(tpo.slope_linesearch(rtol=0.3, store_grad=True)),
-        slope_cost,
+    DEFAULT: lambda: tpo.conjugate_gradient(),
+    "cg slope rtol 0.3, store_grad": lambda: cg(
+        tpo.slope_linesearch(rtol=0.3, store_grad=True)
     ),
-    "cg zoom curv_rtol 0.1": (
-        lambda: cg(optax.scale_by_zoom_linesearch(30, curv_rtol=0.1)),
-        zoom_cost,
+    "cg zoom curv_rtol 0.1": lambda: cg(
+        optax.scale_by_zoom_linesearch(30, curv_rtol=0.1)
     ),
-    "optax.lbfgs": (lambda: optax.lbfgs(), zoom_cost),
+    "optax.lbfgs": lambda: optax.lbfgs(),
 }
 QUICK_SETTINGS = ("cg golden tol 1e-2", DEFAULT, "optax.lbfgs")
 
@@ -108,12 +89,12 @@ def pretrained_trainer(model: str, epochs: int, images: int | None):
     return trainer
 
 
-def full_batch_step(trainer, tx, cost_of):
+def full_batch_step(trainer, tx):
     """One jitted full-batch step that reuses a stored value and gradient.
 
     Returns ``(params, state, forward-pass equivalents, restarted)``.
     """
-    reuse = _stores_gradient(tx.init(trainer.params))
+    reuse = train_lib.stores_gradient(tx.init(trainer.params))
     if reuse:
         value_and_grad = optax.value_and_grad_from_state(trainer.batch_loss)
     else:
@@ -122,10 +103,10 @@ def full_batch_step(trainer, tx, cost_of):
     def step(params, state, images, labels):
         if reuse:
             stored = optax.tree.get(state, "value")
-            start_cost = jnp.where(jnp.isfinite(stored), 0, VALUE_AND_GRAD)
+            start_cost = jnp.where(jnp.isfinite(stored), 0, train_lib.VALUE_AND_GRAD)
             value, grad = value_and_grad(params, images, labels, state=state)
         else:
-            start_cost = jnp.asarray(VALUE_AND_GRAD)
+            start_cost = jnp.asarray(train_lib.VALUE_AND_GRAD)
             value, grad = value_and_grad(params, images, labels)
         updates, state = tx.update(
             grad,
@@ -139,22 +120,16 @@ def full_batch_step(trainer, tx, cost_of):
         )
         linesearch = tpo.find_linesearch_state(state)
         restarted = optax.tree.get(state, "restarted", jnp.asarray(False))
-        cost = start_cost + cost_of(linesearch)
+        cost = start_cost + train_lib.linesearch_forward_passes(linesearch)
         return optax.apply_updates(params, updates), state, cost, restarted
 
     return jax.jit(step)
 
 
-def _stores_gradient(state) -> bool:
-    grad = optax.tree.get(tpo.find_linesearch_state(state), "grad")
-    return grad is not None
-
-
 def run_setting(trainer, name: str, budget: float) -> dict:
-    make, cost_of = SETTINGS[name]
-    tx = make()
+    tx = SETTINGS[name]()
     x, y = trainer.data.x_train, trainer.data.y_train
-    step = full_batch_step(trainer, tx, cost_of)
+    step = full_batch_step(trainer, tx)
     params, state = trainer.params, tx.init(trainer.params)
     loss_fn = jax.jit(trainer.batch_loss)
     loss = float(loss_fn(params, x, y))
@@ -206,13 +181,13 @@ def run_adam(trainer, budget: float, first_epoch: int) -> dict:
         row = trainer.run_epoch(epoch)
         seconds.append(row["epoch_seconds"])
         epoch += 1
-        spent = curve[-1][0] + VALUE_AND_GRAD
+        spent = curve[-1][0] + train_lib.VALUE_AND_GRAD
         curve.append([spent, float(loss_fn(trainer.params, x, y))])
     steps = len(range(0, len(x), trainer.config.batch_size))
     return {
         "setting": f"adam, batch {trainer.config.batch_size} (continued)",
-        "median_fpe_per_step": VALUE_AND_GRAD / steps,
-        "mean_fpe_per_step": VALUE_AND_GRAD / steps,
+        "median_fpe_per_step": train_lib.VALUE_AND_GRAD / steps,
+        "mean_fpe_per_step": train_lib.VALUE_AND_GRAD / steps,
         "epochs": epoch - first_epoch,
         **{f"loss_at_{b}": loss_within(curve, b) for b in BUDGETS},
         "first_step_seconds": seconds[0] / steps,
