@@ -27,6 +27,7 @@ from twophase_optax.slope_linesearch import SlopeLinesearchInfo
 from twophase_optax.slope_linesearch import SlopeLinesearchState
 from twophase_optax.slope_linesearch import slope_linesearch
 from twophase_optax.swap_detection import GradientNormPeakState
+from twophase_optax.two_phase import SharedBuffer
 from twophase_optax.two_phase import TwoPhaseState
 from twophase_optax.two_phase import two_phase
 
@@ -39,6 +40,7 @@ __all__ = [
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",
     "GradientNormPeakState",
+    "SharedBuffer",
     "SlopeLinesearchInfo",
     "SlopeLinesearchState",
     "TwoPhaseState",

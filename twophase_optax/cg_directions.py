@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from twophase_optax import _protocol
 
@@ -45,41 +45,89 @@ BetaRule = Callable[[Any, Any, Any], jax.Array]
 """``beta(grad, grad_prev, dir_prev) -> scalar``."""
 
 
+class DotProducts(NamedTuple):
+    r"""The five inner products every rule here is a function of.
+
+    With :math:`g = g_k`, :math:`p = g_{k-1}` and :math:`d = d_{k-1}`:
+
+    Attributes:
+      grad_sq: :math:`g^\top g`.
+      grad_dot_prev: :math:`g^\top p`.
+      prev_sq: :math:`p^\top p`.
+      dir_dot_grad: :math:`d^\top g`.
+      dir_dot_prev: :math:`d^\top p`.
+
+    :func:`twophase_optax.conjugate_gradient` keeps the last three of the next
+    step (and :math:`g_{k-1}^\top \tilde g_k` for the gradient its line search
+    stores) instead of the previous gradient itself, when the rule is one of
+    :data:`BETA_RULES`: one params-sized tree less.
+    """
+
+    grad_sq: jax.Array
+    grad_dot_prev: jax.Array
+    prev_sq: jax.Array
+    dir_dot_grad: jax.Array
+    dir_dot_prev: jax.Array
+
+
+def dot_products(grad: Any, grad_prev: Any, dir_prev: Any) -> DotProducts:
+    """The :class:`DotProducts` of three trees, accumulated in float32 at least."""
+    return DotProducts(
+        grad_sq=_dot(grad, grad),
+        grad_dot_prev=_dot(grad, grad_prev),
+        prev_sq=_dot(grad_prev, grad_prev),
+        dir_dot_grad=_dot(dir_prev, grad),
+        dir_dot_prev=_dot(dir_prev, grad_prev),
+    )
+
+
 def _dot(x: Any, y: Any) -> jax.Array:
     return _protocol.vdot(x, y, _protocol.scalar_dtype(x))
 
 
-def _diff(x: Any, y: Any) -> Any:
-    dtype = _protocol.scalar_dtype(x)
-    return optax.tree.sub(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))
+def _fletcher_reeves(p: DotProducts) -> jax.Array:
+    return p.grad_sq / p.prev_sq
+
+
+def _polak_ribiere(p: DotProducts) -> jax.Array:
+    return (p.grad_sq - p.grad_dot_prev) / p.prev_sq
+
+
+def _polak_ribiere_plus(p: DotProducts) -> jax.Array:
+    return jnp.maximum(_polak_ribiere(p), 0.0)
+
+
+def _hestenes_stiefel(p: DotProducts) -> jax.Array:
+    return (p.grad_sq - p.grad_dot_prev) / (p.dir_dot_grad - p.dir_dot_prev)
+
+
+def _dai_yuan(p: DotProducts) -> jax.Array:
+    return p.grad_sq / (p.dir_dot_grad - p.dir_dot_prev)
 
 
 def fletcher_reeves(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     """Fletcher-Reeves: ``g.g / g_prev.g_prev``."""
-    del dir_prev
-    return _dot(grad, grad) / _dot(grad_prev, grad_prev)
+    return _fletcher_reeves(dot_products(grad, grad_prev, dir_prev))
 
 
 def polak_ribiere(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     """Polak-Ribiere: ``g.(g - g_prev) / g_prev.g_prev``."""
-    del dir_prev
-    return _dot(grad, _diff(grad, grad_prev)) / _dot(grad_prev, grad_prev)
+    return _polak_ribiere(dot_products(grad, grad_prev, dir_prev))
 
 
 def polak_ribiere_plus(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     """Polak-Ribiere+: ``max(0, beta_PR)``, an automatic restart when PR < 0."""
-    return jnp.maximum(polak_ribiere(grad, grad_prev, dir_prev), 0.0)
+    return _polak_ribiere_plus(dot_products(grad, grad_prev, dir_prev))
 
 
 def hestenes_stiefel(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     """Hestenes-Stiefel: ``g.y / d_prev.y`` with ``y = g - g_prev``."""
-    y = _diff(grad, grad_prev)
-    return _dot(grad, y) / _dot(dir_prev, y)
+    return _hestenes_stiefel(dot_products(grad, grad_prev, dir_prev))
 
 
 def dai_yuan(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     """Dai-Yuan: ``g.g / d_prev.y`` with ``y = g - g_prev``."""
-    return _dot(grad, grad) / _dot(dir_prev, _diff(grad, grad_prev))
+    return _dai_yuan(dot_products(grad, grad_prev, dir_prev))
 
 
 BETA_RULES: dict[str, BetaRule] = {
@@ -103,3 +151,20 @@ def resolve_beta(beta: str | BetaRule) -> BetaRule:
             f"Unknown beta rule {beta!r}; choose one of {sorted(BETA_RULES)} "
             "or pass a function beta(grad, grad_prev, dir_prev) -> scalar."
         ) from None
+
+
+_FROM_PRODUCTS = {
+    fletcher_reeves: _fletcher_reeves,
+    polak_ribiere: _polak_ribiere,
+    polak_ribiere_plus: _polak_ribiere_plus,
+    hestenes_stiefel: _hestenes_stiefel,
+    dai_yuan: _dai_yuan,
+}
+
+
+def from_dot_products(rule: BetaRule) -> Callable[[DotProducts], jax.Array] | None:
+    """The rule as a function of :class:`DotProducts` (rules of :data:`BETA_RULES`).
+
+    ``None`` for any other function, which needs the trees themselves.
+    """
+    return _FROM_PRODUCTS.get(rule)

@@ -37,8 +37,15 @@ class ConjugateGradientState(NamedTuple):
 
     Attributes:
       count: number of updates made so far (int32).
-      grad_prev: the gradient of the previous step, :math:`g_{k-1}`.
+      grad_prev: the gradient of the previous step, :math:`g_{k-1}`; ``None``
+        where ``grad_prev_products`` stands in for it.
       dir_prev: the previous search direction, :math:`d_{k-1}`.
+      grad_prev_products: where the line search stores the gradient at its
+        accepted point (``slope_linesearch(store_grad=True)``, the default)
+        and ``beta`` is one of :data:`twophase_optax.BETA_RULES`, the products
+        of :math:`g_{k-1}` that the next ``beta`` needs, in place of
+        :math:`g_{k-1}` itself (one params-sized tree less); ``None`` otherwise.
+        A :class:`PreviousGradientProducts`.
       linesearch_state: the state of the line search.
       num_failures: how many line searches in a row have failed, 0 after a
         success (int32). The next direction is steepest descent while it is
@@ -50,12 +57,31 @@ class ConjugateGradientState(NamedTuple):
     """
 
     count: jax.Array
-    grad_prev: optax.Updates
+    grad_prev: optax.Updates | None
     dir_prev: optax.Updates
+    grad_prev_products: PreviousGradientProducts | None
     linesearch_state: optax.OptState
     num_failures: jax.Array
     num_skipped: jax.Array
     info: ConjugateGradientInfo
+
+
+class PreviousGradientProducts(NamedTuple):
+    r"""What the next ``beta`` needs of the previous gradient :math:`g_{k-1}`.
+
+    Attributes:
+      sq_norm: :math:`g_{k-1}^\top g_{k-1}`.
+      dot_dir: :math:`g_{k-1}^\top d_{k-1}`.
+      dot_stored: :math:`g_{k-1}^\top \tilde g_k`, with :math:`\tilde g_k`
+        the gradient the line search stored at the new params. It stands for
+        :math:`g_{k-1}^\top g_k`, so the next step's gradient must be that
+        one (``optax.value_and_grad_from_state``) or equal to it within
+        rounding; any other (another mini-batch) restarts the direction.
+    """
+
+    sq_norm: jax.Array
+    dot_dir: jax.Array
+    dot_stored: jax.Array
 
 
 def linesearch_failed(linesearch_state: Any, step: optax.Updates) -> jax.Array:
@@ -73,6 +99,23 @@ def linesearch_failed(linesearch_state: Any, step: optax.Updates) -> jax.Array:
     if hasattr(info, "decrease_error"):
         return jnp.asarray(info.decrease_error > 0)
     return optax.tree.norm(step) == 0
+
+
+def stored_grad(linesearch_state: Any) -> optax.Updates | None:
+    """The gradient a line search keeps at its accepted point, or ``None``.
+
+    ``slope_linesearch(store_grad=True)`` and optax's searches with
+    ``store_grad=True`` keep it in ``state.grad``.
+    """
+    return getattr(linesearch_state, "grad", None)
+
+
+def _same_gradient(g: optax.Updates, stored: optax.Updates, dtype) -> jax.Array:
+    """Whether ``g`` is ``stored`` up to rounding: relative distance <= sqrt(eps)."""
+    leaves = jax.tree.leaves(g)
+    eps = max((float(jnp.finfo(x.dtype).eps) for x in leaves), default=0.0)
+    distance = _protocol.vdot(*(2 * [optax.tree.sub(g, stored)]), dtype)
+    return distance <= eps * _protocol.vdot(stored, stored, dtype)
 
 
 def _check_hyperparameters(
@@ -135,7 +178,13 @@ def conjugate_gradient(
     its line search alone: typically one value and one value and gradient,
     about 4 forward passes, against 3 for a plain gradient step. Reusing is
     right only while ``value_fn`` stays the same function of the params (the
-    same data); on changing mini-batches compute each step's gradient.
+    same data). The state then keeps three products of the previous gradient
+    instead of the gradient itself (2 params-sized trees, the direction and
+    the stored gradient), and the next ``beta`` takes the stored gradient to
+    be the next one: a gradient that differs from it by more than rounding
+    (another mini-batch) restarts the direction as steepest descent. On
+    changing mini-batches use ``slope_linesearch()`` without ``store_grad``,
+    which keeps the previous gradient and needs no gradients at its trials.
 
     Args:
       beta: the rule for :math:`\beta_k`: one of ``"fletcher_reeves"``,
@@ -199,19 +248,29 @@ def conjugate_gradient(
     if linesearch is None:
         linesearch = slope_linesearch(store_grad=True)
     _check_hyperparameters(linesearch, restart_every, powell_threshold)
+    beta_from_products = cg_directions.from_dot_products(beta_fn)
+
+    def keeps_products(linesearch_state: Any) -> bool:
+        # Static: whether the products of g_{k-1} replace the tree.
+        stores = stored_grad(linesearch_state) is not None
+        return beta_from_products is not None and stores
 
     def init_fn(params: optax.Params) -> ConjugateGradientState:
+        dtype = _protocol.scalar_dtype(params)
+        linesearch_state = linesearch.init(params)
+        zero = jnp.zeros((), dtype)
+        products = keeps_products(linesearch_state)
         return ConjugateGradientState(
             count=jnp.asarray(0, jnp.int32),
-            grad_prev=optax.tree.zeros_like(params),
+            grad_prev=None if products else optax.tree.zeros_like(params),
             dir_prev=optax.tree.zeros_like(params),
-            linesearch_state=linesearch.init(params),
+            grad_prev_products=(
+                PreviousGradientProducts(zero, zero, zero) if products else None
+            ),
+            linesearch_state=linesearch_state,
             num_failures=jnp.asarray(0, jnp.int32),
             num_skipped=jnp.asarray(0, jnp.int32),
-            info=ConjugateGradientInfo(
-                beta=jnp.asarray(0.0, _protocol.scalar_dtype(params)),
-                restarted=jnp.asarray(True),
-            ),
+            info=ConjugateGradientInfo(beta=zero, restarted=jnp.asarray(True)),
         )
 
     def update_fn(
@@ -226,23 +285,40 @@ def conjugate_gradient(
     ) -> tuple[optax.Updates, ConjugateGradientState]:
         _protocol.require_value_and_value_fn("conjugate_gradient", value, value_fn)
         g = updates
+        products = state.grad_prev_products is not None
 
         def take_step(_):
             dtype = state.info.beta.dtype
             steepest = optax.tree.scale(-1.0, g)
-
-            beta_k = jnp.asarray(beta_fn(g, state.grad_prev, state.dir_prev), dtype)
+            restart = (state.count == 0) | (state.num_failures > 0)
+            if products:
+                # g . g_{k-1} is known through the gradient the last search
+                # stored; a different gradient (another batch) restarts.
+                prev = state.grad_prev_products
+                stored = stored_grad(state.linesearch_state)
+                restart |= ~_same_gradient(g, stored, dtype)
+                dots = cg_directions.DotProducts(
+                    grad_sq=_protocol.vdot(g, g, dtype),
+                    grad_dot_prev=prev.dot_stored,
+                    prev_sq=prev.sq_norm,
+                    dir_dot_grad=_protocol.vdot(state.dir_prev, g, dtype),
+                    dir_dot_prev=prev.dot_dir,
+                )
+                beta_k = jnp.asarray(beta_from_products(dots), dtype)
+            else:
+                beta_k = jnp.asarray(beta_fn(g, state.grad_prev, state.dir_prev), dtype)
             conjugate = optax.tree.cast_like(
                 optax.tree.add_scale(steepest, beta_k, state.dir_prev), g
             )
-            restart = (
-                (state.count == 0)
-                | (state.num_failures > 0)
-                | ~jnp.isfinite(beta_k)
-                | (_protocol.vdot(g, conjugate, dtype) >= 0)
+            restart |= ~jnp.isfinite(beta_k) | (
+                _protocol.vdot(g, conjugate, dtype) >= 0
             )
             if powell_threshold is not None:
-                g_dot_prev = _protocol.vdot(g, state.grad_prev, dtype)
+                g_dot_prev = (
+                    dots.grad_dot_prev
+                    if products
+                    else _protocol.vdot(g, state.grad_prev, dtype)
+                )
                 g_dot_g = _protocol.vdot(g, g, dtype)
                 restart |= jnp.abs(g_dot_prev) >= powell_threshold * g_dot_g
             if restart_every is not None:
@@ -261,8 +337,19 @@ def conjugate_gradient(
             failed = linesearch_failed(linesearch_state, step)
             new_state = ConjugateGradientState(
                 count=state.count + 1,
-                grad_prev=g,
+                grad_prev=None if products else g,
                 dir_prev=direction,
+                grad_prev_products=(
+                    PreviousGradientProducts(
+                        sq_norm=_protocol.vdot(g, g, dtype),
+                        dot_dir=_protocol.vdot(g, direction, dtype),
+                        dot_stored=_protocol.vdot(
+                            g, stored_grad(linesearch_state), dtype
+                        ),
+                    )
+                    if products
+                    else None
+                ),
                 linesearch_state=linesearch_state,
                 num_failures=jnp.where(failed, state.num_failures + 1, 0),
                 num_skipped=state.num_skipped,

@@ -180,6 +180,7 @@ def update(
     patience: int = DEFAULT_PATIENCE,
     min_rise: float = DEFAULT_MIN_RISE,
     armed: jax.Array | bool = True,
+    grad_norm: jax.Array | None = None,
 ) -> tuple[GradientNormPeakState, jax.Array]:
     """Adds one step's gradient; returns the new state and whether to swap.
 
@@ -199,6 +200,7 @@ def update(
       patience: smoothed readings in a row at or below the threshold.
       min_rise: the maximum must reach ``min_rise`` times the first reading.
       armed: whether a swap may be signalled now.
+      grad_norm: the norm of ``grads``, where the caller has it already.
 
     Returns:
       ``(new_state, swap)``.
@@ -212,7 +214,9 @@ def update(
         norm_sum = state.window_norm_sum
     else:
         grad_sum = None
-        norm_sum = state.window_norm_sum + optax.tree.norm(grads).astype(dtype)
+        if grad_norm is None:
+            grad_norm = optax.tree.norm(grads)
+        norm_sum = state.window_norm_sum + jnp.asarray(grad_norm).astype(dtype)
         reading = norm_sum / window
 
     first = state.num_readings == 0

@@ -20,6 +20,108 @@ FALLBACKS = (None, "first")
 _FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
 
+class SharedBuffer:
+    """Where a leaf of the first phase's state lives in the second phase's.
+
+    The two phases never run at once, and each starts from a fresh state: the
+    second from ``second.init(params)`` at the swap, the first from
+    ``first.init(params)`` after a fallback. So a params-sized leaf of
+    ``first``'s state (an Adam moment) and one of ``second``'s of the same
+    shape and dtype (a CG direction) can share one buffer. In
+    :class:`TwoPhaseState` the buffer sits in ``second_state``, and
+    ``first_state`` holds this placeholder, a pytree node with no leaves that
+    records the index of that leaf among ``second_state``'s leaves.
+    :meth:`TwoPhaseState.first_phase_state` puts the leaves back.
+    """
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"SharedBuffer({self.index})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SharedBuffer) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash((SharedBuffer, self.index))
+
+
+jax.tree_util.register_pytree_node(
+    SharedBuffer, lambda s: ((), s.index), lambda index, _: SharedBuffer(index)
+)
+
+
+def _is_shared(node: Any) -> bool:
+    return isinstance(node, SharedBuffer)
+
+
+def _share(first_state: Any, second_state: Any) -> Any:
+    """``first_state`` with each leaf that can live in a leaf of ``second_state``
+    (same shape and dtype, not a scalar, each used once) replaced by a
+    :class:`SharedBuffer`."""
+    leaves, treedef = jax.tree.flatten(first_state)
+    free = list(enumerate(jax.tree.leaves(second_state)))
+    shared = []
+    for leaf in leaves:
+        match = next(
+            (
+                k
+                for k, (_, other) in enumerate(free)
+                if jnp.ndim(leaf) > 0
+                and jnp.shape(other) == jnp.shape(leaf)
+                and jnp.result_type(other) == jnp.result_type(leaf)
+            ),
+            None,
+        )
+        shared.append(leaf if match is None else SharedBuffer(free.pop(match)[0]))
+    return treedef.unflatten(shared)
+
+
+def _shared_indices(first_state: Any) -> list[int | None]:
+    """Per leaf of the whole first state, the second state's leaf it lives in."""
+    marks = jax.tree.leaves(first_state, is_leaf=_is_shared)
+    return [m.index if _is_shared(m) else None for m in marks]
+
+
+def _unshare(first_state: Any, second_state: Any) -> Any:
+    """The whole first state: placeholders filled from ``second_state``."""
+    second_leaves = jax.tree.leaves(second_state)
+    return jax.tree.map(
+        lambda x: second_leaves[x.index] if _is_shared(x) else x,
+        first_state,
+        is_leaf=_is_shared,
+    )
+
+
+def _reshare(
+    new_first_state: Any, first_state: Any, second_state: Any
+) -> tuple[Any, Any]:
+    """Stores ``new_first_state``'s shared leaves in ``second_state``'s buffers.
+
+    Returns the first state with placeholders and the second state whose
+    shared leaves now hold them; ``first_state`` gives the layout.
+    """
+    marks, treedef = jax.tree.flatten(first_state, is_leaf=_is_shared)
+    new_leaves = jax.tree.leaves(new_first_state)
+    second_leaves, second_treedef = jax.tree.flatten(second_state)
+    for mark, leaf in zip(marks, new_leaves, strict=True):
+        if _is_shared(mark):
+            second_leaves[mark.index] = leaf
+    kept = [m if _is_shared(m) else x for m, x in zip(marks, new_leaves, strict=True)]
+    return treedef.unflatten(kept), second_treedef.unflatten(second_leaves)
+
+
+def _combine(first_state: Any, second_state: Any) -> dict[str, Any]:
+    """Both states laid out to share buffers, ``first``'s values in them."""
+    first_state, second_state = _reshare(
+        first_state, _share(first_state, second_state), second_state
+    )
+    return dict(first_state=first_state, second_state=second_state)
+
+
 class TwoPhaseState(NamedTuple):
     """State of :func:`two_phase`.
 
@@ -41,9 +143,15 @@ class TwoPhaseState(NamedTuple):
       detection: the gradient-norm readings, the running maximum ``gn_max``,
         the window accumulators and the step at which the peak criterion first
         held; a :class:`twophase_optax.swap_detection.GradientNormPeakState`.
-      first_state: the state of ``first``; frozen after the swap.
-      second_state: the state of ``second``; untouched before the swap, so the
-        second phase starts fresh (CG's first step is steepest descent).
+      first_state: the state of ``first``, except that its params-sized
+        leaves that have a twin in ``second``'s state (same shape and dtype:
+        Adam's moments and CG's direction and stored gradient) are
+        :class:`SharedBuffer` placeholders, their values kept in
+        ``second_state``: :meth:`first_phase_state` gives the whole state.
+        Frozen after the swap, when the shared buffers belong to ``second``.
+      second_state: the state of ``second``. Before the swap its shared leaves
+        hold ``first``'s, and the rest is untouched; the second phase starts
+        from ``second.init(params)`` (for CG a steepest-descent step).
     """
 
     count: jax.Array
@@ -55,6 +163,14 @@ class TwoPhaseState(NamedTuple):
     detection: swap_detection.GradientNormPeakState
     first_state: optax.OptState
     second_state: optax.OptState
+
+    def first_phase_state(self) -> optax.OptState:
+        """The state of ``first`` with its shared leaves put back.
+
+        Before the swap this is exactly the state ``first`` would have on its
+        own; after it, the shared leaves hold the second phase's values.
+        """
+        return _unshare(self.first_state, self.second_state)
 
 
 def two_phase(
@@ -205,8 +321,7 @@ def two_phase(
             num_failures=jnp.asarray(0, jnp.int32),
             num_fallbacks=jnp.asarray(0, jnp.int32),
             detection=swap_detection.init(params, statistic, window),
-            first_state=first.init(params),
-            second_state=second.init(params),
+            **_combine(first.init(params), second.init(params)),
         )
 
     def update_fn(
@@ -232,11 +347,31 @@ def two_phase(
         no_failure = jnp.asarray(False)
 
         def run_first(_):
-            return *first_update(state.first_state), state.second_state, no_failure
+            # Reads and writes the shared buffers in place of first's leaves;
+            # second's other leaves are scalars (for Adam and CG), so nothing
+            # params-sized passes through unchanged.
+            first_state = _unshare(state.first_state, state.second_state)
+            new_updates, first_state = first_update(first_state)
+            first_state, second_state = _reshare(
+                first_state, state.first_state, state.second_state
+            )
+            return new_updates, first_state, second_state, no_failure
 
         def run_second(_):
+            # The first step of a second phase starts from a fresh state: the
+            # shared buffers still hold first's leaves.
+            starting = state.count == state.swap_step
+            shared = {i for i in _shared_indices(state.first_state) if i is not None}
+            stored, treedef = jax.tree.flatten(state.second_state)
+            fresh = jax.tree.leaves(second.init(params))
+            second_state = treedef.unflatten(
+                [
+                    jnp.where(starting, new, old) if i in shared else old
+                    for i, (old, new) in enumerate(zip(stored, fresh, strict=True))
+                ]
+            )
             new_updates, second_state = second.update(
-                updates, state.second_state, params, **kwargs
+                updates, second_state, params, **kwargs
             )
             linesearch = _protocol.find_linesearch_state(second_state)
             failed = linesearch_failed(linesearch, new_updates)
@@ -247,10 +382,17 @@ def two_phase(
             return zero, state.first_state, state.second_state, no_failure
 
         def fall_back(_):
-            fresh = first_update(first.init(params))
-            return *fresh, second.init(params), no_failure
+            new_updates, first_state = first_update(first.init(params))
+            fresh = _combine(first_state, second.init(params))
+            return new_updates, fresh["first_state"], fresh["second_state"], no_failure
 
-        finite = _protocol.all_finite(value, updates, grad)
+        # One read of the gradient gives both its norm, for the readings, and
+        # whether it is finite (a square sum that overflows counts as not).
+        readings_grad = updates if grad is None else grad
+        dtype = state.detection.gn_max.dtype
+        grad_sq_norm = _protocol.vdot(readings_grad, readings_grad, dtype)
+        others = (value,) if readings_grad is updates else (value, updates)
+        finite = jnp.isfinite(grad_sq_norm) & _protocol.all_finite(*others)
         # The second phase stuck after max_failures failed searches: this step
         # is the first of a fresh first phase.
         fall_back_now = (
@@ -284,7 +426,7 @@ def two_phase(
         )
         detection, detected = swap_detection.update(
             detection,
-            updates if grad is None else grad,
+            readings_grad,
             state.count,
             gn_factor=gn_factor,
             window=window,
@@ -294,6 +436,7 @@ def two_phase(
             patience=patience,
             min_rise=min_rise,
             armed=~in_second_phase,
+            grad_norm=jnp.sqrt(grad_sq_norm),
         )
         detection = optax.tree.where(finite, detection, state.detection)
         num_fallbacks = state.num_fallbacks + fall_back_now.astype(jnp.int32)
