@@ -127,18 +127,29 @@ class Config:
             raise ValueError(f"Invalid setting(s) {bad} in {self}.")
 
 
-def make_optimizer(config: Config, adam_steps_per_epoch: int):
-    """The optax transformation for ``config.optimizer``."""
+def make_optimizer(
+    config: Config, adam_steps_per_epoch: int, mini_batch_cg: bool = False
+):
+    """The optax transformation for ``config.optimizer``.
+
+    CG on mini-batches searches with values only and keeps the previous
+    gradient: a gradient stored by the line search belongs to the last batch,
+    and the next step, on another batch, could not use it.
+    """
     adam = optax.adam(config.lr)
     if config.optimizer == "adam":
         return adam
+    cg = tpo.conjugate_gradient(
+        linesearch=tpo.slope_linesearch() if mini_batch_cg else None
+    )
     if config.optimizer == "cg":
-        return tpo.conjugate_gradient()
+        return cg
     swap_at = None
     if config.optimizer == "two-phase-fixed":
         swap_at = config.swap_epoch * adam_steps_per_epoch
     return tpo.two_phase(
         adam,
+        cg,
         window=adam_steps_per_epoch,
         gn_factor=config.gn_factor,
         smoothing=config.smoothing,
@@ -205,7 +216,9 @@ class Trainer:
         n_train = len(self.data.x_train)
         self.cg_batch_size = min(config.cg_batch_size or n_train, n_train)
         self.adam_steps = data_lib.num_batches(n_train, config.batch_size)
-        self.tx = make_optimizer(config, self.adam_steps)
+        self.tx = make_optimizer(
+            config, self.adam_steps, mini_batch_cg=self.cg_batch_size < n_train
+        )
         # A full-batch CG step starts where the last line search ended, on the
         # same data: its value and gradient are in the state. On mini-batches
         # they belong to another batch, so every step computes its own.

@@ -18,17 +18,27 @@ def test_overhead_quick_mode_writes_well_formed_results(tmp_path, capsys):
         if t["optimizer"] == "optax.adam":
             assert t["ratio"] == 1.0
     multiples = {m["optimizer"]: m["multiple"] for m in result["memory"]}
-    # Adam: two moments. CG: previous gradient, direction, and the gradient its
-    # line search keeps for the next step. two_phase adds CG's three trees to
-    # Adam's two, plus the window sum for "mean_grad" with a window of several
-    # steps; the remaining scalars are a few bytes against ~59 kB of params.
+    # Adam: two moments. CG: direction and the gradient its line search keeps
+    # (three products stand in for the previous gradient). two_phase holds
+    # Adam's moments and CG's two trees in the same two buffers, plus the
+    # window sum for "mean_grad" with a window of several steps; a beta
+    # function needs CG's previous gradient too, a third tree. The remaining
+    # scalars are a few bytes against ~59 kB of params.
     assert multiples["optax.adam"] == pytest.approx(2.0, abs=5e-3)
-    assert multiples["conjugate_gradient"] == pytest.approx(3.0, abs=5e-3)
-    assert multiples["two_phase mean_grad"] == pytest.approx(6.0, abs=5e-3)
-    assert multiples["two_phase mean_norm"] == pytest.approx(5.0, abs=5e-3)
-    assert multiples["two_phase window 1"] == pytest.approx(5.0, abs=5e-3)
+    assert multiples["conjugate_gradient"] == pytest.approx(2.0, abs=5e-3)
+    assert multiples["two_phase mean_grad"] == pytest.approx(3.0, abs=5e-3)
+    assert multiples["two_phase mean_norm"] == pytest.approx(2.0, abs=5e-3)
+    assert multiples["two_phase window 1"] == pytest.approx(2.0, abs=5e-3)
+    general = multiples["two_phase window 1, CG with a beta function"]
+    assert general == pytest.approx(3.0, abs=5e-3)
+    # Nothing params-sized is copied on the first phase's path.
+    for t in result["timings"]:
+        assert t["copies"]["first_phase"] == 0, t
     table = capsys.readouterr().out
-    assert "| case | optimizer | median ms | ratio to optax.adam | compile s |" in table
+    assert (
+        "| case | optimizer | median ms | ratio to optax.adam | compile s "
+        "| params-sized copies: first phase / all |" in table
+    )
     assert table.count("\n| update only") == 8
 
 

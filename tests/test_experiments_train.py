@@ -236,3 +236,23 @@ def test_two_phase_before_the_swap_repeats_the_adam_run_bit_for_bit(tmp_path):
     )
     keys = ("train_loss", "val_loss", "gn_reading", "forward_passes")
     assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in adam]
+
+
+@pytest.mark.parametrize("optimizer", ["cg", "two-phase"])
+def test_mini_batch_cg_keeps_the_previous_gradient(optimizer):
+    # On mini-batches the next gradient is another batch's, so the line search
+    # stores none and CG keeps g_{k-1} itself; on the full batch the stored
+    # gradient is reused and three products stand in for g_{k-1}.
+    import jax.numpy as jnp
+
+    import twophase_optax as tpo
+
+    config = train.Config(optimizer=optimizer)
+    params = {"w": jnp.zeros(3)}
+    for mini_batch, keeps_tree in ((True, True), (False, False)):
+        tx = train.make_optimizer(config, 10, mini_batch_cg=mini_batch)
+        state = tx.init(params)
+        cg = state if optimizer == "cg" else state.second_state
+        assert isinstance(cg, tpo.ConjugateGradientState)
+        assert (cg.grad_prev is not None) == keeps_tree
+        assert (tpo.find_linesearch_state(cg).grad is None) == keeps_tree

@@ -168,5 +168,7 @@ def test_two_phase_before_the_swap_equals_first(spec_tree, seed, swap_at):
                 grad, ours_state, params, value=value, value_fn=loss
             )
             chex.assert_trees_all_equal(got, expected, strict=True)
-        chex.assert_trees_all_equal(ours_state.first_phase_state(), first_state, strict=True)
+        chex.assert_trees_all_equal(
+            ours_state.first_phase_state(), first_state, strict=True
+        )
         assert bool(ours_state.in_second_phase) and int(ours_state.swap_step) == swap_at

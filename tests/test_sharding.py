@@ -85,9 +85,10 @@ def test_model_axis_shards_the_state_like_the_params():
     assert_params_close(many["params_after_20"], one["params_after_20"], rtol=1e-9)
     assert many["state_sharding_kept"] and many["cache_size"] == 1
     # w1 (64, 32) and w2 (32, 10) split their last dimension over "model":
-    # Adam's two moments and CG's three trees of each (previous gradient,
-    # direction, the line search's stored gradient) are sharded that way.
-    assert many["sharded_state_leaves"] == [[None, "model"]] * (2 * 5)
+    # the two params-shaped trees of the state (Adam's moments before the
+    # swap, CG's direction and stored gradient after it, in the same buffers)
+    # are sharded that way.
+    assert many["sharded_state_leaves"] == [[None, "model"]] * (2 * 2)
 
 
 TRAIN_ARGS = [

@@ -21,36 +21,36 @@ _FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
 
 class SharedBuffer:
-    """Where a leaf of the first phase's state lives in the second phase's.
+    """Where a params-shaped part of the first phase's state lives in the second's.
 
     The two phases never run at once, and each starts from a fresh state: the
     second from ``second.init(params)`` at the swap, the first from
-    ``first.init(params)`` after a fallback. So a params-sized leaf of
-    ``first``'s state (an Adam moment) and one of ``second``'s of the same
-    shape and dtype (a CG direction) can share one buffer. In
-    :class:`TwoPhaseState` the buffer sits in ``second_state``, and
-    ``first_state`` holds this placeholder, a pytree node with no leaves that
-    records the index of that leaf among ``second_state``'s leaves.
-    :meth:`TwoPhaseState.first_phase_state` puts the leaves back.
+    ``first.init(params)`` after a fallback. So a params-shaped tree of
+    ``first``'s state (an Adam moment) and one of ``second``'s with the same
+    shapes and dtypes (a CG direction) can share their buffers. In
+    :class:`TwoPhaseState` the buffers sit in ``second_state``, and
+    ``first_state`` holds this placeholder, a pytree node without leaves that
+    records which of ``second_state``'s params-shaped trees holds them.
+    :meth:`TwoPhaseState.first_phase_state` puts them back.
     """
 
-    __slots__ = ("index",)
+    __slots__ = ("path",)
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self, path: tuple):
+        self.path = path
 
     def __repr__(self) -> str:
-        return f"SharedBuffer({self.index})"
+        return f"SharedBuffer(second_state{jax.tree_util.keystr(self.path)})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SharedBuffer) and other.index == self.index
+        return isinstance(other, SharedBuffer) and other.path == self.path
 
     def __hash__(self) -> int:
-        return hash((SharedBuffer, self.index))
+        return hash((SharedBuffer, self.path))
 
 
 jax.tree_util.register_pytree_node(
-    SharedBuffer, lambda s: ((), s.index), lambda index, _: SharedBuffer(index)
+    SharedBuffer, lambda s: ((), s.path), lambda path, _: SharedBuffer(path)
 )
 
 
@@ -58,66 +58,115 @@ def _is_shared(node: Any) -> bool:
     return isinstance(node, SharedBuffer)
 
 
-def _share(first_state: Any, second_state: Any) -> Any:
-    """``first_state`` with each leaf that can live in a leaf of ``second_state``
-    (same shape and dtype, not a scalar, each used once) replaced by a
-    :class:`SharedBuffer`."""
-    leaves, treedef = jax.tree.flatten(first_state)
-    free = list(enumerate(jax.tree.leaves(second_state)))
-    shared = []
-    for leaf in leaves:
+def _has_structure(treedef: Any) -> Callable[[Any], bool]:
+    return lambda node: jax.tree.structure(node) == treedef
+
+
+def _signature(node: Any) -> list[tuple]:
+    return [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(node)]
+
+
+def _worth_sharing(node: Any) -> bool:
+    # Not scalars; a tree without leaves is optax.tree_map_params's placeholder
+    # for the params, which must be laid out as the params would be.
+    leaves = jax.tree.leaves(node)
+    return not leaves or any(jnp.ndim(x) for x in leaves)
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            tree = getattr(tree, key.name)
+        elif isinstance(key, jax.tree_util.DictKey):
+            tree = tree[key.key]
+        else:
+            tree = tree[key.idx]
+    return tree
+
+
+def _set(tree: Any, path: tuple, value: Any) -> Any:
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        new = _set(getattr(tree, key.name), rest, value)
+        return tree._replace(**{key.name: new})
+    if isinstance(key, jax.tree_util.DictKey):
+        return {**tree, key.key: _set(tree[key.key], rest, value)}
+    items = list(tree)
+    items[key.idx] = _set(items[key.idx], rest, value)
+    return type(tree)(items)
+
+
+def _navigable(path: tuple) -> bool:
+    keys = (jax.tree_util.GetAttrKey, jax.tree_util.DictKey, jax.tree_util.SequenceKey)
+    return all(isinstance(key, keys) for key in path)
+
+
+def _share(first_state: Any, second_state: Any, params: Any) -> Any:
+    """``first_state`` with each params-shaped tree that has a twin in
+    ``second_state`` (same shapes and dtypes, each twin used once) replaced
+    by a :class:`SharedBuffer` that names the twin's path."""
+    is_params_shaped = _has_structure(jax.tree.structure(params))
+    second_nodes, _ = jax.tree_util.tree_flatten_with_path(
+        second_state, is_leaf=is_params_shaped
+    )
+    free = [
+        (path, _signature(node))
+        for path, node in second_nodes
+        if is_params_shaped(node) and _worth_sharing(node) and _navigable(path)
+    ]
+
+    def share(node):
+        if not is_params_shaped(node):
+            return node
         match = next(
-            (
-                k
-                for k, (_, other) in enumerate(free)
-                if jnp.ndim(leaf) > 0
-                and jnp.shape(other) == jnp.shape(leaf)
-                and jnp.result_type(other) == jnp.result_type(leaf)
-            ),
-            None,
+            (m for m, (_, sig) in enumerate(free) if sig == _signature(node)), None
         )
-        shared.append(leaf if match is None else SharedBuffer(free.pop(match)[0]))
-    return treedef.unflatten(shared)
+        return node if match is None else SharedBuffer(free.pop(match)[0])
+
+    return jax.tree.map(share, first_state, is_leaf=is_params_shaped)
 
 
-def _shared_indices(first_state: Any) -> list[int | None]:
-    """Per leaf of the whole first state, the second state's leaf it lives in."""
+def _shared_nodes(first_state: Any) -> list[SharedBuffer]:
     marks = jax.tree.leaves(first_state, is_leaf=_is_shared)
-    return [m.index if _is_shared(m) else None for m in marks]
+    return [m for m in marks if _is_shared(m)]
 
 
 def _unshare(first_state: Any, second_state: Any) -> Any:
     """The whole first state: placeholders filled from ``second_state``."""
-    second_leaves = jax.tree.leaves(second_state)
     return jax.tree.map(
-        lambda x: second_leaves[x.index] if _is_shared(x) else x,
+        lambda x: _get(second_state, x.path) if _is_shared(x) else x,
         first_state,
         is_leaf=_is_shared,
     )
 
 
 def _reshare(
-    new_first_state: Any, first_state: Any, second_state: Any
+    new_first_state: Any, first_state: Any, second_state: Any, params: Any
 ) -> tuple[Any, Any]:
-    """Stores ``new_first_state``'s shared leaves in ``second_state``'s buffers.
+    """Stores ``new_first_state``'s shared trees in ``second_state``'s buffers.
 
     Returns the first state with placeholders and the second state whose
-    shared leaves now hold them; ``first_state`` gives the layout.
+    shared trees now hold them; ``first_state`` gives the layout.
     """
-    marks, treedef = jax.tree.flatten(first_state, is_leaf=_is_shared)
-    new_leaves = jax.tree.leaves(new_first_state)
-    second_leaves, second_treedef = jax.tree.flatten(second_state)
-    for mark, leaf in zip(marks, new_leaves, strict=True):
+    is_params_shaped = _has_structure(jax.tree.structure(params))
+    marks, layout = jax.tree.flatten(
+        first_state, is_leaf=lambda x: _is_shared(x) or is_params_shaped(x)
+    )
+    new_nodes = jax.tree.leaves(new_first_state, is_leaf=is_params_shaped)
+    kept = []
+    for mark, node in zip(marks, new_nodes, strict=True):
         if _is_shared(mark):
-            second_leaves[mark.index] = leaf
-    kept = [m if _is_shared(m) else x for m, x in zip(marks, new_leaves, strict=True)]
-    return treedef.unflatten(kept), second_treedef.unflatten(second_leaves)
+            second_state = _set(second_state, mark.path, node)
+        kept.append(mark if _is_shared(mark) else node)
+    return layout.unflatten(kept), second_state
 
 
-def _combine(first_state: Any, second_state: Any) -> dict[str, Any]:
+def _combine(first_state: Any, second_state: Any, params: Any) -> dict[str, Any]:
     """Both states laid out to share buffers, ``first``'s values in them."""
     first_state, second_state = _reshare(
-        first_state, _share(first_state, second_state), second_state
+        first_state, _share(first_state, second_state, params), second_state, params
     )
     return dict(first_state=first_state, second_state=second_state)
 
@@ -218,11 +267,21 @@ def two_phase(
     ``second`` starts from the parameters ``first`` left with a fresh state
     (for CG: a steepest-descent step).
 
-    A step whose loss ``value`` or gradient holds a NaN or an infinity is
-    skipped, in either phase, the way ``optax.apply_if_finite`` skips: the
-    update is zero and the state stays as it was (moments, readings, CG
-    direction, ``count``) except for ``num_skipped``, so every later update
-    equals that of a run that never saw the step.
+    Since neither phase reads the other's state, they share its params-sized
+    buffers: Adam's two moments before the swap and CG's direction and stored
+    gradient after it are the same two trees (see :class:`SharedBuffer`). The
+    default state is twice the params plus scalars, as for ``optax.adam``,
+    and the first phase's branch copies nothing params-sized. Trees without
+    a twin of the same shapes and dtypes (a CG ``beta`` function, which needs
+    the previous gradient, or Adam with ``mu_dtype``) are kept apart and
+    passed through by the branch that does not use them.
+
+    A step whose loss ``value`` or gradient holds a NaN or an infinity (or a
+    gradient whose sum of squares overflows) is skipped, in either phase, the
+    way ``optax.apply_if_finite`` skips: the update is zero and the state
+    stays as it was (moments, readings, CG direction, ``count``) except for
+    ``num_skipped``, so every later update equals that of a run that never
+    saw the step.
 
     Args:
       first: the optimiser of the non-convex phase; default ``optax.adam(1e-3)``.
@@ -321,7 +380,7 @@ def two_phase(
             num_failures=jnp.asarray(0, jnp.int32),
             num_fallbacks=jnp.asarray(0, jnp.int32),
             detection=swap_detection.init(params, statistic, window),
-            **_combine(first.init(params), second.init(params)),
+            **_combine(first.init(params), second.init(params), params),
         )
 
     def update_fn(
@@ -353,7 +412,7 @@ def two_phase(
             first_state = _unshare(state.first_state, state.second_state)
             new_updates, first_state = first_update(first_state)
             first_state, second_state = _reshare(
-                first_state, state.first_state, state.second_state
+                first_state, state.first_state, state.second_state, params
             )
             return new_updates, first_state, second_state, no_failure
 
@@ -361,15 +420,13 @@ def two_phase(
             # The first step of a second phase starts from a fresh state: the
             # shared buffers still hold first's leaves.
             starting = state.count == state.swap_step
-            shared = {i for i in _shared_indices(state.first_state) if i is not None}
-            stored, treedef = jax.tree.flatten(state.second_state)
-            fresh = jax.tree.leaves(second.init(params))
-            second_state = treedef.unflatten(
-                [
-                    jnp.where(starting, new, old) if i in shared else old
-                    for i, (old, new) in enumerate(zip(stored, fresh, strict=True))
-                ]
-            )
+            second_state = state.second_state
+            if any(_shared_nodes(state.first_state)):
+                fresh = second.init(params)
+                for mark in _shared_nodes(state.first_state):
+                    stored = _get(second_state, mark.path)
+                    start = optax.tree.where(starting, _get(fresh, mark.path), stored)
+                    second_state = _set(second_state, mark.path, start)
             new_updates, second_state = second.update(
                 updates, second_state, params, **kwargs
             )
@@ -383,7 +440,7 @@ def two_phase(
 
         def fall_back(_):
             new_updates, first_state = first_update(first.init(params))
-            fresh = _combine(first_state, second.init(params))
+            fresh = _combine(first_state, second.init(params), params)
             return new_updates, fresh["first_state"], fresh["second_state"], no_failure
 
         # One read of the gradient gives both its norm, for the readings, and

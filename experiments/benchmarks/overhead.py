@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,20 +44,80 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
     }
 
 
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """The HLO module's computations by name (body lines), and the entry's name."""
+    computations, entry, name = {}, None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"(ENTRY )?%(\S+) \(.*\{$", line)
+        if header:
+            name = header.group(2)
+            computations[name] = []
+            entry = name if header.group(1) else entry
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            computations[name].append(line)
+    return computations, entry
+
+
+def params_sized_copies(hlo_text: str, params) -> dict[str, int]:
+    """Params-sized ``copy`` instructions in an optimised HLO module.
+
+    ``"total"`` counts them everywhere; ``"first_phase"`` those that run
+    when the first branch of the entry computation's first conditional runs
+    (for ``two_phase`` the first phase's branch of its ``lax.switch``): in
+    that branch and in the entry computation, where XLA also puts copies for
+    operands a branch passes through. Without a conditional it counts the
+    entry computation's. A leaf is params-sized if it has the shape and dtype
+    of a non-scalar leaf of ``params``.
+    """
+    hlo_types = {
+        "float32": "f32",
+        "float64": "f64",
+        "bfloat16": "bf16",
+        "float16": "f16",
+    }
+    shapes = {
+        f"{hlo_types[jnp.dtype(x.dtype).name]}[{','.join(map(str, x.shape))}]"
+        for x in jax.tree.leaves(params)
+        if x.ndim
+    }
+
+    def count(lines):
+        found = (
+            re.search(r"= (\w+\[[\d,]*\])\{[^}]*\} copy\(", line) for line in lines
+        )
+        return sum(1 for m in found if m and m.group(1) in shapes)
+
+    computations, entry = _computations(hlo_text)
+    branches = [
+        re.search(r"branch_computations=\{%([^,}]+)", line)
+        for line in computations[entry]
+        if " conditional(" in line
+    ]
+    first = next((m.group(1) for m in branches if m), None)
+    in_first = 0 if first is None else count(computations[first])
+    return {
+        "total": sum(count(lines) for lines in computations.values()),
+        "first_phase": count(computations[entry]) + in_first,
+    }
+
+
 def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
     rows = []
     value_fn = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
     for n in sizes:
         params = {"w": jnp.zeros(n, jnp.float32)}
         grads = {"w": jax.random.normal(jax.random.key(0), (n,), jnp.float32)}
-        candidates, compiles = {}, {}
+        candidates, compiles, copies = {}, {}, {}
         for name, tx in optimizers().items():
 
             def update(g, s, p, tx=tx):
                 return tx.update(g, s, p, value=jnp.zeros(()), value_fn=value_fn)
 
             args = (grads, tx.init(params), params)
-            compiles[name] = timing.compile_seconds(update, *args)
+            executable, compiles[name] = timing.compiled(update, *args)
+            copies[name] = params_sized_copies(executable.as_text(), params)
             candidates[name] = (jax.jit(update), args)
         medians = timing.interleaved_medians(candidates, repeats, inner)
         for name in candidates:
@@ -67,6 +128,7 @@ def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
                     "seconds": medians[name],
                     "ratio": medians[name] / medians["optax.adam"],
                     "compile_seconds": compiles[name],
+                    "copies": copies[name],
                 }
             )
     return rows
@@ -83,7 +145,7 @@ def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
         outputs = nnx.merge(graphdef, nnx.State(p), rest)(images)
         return models.mse_loss(outputs, labels)
 
-    candidates, compiles = {}, {}
+    candidates, compiles, copies = {}, {}, {}
     for name, tx in optimizers().items():
 
         def step(p, s, images, labels, tx=tx):
@@ -94,7 +156,8 @@ def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
             return optax.apply_updates(p, updates), s
 
         args = (params, tx.init(params), images, labels)
-        compiles[name] = timing.compile_seconds(step, *args)
+        executable, compiles[name] = timing.compiled(step, *args)
+        copies[name] = params_sized_copies(executable.as_text(), params)
         candidates[name] = (jax.jit(step), args)
     medians = timing.interleaved_medians(candidates, repeats, inner)
     return [
@@ -104,9 +167,15 @@ def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
             "seconds": medians[name],
             "ratio": medians[name] / medians["optax.adam"],
             "compile_seconds": compiles[name],
+            "copies": copies[name],
         }
         for name in candidates
     ]
+
+
+def _own_polak_ribiere_plus(grad, grad_prev, dir_prev):
+    # Polak-Ribiere+ as a user's function: CG cannot tell it from any other.
+    return tpo.polak_ribiere_plus(grad, grad_prev, dir_prev)
 
 
 def state_memory(model_name: str) -> list[dict]:
@@ -116,6 +185,11 @@ def state_memory(model_name: str) -> list[dict]:
     transformations = {
         **optimizers(),
         "conjugate_gradient": tpo.conjugate_gradient(),
+        # A beta function of the trees needs CG's previous gradient too: the
+        # general path, with one params-sized tree that Adam cannot share.
+        "two_phase window 1, CG with a beta function": tpo.two_phase(
+            second=tpo.conjugate_gradient(beta=_own_polak_ribiere_plus)
+        ),
         "optax.lbfgs (memory 10)": optax.lbfgs(memory_size=10),
     }
     return [
@@ -150,7 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {result['device']} ({result['backend']}), jax {jax.__version__}\n")
     print(
         timing.markdown_table(
-            ["case", "optimizer", "median ms", "ratio to optax.adam", "compile s"],
+            [
+                "case",
+                "optimizer",
+                "median ms",
+                "ratio to optax.adam",
+                "compile s",
+                "params-sized copies: first phase / all",
+            ],
             [
                 [
                     t["case"],
@@ -158,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{1e3 * t['seconds']:.3f}",
                     f"{t['ratio']:.3f}",
                     f"{t['compile_seconds']:.2f}",
+                    f"{t['copies']['first_phase']} / {t['copies']['total']}",
                 ]
                 for t in timings
             ],
