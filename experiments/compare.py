@@ -1,33 +1,42 @@
-"""Adam against two-phase for each model: the paper's Table 1 and figures.
+"""Adam against the two-phase method for each model: the paper's Table 1 and figures.
 
-    python -m experiments.compare --dataset digits
+    python -m experiments.compare --dataset digits            # the main job
+    python -m experiments.compare --dataset digits --study    # Table 1 study
 
-For every model it trains Adam alone and two-phase (and, with ``--fixed``, the
-paper's fixed split) for the same number of epochs, then writes to ``--out``
-(default ``runs/<dataset>/``, a scratch folder git ignores; the committed
-``results/<dataset>/`` are written only when asked for with
+For every model and seed it trains Adam alone and each of ``--optimizers``
+(default: the paper's fixed split, 30% of the epochs with Adam, and the
+detected swap; ``--study`` adds CG from the start and Adam followed by
+``optax.lbfgs``, with 3 seeds) for the same number of epochs, then writes to
+``--out`` (default ``runs/<dataset>/``, a scratch folder git ignores; the
+committed ``results/<dataset>/`` are written only when asked for with
 ``--out results/<dataset>``):
 
-* ``table.md``: final train loss and accuracy, validation loss and accuracy,
-  parameter count, Q = samples * outputs / parameters, the swap epoch, the
+* ``table.md``: per model and optimizer the final train loss and accuracy,
+  validation loss and accuracy (mean over the seeds ± half their range),
+  parameter count, Q = samples * outputs / parameters, the swap epochs, the
   compute spent (forward-pass equivalents over the training set) and the wall
-  time, and the same losses for Adam at the compute two-phase spent;
-* ``loss_vs_epoch.png``, ``loss_vs_time.png``, ``loss_vs_compute.png``;
+  time; then the verdicts against Adam of the same seed at equal epochs,
+  equal compute and equal wall time; ``table.json`` holds every number;
+* ``loss_vs_epoch.png``, ``loss_vs_time.png``, ``loss_vs_compute.png``: all
+  optimizers on one plot per model, every seed drawn;
 * ``gradnorm_vs_loss.png``: the gradient-norm reading against the training
   loss with the swap point marked (the paper's Figure 5).
 
-Runs go to ``<out>/runs/<model>/<optimizer>`` with their metrics and
-checkpoints; ``--resume`` continues unfinished ones.
+Runs go to ``<out>/runs/<model>/<optimizer>/seed<k>`` with their metrics and
+checkpoints; ``--resume`` reads finished runs back and continues unfinished
+ones, so a study may be stopped and resumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,9 +50,19 @@ LABELS = {
     "adam": "Adam",
     "two-phase": "two-phase (detected swap)",
     "two-phase-fixed": "two-phase (fixed split)",
+    "cg": "CG from the start",
+    "adam-lbfgs": "Adam then L-BFGS (fixed split)",
 }
-COLOURS = {"adam": "tab:blue", "two-phase": "tab:red", "two-phase-fixed": "tab:green"}
+COLOURS = {
+    "adam": "tab:blue",
+    "two-phase": "tab:red",
+    "two-phase-fixed": "tab:green",
+    "cg": "tab:purple",
+    "adam-lbfgs": "tab:orange",
+}
 DEFAULT_MODELS = models.MODEL_NAMES
+DEFAULT_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase"]
+STUDY_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase", "cg", "adam-lbfgs"]
 
 
 @dataclasses.dataclass
@@ -51,6 +70,7 @@ class Run:
     model: str
     optimizer: str
     rows: list[dict[str, Any]]
+    seed: int = 0
 
     @property
     def last(self) -> dict[str, Any]:
@@ -62,122 +82,235 @@ class Run:
 
 
 def run_all(args) -> list[Run]:
+    """Trains every model, optimizer and seed; with ``--resume`` a finished run
+    is read back, not trained again, and an unfinished one continues."""
     runs = []
-    optimizers = ["adam", "two-phase"] + (["two-phase-fixed"] if args.fixed else [])
-    total = len(args.models) * len(optimizers)
+    total = len(args.models) * len(args.optimizers) * len(args.seeds)
     for model in args.models:
-        for optimizer in optimizers:
-            config = train_lib.Config(
-                label=f"run {len(runs) + 1}/{total}: ",
-                model=model,
-                dataset=args.dataset,
-                optimizer=optimizer,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                loss=args.loss,
-                swap_epoch=args.swap_epoch,
-                seed=args.seed,
-                out=str(args.out / "runs" / model / optimizer),
-                data_dir=args.data_dir,
-                resume=args.resume,
-                progress=not args.no_progress,
-            )
-            runs.append(Run(model, optimizer, train_lib.train(config)))
+        for optimizer in args.optimizers:
+            for seed in args.seeds:
+                out = args.out / "runs" / model / optimizer / f"seed{seed}"
+                rows = train_lib.read_metrics(out / "metrics.jsonl")
+                if not (args.resume and len(rows) >= args.epochs):
+                    config = train_lib.Config(
+                        label=f"run {len(runs) + 1}/{total}: ",
+                        model=model,
+                        dataset=args.dataset,
+                        optimizer=optimizer,
+                        epochs=args.epochs,
+                        batch_size=args.batch_size,
+                        lr=args.lr,
+                        loss=args.loss,
+                        swap_epoch=args.swap_epoch,
+                        seed=seed,
+                        out=str(out),
+                        data_dir=args.data_dir,
+                        resume=args.resume,
+                        progress=not args.no_progress,
+                    )
+                    rows = train_lib.train(config)
+                runs.append(Run(model, optimizer, rows[: args.epochs], seed))
     return runs
+
+
+def adam_run(runs: list[Run], run: Run) -> Run | None:
+    """Adam's run of the same model and seed."""
+    return next(
+        (
+            r
+            for r in runs
+            if r.model == run.model and r.optimizer == "adam" and r.seed == run.seed
+        ),
+        None,
+    )
 
 
 def at_equal(runs: list[Run], run: Run, key: str) -> tuple[dict, dict] | None:
     """``run``'s and Adam's last rows within the smaller of their totals of ``key``.
 
-    ``key`` is ``"epoch"``, ``"forward_passes"`` (compute) or ``"wall_time"``.
+    ``key`` is ``"epoch"``, ``"forward_passes"`` (compute) or ``"wall_time"``;
+    Adam's run is the one of the same model and seed.
     """
-    adam = next(r for r in runs if r.model == run.model and r.optimizer == "adam")
+    adam = adam_run(runs, run)
     budget = min(run.last[key], adam.last[key])
     pick = lambda rows: [r for r in rows if r[key] <= budget + 1e-9]  # noqa: E731
     ours, theirs = pick(run.rows), pick(adam.rows)
     return (ours[-1], theirs[-1]) if ours and theirs else None
 
 
+BUDGETS = (("epoch", "epochs"), ("forward_passes", "compute"), ("wall_time", "time"))
+
+
 def verdict(runs: list[Run], run: Run) -> str:
     """One line: who has the lower training loss at equal epochs, compute, time."""
     parts = []
-    for key, name in (
-        ("epoch", "epochs"),
-        ("forward_passes", "compute"),
-        ("wall_time", "time"),
-    ):
+    for key, name in BUDGETS:
         pair = at_equal(runs, run, key)
         if pair is None:  # Its first epoch outlasts Adam's whole run.
-            parts.append(f"equal {name}: Adam (two-phase's first epoch exceeds it)")
+            parts.append(
+                f"equal {name}: Adam ({run.optimizer}'s first epoch exceeds it)"
+            )
             continue
         ours, adam = pair
         if ours["train_loss"] == adam["train_loss"]:
             winner = "tie"
         else:
-            winner = "two-phase" if ours["train_loss"] < adam["train_loss"] else "Adam"
+            winner = (
+                run.optimizer if ours["train_loss"] < adam["train_loss"] else "Adam"
+            )
         parts.append(
             f"equal {name}: {winner} ({ours['train_loss']:.3g} vs "
             f"{adam['train_loss']:.3g})"
         )
-    return f"{run.model}, {LABELS[run.optimizer]} against Adam: " + "; ".join(parts)
+    seed = f" (seed {run.seed})" if run.seed else ""
+    return f"{run.model}, {LABELS[run.optimizer]} against Adam{seed}: " + "; ".join(
+        parts
+    )
+
+
+@dataclasses.dataclass
+class Cell:
+    """One model and optimizer over its seeds."""
+
+    model: str
+    optimizer: str
+    runs: list[Run]
+
+    def values(self, key: str) -> list[float]:
+        return [r.last[key] for r in self.runs]
+
+    def summary(self, key: str, fmt: str) -> str:
+        """Mean over the seeds, and half the range where there are several."""
+        v = np.asarray(self.values(key), float)
+        if len(v) == 1:
+            return format(v[0], fmt)
+        return f"{format(v.mean(), fmt)} ± {format((v.max() - v.min()) / 2, '.1g')}"
+
+    def swap_epochs(self) -> str:
+        epochs = [r.swap_epoch for r in self.runs]
+        return ", ".join("-" if e is None else str(e) for e in epochs)
+
+
+def cells(runs: list[Run]) -> list[Cell]:
+    keys = list(dict.fromkeys((r.model, r.optimizer) for r in runs))
+    return [
+        Cell(m, o, [r for r in runs if (r.model, r.optimizer) == (m, o)])
+        for m, o in keys
+    ]
+
+
+def cell_verdicts(runs: list[Run], cell: Cell) -> dict[str, dict[str, Any]]:
+    """Per budget: in how many seeds the optimizer's training loss is below
+    Adam's (and equal to it), and both mean losses at that budget."""
+    out = {}
+    for key, name in BUDGETS:
+        pairs = [at_equal(runs, run, key) for run in cell.runs]
+        known = [p for p in pairs if p is not None]
+        losses = [(p[0]["train_loss"], p[1]["train_loss"]) for p in known]
+        out[name] = {
+            "wins": sum(ours < adam for ours, adam in losses),
+            "ties": sum(ours == adam for ours, adam in losses),
+            "seeds": len(pairs),
+            "loss": float(np.mean([o for o, _ in losses])) if losses else None,
+            "adam_loss": float(np.mean([a for _, a in losses])) if losses else None,
+        }
+    return out
+
+
+def _verdict_cell(v: dict[str, Any], optimizer: str) -> str:
+    if v["loss"] is None:
+        return f"Adam (no epoch of {optimizer} fits)"
+    losses = v["seeds"] - v["wins"] - v["ties"]
+    if v["ties"] == v["seeds"]:
+        who = "tie"
+    elif v["wins"] > losses:
+        who = optimizer
+    elif v["wins"] < losses:
+        who = "Adam"
+    else:
+        who = "split"
+    return f"{who} {v['wins']}/{v['seeds']} ({v['loss']:.3g} vs {v['adam_loss']:.3g})"
 
 
 def write_table(
     runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path, loss: str
 ):
+    """``table.md`` and, beside it, ``table.json`` with every number of it."""
     n_train, outputs = len(dataset.x_train), dataset.num_classes
+    seeds = sorted({r.seed for r in runs})
     lines = [
-        f"# {dataset.name}: Adam against two-phase ({runs[0].last['epoch'] + 1} "
-        "epochs each)",
+        f"# {dataset.name}: Adam against the two-phase method "
+        f"({runs[0].last['epoch'] + 1} epochs, seeds {', '.join(map(str, seeds))})",
         "",
-        f"Loss: {loss}. Final values after the last epoch. "
-        "Q = training samples * outputs / "
+        f"Loss: {loss}. Final values after the last epoch, the mean over the "
+        "seeds ± half their range. Q = training samples * outputs / "
         "parameters. Compute is in forward-pass equivalents over the training "
         "set (a value 1, a value and gradient 3, also in the line search; a "
-        "full-batch CG step reuses the gradient its line search left). Wall s "
-        "is the time of the training steps, compilation included; evaluation "
-        "and checkpoints are not counted.",
+        "full-batch CG or L-BFGS step reuses the gradient its line search "
+        "left). Wall s is the time of the training steps, compilation "
+        "included; evaluation and checkpoints are not counted.",
         "",
-        "| model | params | Q | optimizer | swap epoch | train loss | train acc | "
-        "val loss | val acc | compute | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | Q | optimizer | seeds | swap epoch | train loss | "
+        "train acc | val loss | val acc | compute | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
-        last, params = run.last, run.last["num_params"]
-        swap = "-" if run.swap_epoch is None else str(run.swap_epoch)
+    table_json = []
+    for cell in cells(runs):
+        params = cell.runs[0].last["num_params"]
         lines.append(
-            f"| {run.model} | {params} | {n_train * outputs / params:.3f} | "
-            f"{LABELS[run.optimizer]} | {swap} | {last['train_loss']:.4g} | "
-            f"{last['train_acc']:.3f} | {last['val_loss']:.4g} | "
-            f"{last['val_acc']:.3f} | {last['forward_passes']:.0f} | "
-            f"{last['wall_time']:.0f} |"
+            f"| {cell.model} | {params} | {n_train * outputs / params:.3f} | "
+            f"{LABELS[cell.optimizer]} | {len(cell.runs)} | {cell.swap_epochs()} | "
+            f"{cell.summary('train_loss', '.3g')} | "
+            f"{cell.summary('train_acc', '.3f')} | "
+            f"{cell.summary('val_loss', '.3g')} | {cell.summary('val_acc', '.3f')} | "
+            f"{cell.summary('forward_passes', '.0f')} | "
+            f"{cell.summary('wall_time', '.0f')} |"
         )
+        entry = {
+            "model": cell.model,
+            "optimizer": cell.optimizer,
+            "params": params,
+            "seeds": [r.seed for r in cell.runs],
+            "swap_epochs": [r.swap_epoch for r in cell.runs],
+            **{
+                key: cell.values(key)
+                for key in (
+                    "train_loss",
+                    "train_acc",
+                    "val_loss",
+                    "val_acc",
+                    "forward_passes",
+                    "wall_time",
+                )
+            },
+        }
+        if cell.optimizer != "adam" and all(adam_run(runs, r) for r in cell.runs):
+            entry["verdicts"] = cell_verdicts(runs, cell)
+        table_json.append(entry)
     lines += [
         "",
-        "At equal compute: both runs at the largest epoch whose cumulative compute "
-        "does not exceed the smaller of the two totals.",
+        "Verdicts on the training loss against Adam of the same seed, at equal "
+        "epochs (the paper's comparison), equal compute and equal wall time: "
+        "each run and Adam's at the largest epoch within the smaller of the "
+        "two totals. The winner of most seeds, how many seeds the optimizer "
+        "won, and the mean losses (it vs Adam).",
         "",
-        "| model | optimizer | compute | its train loss | Adam's train loss | "
-        "its val acc | Adam's val acc |",
-        "|---|---|---|---|---|---|---|",
+        "| model | optimizer | equal epochs | equal compute | equal time |",
+        "|---|---|---|---|---|",
     ]
-    for run in runs:
-        pair = (
-            None if run.optimizer == "adam" else at_equal(runs, run, "forward_passes")
-        )
-        if pair is None:
-            continue
-        ours, adam = pair
-        lines.append(
-            f"| {run.model} | {LABELS[run.optimizer]} | "
-            f"{ours['forward_passes']:.0f} / {adam['forward_passes']:.0f} | "
-            f"{ours['train_loss']:.4g} | {adam['train_loss']:.4g} | "
-            f"{ours['val_acc']:.3f} | {adam['val_acc']:.3f} |"
-        )
-    lines += ["", "Verdict (training loss; lower wins):", ""]
+    for entry in table_json:
+        if "verdicts" in entry:
+            v = entry["verdicts"]
+            o = entry["optimizer"]
+            lines.append(
+                f"| {entry['model']} | {LABELS[o]} | "
+                + " | ".join(_verdict_cell(v[name], o) for _, name in BUDGETS)
+                + " |"
+            )
+    lines += ["", "Per run (training loss; lower wins):", ""]
     lines += [f"- {verdict(runs, run)}" for run in runs if run.optimizer != "adam"]
     path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(table_json, indent=1) + "\n")
 
 
 def _grid(models_: list[str]):
@@ -200,24 +333,31 @@ def plot_losses(
 ):
     models_ = list(dict.fromkeys(r.model for r in runs))
     fig, axes = _grid(models_)
+    first_seed = min(r.seed for r in runs)
     for run in runs:
         ax = axes[run.model]
         x = [r[x_key] + (1 if x_key == "epoch" else 0) for r in run.rows]
         colour = COLOURS[run.optimizer]
+        # Every seed is drawn; the first one labelled and stronger.
+        main_seed = run.seed == first_seed
+        name = LABELS[run.optimizer]
         ax.plot(
             x,
             [r["train_loss"] for r in run.rows],
             color=colour,
-            label=f"{LABELS[run.optimizer]} train",
+            alpha=1.0 if main_seed else 0.35,
+            label=f"{name} train" if main_seed else None,
         )
-        ax.plot(
-            x,
-            [r["val_loss"] for r in run.rows],
-            color=colour,
-            ls="--",
-            label=f"{LABELS[run.optimizer]} val",
-        )
-        if run.swap_epoch is not None and run.optimizer != "adam":
+        if main_seed:
+            ax.plot(
+                x,
+                [r["val_loss"] for r in run.rows],
+                color=colour,
+                ls="--",
+                lw=0.8,
+                label=f"{name} val",
+            )
+        if main_seed and run.swap_epoch is not None and run.optimizer != "adam":
             swap = run.rows[run.swap_epoch - 1] if run.swap_epoch else run.rows[0]
             ax.axvline(
                 swap[x_key] + (1 if x_key == "epoch" else 0), color=colour, ls=":", lw=1
@@ -231,6 +371,8 @@ def plot_losses(
 
 
 def plot_gradnorm(runs: list[Run], path: pathlib.Path):
+    first_seed = min(r.seed for r in runs)
+    runs = [r for r in runs if r.seed == first_seed and r.optimizer != "cg"]
     models_ = list(dict.fromkeys(r.model for r in runs))
     fig, axes = _grid(models_)
     for run in runs:
@@ -289,9 +431,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
     train_lib.add_loss_argument(parser)
     parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=None,
+        choices=train_lib.OPTIMIZERS,
+        help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; --study: "
+        f"{' '.join(STUDY_OPTIMIZERS)}",
+    )
+    parser.add_argument(
         "--fixed",
         action="store_true",
         help="also run the paper's fixed split (two-phase-fixed)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=cli.integer(1),
+        default=None,
+        help="runs per model and optimizer, seeds --seed, --seed + 1, ... "
+        "(default 1; 3 with --study)",
+    )
+    parser.add_argument(
+        "--study",
+        action="store_true",
+        help="the five optimizers of the Table 1 study (see README), 3 seeds "
+        "unless --seeds says otherwise",
     )
     parser.add_argument(
         "--swap-epoch",
@@ -312,6 +475,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.optimizers is None:
+        args.optimizers = list(STUDY_OPTIMIZERS if args.study else DEFAULT_OPTIMIZERS)
+    if args.fixed and "two-phase-fixed" not in args.optimizers:
+        args.optimizers.append("two-phase-fixed")
+    if "adam" not in args.optimizers:
+        args.optimizers.insert(0, "adam")  # Every verdict is against Adam.
+    if args.seeds is None:
+        args.seeds = 3 if args.study else 1
+    args.seeds = [args.seed + k for k in range(args.seeds)]
     args.out = args.out or pathlib.Path("runs") / args.dataset
     if args.batch_size is None:
         args.batch_size = 64 if args.dataset == "digits" else 512

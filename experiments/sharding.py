@@ -96,14 +96,25 @@ def state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params: Any) -
     counters, flags and other scalars are replicated.
     """
     state = jax.eval_shape(tx.init, params)
-    return optax.tree_utils.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        state,
-        params_shardings(mesh, params),
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    try:
+        return optax.tree_utils.tree_map_params(
+            tx,
+            lambda _, sharding: sharding,
+            state,
+            params_shardings(mesh, params),
+            transform_non_params=lambda _: replicated(mesh),
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+    except IndexError:
+        # optax.lbfgs's line search cannot be initialised with the params
+        # placeholder; a leaf shaped like a parameter gets its sharding.
+        shapes = {np.shape(x) for x in jax.tree.leaves(params)}
+        return jax.tree.map(
+            lambda x: (
+                param_sharding(mesh, x.shape) if x.shape in shapes else replicated(mesh)
+            ),
+            state,
+        )
 
 
 def global_batch(mesh: Mesh, array: np.ndarray, sharded: bool = True) -> jax.Array:

@@ -18,6 +18,9 @@ Optimizers:
   batches of ``--cg-batch-size`` (default: the whole training set).
 * ``two-phase-fixed``: the paper's fixed split, CG from ``--swap-epoch`` on.
 * ``cg``: CG from the start on ``--cg-batch-size`` batches.
+* ``adam-lbfgs``: Adam until ``--swap-epoch``, then ``optax.lbfgs`` (its zoom
+  line search) on the whole training set, the switch physics-informed and
+  scientific ML make; the fixed split through :func:`twophase_optax.two_phase`.
 
 Compute is counted in forward-pass equivalents over the training set: on a
 batch of ``b`` samples a value costs ``b / n_train`` and a value and gradient
@@ -62,7 +65,8 @@ from experiments.checkpoints import save_checkpoint
 from experiments.checkpoints import sync_hosts
 from twophase_optax.two_phase import FALLBACKS
 
-OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg")
+OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg", "adam-lbfgs")
+SPLIT_OPTIMIZERS = ("two-phase", "two-phase-fixed", "adam-lbfgs")  # two_phase
 EVAL_BATCH = 2048
 VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
 
@@ -145,11 +149,11 @@ def make_optimizer(
     if config.optimizer == "cg":
         return cg
     swap_at = None
-    if config.optimizer == "two-phase-fixed":
+    if config.optimizer in ("two-phase-fixed", "adam-lbfgs"):
         swap_at = config.swap_epoch * adam_steps_per_epoch
     return tpo.two_phase(
         adam,
-        cg,
+        optax.lbfgs() if config.optimizer == "adam-lbfgs" else cg,
         window=adam_steps_per_epoch,
         gn_factor=config.gn_factor,
         smoothing=config.smoothing,
@@ -159,6 +163,14 @@ def make_optimizer(
         fallback=config.fallback,
         max_failures=config.max_failures,
     )
+
+
+def linesearch_evaluations(linesearch_state: Any) -> tuple[jax.Array, jax.Array]:
+    """How many trials a line search evaluated, and how many with the gradient."""
+    info = linesearch_state.info
+    if hasattr(info, "num_linesearch_steps"):  # optax's zoom search: both
+        return info.num_linesearch_steps, info.num_linesearch_steps
+    return info.num_evaluations, getattr(info, "num_gradients", 0)
 
 
 def linesearch_forward_passes(linesearch_state: Any) -> jax.Array:
@@ -299,7 +311,7 @@ class Trainer:
         return optax.tree.zeros_like(self.params, dtype=jnp.float32)
 
     def _train_step(self, params, opt_state, grad_sum, images, labels, mask, reuse):
-        if self.config.optimizer in ("two-phase", "two-phase-fixed"):
+        if self.config.optimizer in SPLIT_OPTIMIZERS:
             ran_cg = opt_state.in_second_phase
         else:
             ran_cg = jnp.asarray(self.config.optimizer == "cg")
@@ -336,14 +348,13 @@ class Trainer:
             gradients = jnp.zeros((), jnp.int32)
             cost = start_cost
         else:
-            evaluations = jnp.where(ran_cg, linesearch.info.num_evaluations, 0)
+            searched, with_grad = linesearch_evaluations(linesearch)
+            evaluations = jnp.where(ran_cg, searched, 0)
             step_size = jnp.where(ran_cg, linesearch.learning_rate, self.config.lr)
             # After a fallback the fresh CG state reads "not failed": right, as
             # that step ran Adam.
-            failed = ran_cg & linesearch.info.failed
-            gradients = jnp.where(
-                ran_cg, getattr(linesearch.info, "num_gradients", 0), 0
-            )
+            failed = ran_cg & tpo.linesearch_failed(linesearch, updates)
+            gradients = jnp.where(ran_cg, with_grad, 0)
             cost = start_cost + jnp.where(
                 ran_cg, linesearch_forward_passes(linesearch), 0.0
             )

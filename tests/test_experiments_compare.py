@@ -55,3 +55,80 @@ def test_table_ends_with_the_verdict_and_says_what_it_counts(tmp_path):
     assert text.rstrip().splitlines()[-1] == "- " + compare.verdict(RUNS, RUNS[1])
     assert "compilation included; evaluation and checkpoints are not counted" in text
     assert "a value 1, a value and gradient 3" in text
+
+
+def study_runs():
+    """Five optimizers, two seeds, on one model: every loss distinct."""
+    runs = []
+    for seed in (0, 1):
+        for k, optimizer in enumerate(compare.STUDY_OPTIMIZERS):
+            # Adam steady; the others faster per epoch, costlier per epoch.
+            scale = 1.0 + 0.1 * seed
+            losses = [scale * (1.0 - 0.3 * epoch * (1 + 0.1 * k)) for epoch in range(3)]
+            cost = [3 * (epoch + 1) * (1 + k) for epoch in range(3)]
+            runs.append(
+                compare.Run("vgg5", optimizer, rows(losses, cost, [1, 2, 3 + k]), seed)
+            )
+    return runs
+
+
+def test_study_table_has_every_cell_and_its_numbers_come_from_the_runs(tmp_path):
+    import json
+
+    runs = study_runs()
+    dataset = types.SimpleNamespace(
+        name="digits", x_train=np.zeros((10, 1)), num_classes=10
+    )
+    compare.write_table(runs, dataset, tmp_path / "table.md", "softmax_mse")
+    cells = json.loads((tmp_path / "table.json").read_text())
+    assert [c["optimizer"] for c in cells] == compare.STUDY_OPTIMIZERS
+    for cell in cells:
+        mine = [r for r in runs if r.optimizer == cell["optimizer"]]
+        assert cell["seeds"] == [0, 1]
+        assert cell["train_loss"] == [r.last["train_loss"] for r in mine]
+        assert cell["forward_passes"] == [r.last["forward_passes"] for r in mine]
+        if cell["optimizer"] == "adam":
+            assert "verdicts" not in cell
+            continue
+        # Equal epochs: every optimizer's last loss is below Adam's of the
+        # same seed. Equal compute: Adam's total (9) buys the others only
+        # their first epoch (loss 1.0 * scale) against Adam's last (0.4 *
+        # scale).
+        epochs, compute = cell["verdicts"]["epochs"], cell["verdicts"]["compute"]
+        assert (epochs["wins"], epochs["seeds"]) == (2, 2)
+        adam_last = [r.last["train_loss"] for r in runs if r.optimizer == "adam"]
+        assert epochs["adam_loss"] == pytest.approx(np.mean(adam_last))
+        assert epochs["loss"] == pytest.approx(np.mean(cell["train_loss"]))
+        assert compute["wins"] == 0
+    text = (tmp_path / "table.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| vgg5 |")]
+    # Five result rows and four verdict rows, one per optimizer against Adam.
+    assert len(table) == 5 + 4
+    assert "| vgg5 | CG from the start | cg 2/2 (" in text
+    assert "seeds 0, 1" in text.splitlines()[0]
+    # Mean ± half the range over the seeds: Adam's final losses 0.4 and 0.44.
+    assert "| 0.42 ± 0.02 |" in text
+
+
+def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "runs" / "vgg5" / "adam" / "seed0"
+    out.mkdir(parents=True)
+    finished = rows([1.0, 0.5], [3, 6], [1, 2])
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finished))
+
+    def no_training(config):
+        raise AssertionError(f"trained {config.out} again")
+
+    monkeypatch.setattr(compare.train_lib, "train", no_training)
+    args = types.SimpleNamespace(
+        models=["vgg5"],
+        optimizers=["adam"],
+        seeds=[0],
+        epochs=2,
+        out=tmp_path,
+        resume=True,
+    )
+    (run,) = compare.run_all(args)
+    assert run.rows == finished and run.seed == 0
