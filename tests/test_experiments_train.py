@@ -31,6 +31,7 @@ FIELDS = {
     "steps",
     "forward_passes",
     "wall_time",
+    "compile_time",
     "num_params",
 }
 
@@ -81,6 +82,10 @@ def test_short_run_writes_valid_metrics(optimizer, tmp_path):
         in_cg = bool(r["phase"])
     assert rows[-1]["forward_passes"] == pytest.approx(expected_compute)
     assert rows[-1]["wall_time"] > rows[0]["wall_time"] > 0
+    # Compiling is timed apart: in the first epoch, and again in the first
+    # CG epoch (another step function), never in the time of the steps.
+    assert rows[0]["compile_time"] > 0
+    assert rows[-1]["compile_time"] >= rows[0]["compile_time"]
 
 
 def checkpoint_leaves(out, epoch):
@@ -106,7 +111,9 @@ def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
         checkpoint_leaves(straight, 3), checkpoint_leaves(resumed, 3), strict=True
     ):
         np.testing.assert_array_equal(a, b)
-    drop = lambda r: {k: v for k, v in r.items() if k != "wall_time"}  # noqa: E731
+    drop = lambda r: {
+        k: v for k, v in r.items() if k not in ("wall_time", "compile_time")
+    }  # noqa: E731
     assert [drop(r) for r in resumed_rows] == [drop(r) for r in rows]
 
 
@@ -145,7 +152,9 @@ def test_a_fresh_run_replaces_an_earlier_one_in_the_same_directory(tmp_path):
     first = train.train(config)
     second = train.train(dataclasses.replace(config, epochs=1))
     assert [r["epoch"] for r in second] == [0]
-    drop = lambda r: {k: v for k, v in r.items() if k != "wall_time"}  # noqa: E731
+    drop = lambda r: {
+        k: v for k, v in r.items() if k not in ("wall_time", "compile_time")
+    }  # noqa: E731
     assert drop(second[0]) == drop(first[0])
     manager = ocp.CheckpointManager(tmp_path / "checkpoints")
     assert manager.all_steps() == [0]
