@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 from typing import Any
 
 import matplotlib
@@ -233,15 +234,27 @@ def _verdict_cell(v: dict[str, Any], optimizer: str) -> str:
 
 
 def write_table(
-    runs: list[Run], dataset: data_lib.Dataset, path: pathlib.Path, loss: str
+    runs: list[Run],
+    dataset: data_lib.Dataset,
+    path: pathlib.Path,
+    loss: str,
+    command: str | None = None,
 ):
-    """``table.md`` and, beside it, ``table.json`` with every number of it."""
+    """``table.md`` and, beside it, ``table.json`` with every number of it.
+
+    ``command``, where given, is the command line that made the runs; the
+    table names it under its title.
+    """
     n_train, outputs = len(dataset.x_train), dataset.num_classes
     seeds = sorted({r.seed for r in runs})
     lines = [
         f"# {dataset.name}: Adam against the two-phase method "
         f"({runs[0].last['epoch'] + 1} epochs, seeds {', '.join(map(str, seeds))})",
         "",
+    ]
+    if command:
+        lines += [f"Made with `{command}`.", ""]
+    lines += [
         f"Loss: {loss}. Final values after the last epoch, the mean over the "
         "seeds ± half their range. Q = training samples * outputs / "
         "parameters. Compute is in forward-pass equivalents over the training "
@@ -498,7 +511,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(error)) from None
 
     runs = run_all(args)
-    write_table(runs, dataset, args.out / "table.md", args.loss)
+    argv = sys.argv[1:] if argv is None else argv
+    write_table(
+        runs,
+        dataset,
+        args.out / "table.md",
+        args.loss,
+        command=" ".join(["python -m experiments.compare", *map(str, argv)]),
+    )
     for x_key, x_label, name in (
         ("epoch", "epoch", "loss_vs_epoch.png"),
         ("wall_time", "training wall time (s)", "loss_vs_time.png"),

@@ -190,3 +190,23 @@ def test_detector_quick_mode_replays_the_recorded_readings(tmp_path, capsys):
     assert run["smoothed_peak"] == smoothed.index(max(smoothed)) + 1
     table = capsys.readouterr().out
     assert table.count("\n| vit-mlp | 512 | 0 |") == 1
+
+
+def test_conv_in_loop_quick_mode_computes_the_same_loss_everywhere(tmp_path, capsys):
+    from experiments.benchmarks import conv_in_loop
+
+    result = conv_in_loop.main(["--quick", "--out", str(tmp_path / "conv.json")])
+    assert json.loads((tmp_path / "conv.json").read_text()) == result
+    rows = {r["place"]: r for r in result["rows"]}
+    assert list(rows) == list(conv_in_loop.PLACES)
+    # The same parameters give the same loss with either convolution and in
+    # every place but the batched sum (the loss of 128 images; 4 batches of
+    # 32 summed, so 4 times the mean).
+    full = rows["straight"]["values"]["nnx.Conv"]
+    for place, row in rows.items():
+        for value in row["values"].values():
+            expected = 4 * full if place == "mini-batches" else full
+            assert value == pytest.approx(expected, rel=1e-5)
+        assert row["ratio"] == row["nnx_conv_seconds"] / row["matmul_seconds"]
+    table = capsys.readouterr().out
+    assert table.count("\n| in while_loop |") == 1

@@ -133,3 +133,72 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     )
     (run,) = compare.run_all(args)
     assert run.rows == finished and run.seed == 0
+
+
+def test_quick_study_table_holds_every_run_and_nothing_else(tmp_path):
+    """The study command end to end on a tiny budget: five optimizers really
+    trained, and every number of the table read back from the runs' metrics."""
+    import json
+
+    model = "vit-nomlp-wkewq-wvwo"  # the smallest model compiles fastest
+    compare.main(
+        [
+            "--dataset",
+            "digits",
+            "--study",
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "--swap-epoch",
+            "1",
+            "--models",
+            model,
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    cells = json.loads((tmp_path / "table.json").read_text())
+    assert [c["optimizer"] for c in cells] == compare.STUDY_OPTIMIZERS
+    metrics = {
+        c["optimizer"]: compare.train_lib.read_metrics(
+            tmp_path / "runs" / model / c["optimizer"] / "seed0" / "metrics.jsonl"
+        )
+        for c in cells
+    }
+    # Which epochs ran CG (or L-BFGS): none for Adam, all for CG from the
+    # start, from --swap-epoch for the fixed splits.
+    phases = {name: [r["phase"] for r in rows] for name, rows in metrics.items()}
+    assert phases["adam"] == [0, 0]
+    assert phases["cg"] == [1, 1]
+    assert phases["two-phase-fixed"] == phases["adam-lbfgs"] == [0, 1]
+    for cell in cells:
+        last = metrics[cell["optimizer"]][-1]
+        assert cell["seeds"] == [0]
+        for key in ("train_loss", "val_acc", "forward_passes", "wall_time"):
+            assert cell[key] == [last[key]]
+        if cell["optimizer"] == "adam":
+            continue
+        adam_rows = metrics["adam"]
+        for budget, key in (("epochs", "epoch"), ("compute", "forward_passes")):
+            # Recomputed here: both runs at their last epoch within the
+            # smaller of the two totals.
+            limit = min(last[key], adam_rows[-1][key])
+            ours = [r for r in metrics[cell["optimizer"]] if r[key] <= limit]
+            adams = [r for r in adam_rows if r[key] <= limit]
+            v = cell["verdicts"][budget]
+            if not ours:
+                assert v["loss"] is None
+                continue
+            assert v["loss"] == ours[-1]["train_loss"]
+            assert v["adam_loss"] == adams[-1]["train_loss"]
+            assert v["wins"] == int(ours[-1]["train_loss"] < adams[-1]["train_loss"])
+    # CG from the start costs more than Adam's 3 per epoch: its first step
+    # evaluates the gradient and then searches the line.
+    assert metrics["cg"][0]["forward_passes"] > metrics["adam"][0]["forward_passes"]
+    table = (tmp_path / "table.md").read_text()
+    assert sum(line.startswith(f"| {model} |") for line in table.splitlines()) == 5 + 4
+    assert "Made with `python -m experiments.compare --dataset digits --study " in table
+    for name in ("loss_vs_epoch", "loss_vs_compute", "loss_vs_time"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0

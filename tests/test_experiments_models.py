@@ -139,3 +139,39 @@ def test_softmax_mse_loss_is_at_most_two_over_the_classes():
 def test_unknown_model_raises():
     with pytest.raises(ValueError, match="vgg5"):
         models.create_model("resnet", "digits", (8, 8, 1), 10)
+
+
+def test_conv_as_matmul_matches_nnx_conv_in_value_and_gradient():
+    conv = nnx.Conv(3, 5, (3, 3), padding="SAME", rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
+    np.testing.assert_allclose(
+        models.conv_as_matmul(conv, x), conv(x), rtol=1e-5, atol=1e-5
+    )
+
+    graphdef, params = nnx.split(conv)
+
+    def grads(apply):
+        def loss(params, x):
+            return jnp.sum(jnp.sin(apply(nnx.merge(graphdef, params), x)))
+
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    matmul, xla = grads(models.conv_as_matmul), grads(lambda c, x: c(x))
+    # Kernel, bias and input gradients.
+    assert len(jax.tree.leaves(matmul)) == 3
+    for ours, theirs in zip(jax.tree.leaves(matmul), jax.tree.leaves(xla), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_vgg5_gradient_has_no_convolution_for_xla_to_slow_down_in_loops():
+    # XLA's CPU backend runs convolution gradients inside while/cond bodies
+    # several times slower (jax-ml/jax#12868); VGG5 uses none.
+    vgg = models.create_model("vgg5", "digits", (8, 8, 1), 10)
+    graphdef, params = nnx.split(vgg, nnx.Param)
+    images = jnp.ones((4, 8, 8, 1))
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(images))
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert " convolution(" not in hlo

@@ -290,6 +290,7 @@ def conjugate_gradient(
         def take_step(_):
             dtype = state.info.beta.dtype
             steepest = optax.tree.scale(-1.0, g)
+            g_dot_g = _protocol.vdot(g, g, dtype)
             restart = (state.count == 0) | (state.num_failures > 0)
             if products:
                 # g . g_{k-1} is known through the gradient the last search
@@ -298,7 +299,7 @@ def conjugate_gradient(
                 stored = stored_grad(state.linesearch_state)
                 restart |= ~_same_gradient(g, stored, dtype)
                 dots = cg_directions.DotProducts(
-                    grad_sq=_protocol.vdot(g, g, dtype),
+                    grad_sq=g_dot_g,
                     grad_dot_prev=prev.dot_stored,
                     prev_sq=prev.sq_norm,
                     dir_dot_grad=_protocol.vdot(state.dir_prev, g, dtype),
@@ -319,7 +320,6 @@ def conjugate_gradient(
                     if products
                     else _protocol.vdot(g, state.grad_prev, dtype)
                 )
-                g_dot_g = _protocol.vdot(g, g, dtype)
                 restart |= jnp.abs(g_dot_prev) >= powell_threshold * g_dot_g
             if restart_every is not None:
                 restart |= state.count % restart_every == 0
@@ -341,7 +341,7 @@ def conjugate_gradient(
                 dir_prev=direction,
                 grad_prev_products=(
                     PreviousGradientProducts(
-                        sq_norm=_protocol.vdot(g, g, dtype),
+                        sq_norm=g_dot_g,
                         dot_dir=_protocol.vdot(g, direction, dtype),
                         dot_stored=_protocol.vdot(
                             g, stored_grad(linesearch_state), dtype

@@ -421,9 +421,10 @@ def two_phase(
             # shared buffers still hold first's leaves.
             starting = state.count == state.swap_step
             second_state = state.second_state
-            if any(_shared_nodes(state.first_state)):
+            marks = _shared_nodes(state.first_state)
+            if marks:
                 fresh = second.init(params)
-                for mark in _shared_nodes(state.first_state):
+                for mark in marks:
                     stored = _get(second_state, mark.path)
                     start = optax.tree.where(starting, _get(fresh, mark.path), stored)
                     second_state = _set(second_state, mark.path, start)
