@@ -109,3 +109,29 @@ def test_nested_pytree_gives_the_same_path_as_a_flat_vector():
         tree = run(tree_loss, to_tree(jnp.zeros(6)))
         chex.assert_trees_all_close(tree, to_tree(flat), rtol=1e-12)
         assert float(flat_loss(flat)) < 0.2 * float(flat_loss(jnp.zeros(6)))
+
+
+def test_two_phase_with_lbfgs_compiles_once_across_the_swap():
+    # optax.lbfgs's init state has weakly typed scalars; two_phase makes them
+    # strong, or the state coming back from the first call would not match
+    # the one it was traced with and the second call would compile again.
+    opt = tpo.two_phase(optax.adam(0.1), optax.lbfgs(), swap_at=2)
+    params = {"w": jnp.zeros(3)}
+    state = opt.init(params)
+    assert not any(leaf.weak_type for leaf in jax.tree.leaves(state))
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state):
+        value, grad = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(
+            grad, state, params, value=value, grad=grad, value_fn=loss
+        )
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(6):
+        params, state = step(params, state)
+    # Two Adam steps, then L-BFGS reaches the quadratic's minimum at 1.
+    assert bool(state.in_second_phase)
+    assert float(loss(params)) < 1e-8

@@ -128,6 +128,14 @@ def _share(first_state: Any, second_state: Any, params: Any) -> Any:
     return jax.tree.map(share, first_state, is_leaf=is_params_shaped)
 
 
+def _strongly_typed(tree: Any) -> Any:
+    """``tree`` with every weakly typed array leaf made strong, same dtype."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x,
+        tree,
+    )
+
+
 def _shared_nodes(first_state: Any) -> list[SharedBuffer]:
     marks = jax.tree.leaves(first_state, is_leaf=_is_shared)
     return [m for m in marks if _is_shared(m)]
@@ -372,15 +380,20 @@ def two_phase(
     first_takes_extra_args = isinstance(first, optax.GradientTransformationExtraArgs)
 
     def init_fn(params: optax.Params) -> TwoPhaseState:
-        return TwoPhaseState(
-            count=jnp.asarray(0, jnp.int32),
-            in_second_phase=jnp.asarray(swap_at == 0),
-            swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
-            num_skipped=jnp.asarray(0, jnp.int32),
-            num_failures=jnp.asarray(0, jnp.int32),
-            num_fallbacks=jnp.asarray(0, jnp.int32),
-            detection=swap_detection.init(params, statistic, window),
-            **_combine(first.init(params), second.init(params), params),
+        # Strong dtypes throughout: a weakly typed leaf in an init state (as
+        # optax.lbfgs's scalars are) would come back strong from the first
+        # update and make the second call compile again.
+        return _strongly_typed(
+            TwoPhaseState(
+                count=jnp.asarray(0, jnp.int32),
+                in_second_phase=jnp.asarray(swap_at == 0),
+                swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
+                num_skipped=jnp.asarray(0, jnp.int32),
+                num_failures=jnp.asarray(0, jnp.int32),
+                num_fallbacks=jnp.asarray(0, jnp.int32),
+                detection=swap_detection.init(params, statistic, window),
+                **_combine(first.init(params), second.init(params), params),
+            )
         )
 
     def update_fn(
