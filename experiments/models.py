@@ -144,9 +144,9 @@ def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     convolution several times slower when it sits inside a ``while_loop`` or
     ``cond`` body, as CG's line search and ``two_phase``'s branches do
     (jax-ml/jax#12868): for VGG5 on the digits' full batch a value and
-    gradient takes 0.42 s straight and 2.9 s inside a loop with
-    ``nnx.Conv``, 0.24 s and 0.21 s this way, and mini-batches of 64 are
-    twice as fast too.
+    gradient takes 0.42 s straight and 2.8 s inside a loop with
+    ``nnx.Conv``, and 0.23 s in both places this way (BENCHMARKS.md,
+    section 9).
 
     Example:
       >>> import jax.numpy as jnp

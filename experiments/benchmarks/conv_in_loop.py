@@ -92,11 +92,13 @@ def candidates(convolution: str, dataset: data_lib.Dataset, images, labels, batc
     batched_labels = labels[:n].reshape(-1, batch)
 
     def batches(params, batched_images, batched_labels):
-        # One value and gradient per batch, summed: the per-batch calls stay
-        # at the top level (a Python loop, unrolled).
-        total = jnp.zeros((), jnp.float32)
+        # One value and gradient per batch, both summed and returned (so that
+        # no gradient is left for XLA to drop); the per-batch calls stay at
+        # the top level (a Python loop, unrolled).
+        total = (jnp.zeros((), jnp.float32), optax.tree.zeros_like(params))
         for k in range(batched_images.shape[0]):
-            total += value_and_grad(params, batched_images[k], batched_labels[k])[0]
+            value, grad = value_and_grad(params, batched_images[k], batched_labels[k])
+            total = (total[0] + value, optax.tree.add(total[1], grad))
         return total
 
     return {
