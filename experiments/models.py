@@ -158,7 +158,7 @@ def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     """
     kernel = conv.kernel[...]
     kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     shifted = jnp.concatenate(
         [padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)],
@@ -192,13 +192,17 @@ class VGG5(nnx.Module):
         x = images
         for conv in self.convs:
             x = nnx.max_pool(
-                nnx.relu(conv_as_matmul(conv, x)),
+                nnx.relu(self.convolve(conv, x)),
                 window_shape=(2, 2),
                 strides=(2, 2),
                 padding="SAME",
             )
         x = nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
         return self.out(x)
+
+    def convolve(self, conv: nnx.Conv, x: jax.Array) -> jax.Array:
+        """One convolution layer: :func:`conv_as_matmul`."""
+        return conv_as_matmul(conv, x)
 
 
 def create_model(

@@ -43,14 +43,8 @@ PLACES = ("straight", "in while_loop", "in cond", "mini-batches")
 class XlaConvVGG5(models.VGG5):
     """VGG5 with the same parameters, its convolutions through ``nnx.Conv``."""
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        x = images
-        for conv in self.convs:
-            x = nnx.max_pool(
-                nnx.relu(conv(x)), window_shape=(2, 2), strides=(2, 2), padding="SAME"
-            )
-        x = nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
-        return self.out(x)
+    def convolve(self, conv: nnx.Conv, x: jax.Array) -> jax.Array:
+        return conv(x)
 
 
 def loss_and_params(convolution: str, dataset: data_lib.Dataset):
@@ -72,7 +66,7 @@ def candidates(convolution: str, dataset: data_lib.Dataset, images, labels, batc
 
     def in_while_loop(params, images, labels):
         def body(carry):
-            trips, _, grad = carry
+            trips = carry[0]
             return trips + 1, *value_and_grad(params, images, labels)
 
         zero = (jnp.zeros((), jnp.float32), optax.tree.zeros_like(params))
