@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 
 def integer(minimum: int) -> Callable[[str], int]:
@@ -77,3 +79,34 @@ def number(
 
 POSITIVE = number(0.0, low_open=True)
 FRACTION = number(0.0, 1.0, low_open=True, high_open=True)
+
+
+def named(
+    choices: Sequence[str], value: Callable[[str], Any]
+) -> Callable[[str], tuple]:
+    """``NAME=VALUE`` with ``NAME`` one of ``choices`` and ``VALUE`` parsed by
+    ``value``, as a ``(name, value)`` pair.
+
+    Example:
+      >>> named(["vgg5"], integer(minimum=1))("vgg5=3")
+      ('vgg5', 3)
+      >>> named(["vgg5"], integer(minimum=1))("vgg5=0")
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: vgg5=0: must be an integer >= 1, got '0'
+    """
+
+    def parse(text: str) -> tuple:
+        name, sep, raw = text.partition("=")
+        if not sep or name not in choices:
+            raise argparse.ArgumentTypeError(
+                f"must be NAME=VALUE with NAME one of {', '.join(choices)}, "
+                f"got {text!r}"
+            )
+        try:
+            return name, value(raw)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{name}={raw}: {error}") from None
+
+    parse.__name__ = f"NAME=VALUE with NAME one of {', '.join(choices)}"
+    return parse

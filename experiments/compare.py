@@ -84,12 +84,15 @@ class Run:
 
 def run_all(args) -> list[Run]:
     """Trains every model, optimizer and seed; with ``--resume`` a finished run
-    is read back, not trained again, and an unfinished one continues."""
+    is read back, not trained again, and an unfinished one continues.
+
+    ``args.seeds`` maps each model to its seeds.
+    """
     runs = []
-    total = len(args.models) * len(args.optimizers) * len(args.seeds)
+    total = len(args.optimizers) * sum(len(args.seeds[m]) for m in args.models)
     for model in args.models:
         for optimizer in args.optimizers:
-            for seed in args.seeds:
+            for seed in args.seeds[model]:
                 out = args.out / "runs" / model / optimizer / f"seed{seed}"
                 rows = train_lib.read_metrics(out / "metrics.jsonl")
                 if not (args.resume and len(rows) >= args.epochs):
@@ -233,6 +236,27 @@ def _verdict_cell(v: dict[str, Any], optimizer: str) -> str:
     return f"{who} {v['wins']}/{v['seeds']} ({v['loss']:.3g} vs {v['adam_loss']:.3g})"
 
 
+def seeds_text(runs: list[Run]) -> str:
+    """The seeds of the runs, per model where the models differ in them:
+    ``"seeds 0, 1"`` or ``"seeds 0, 1, 2 for vit-mlp, vgg5; seed 0 for vit-nomlp"``."""
+    by_model: dict[str, list[int]] = {}
+    for run in runs:
+        seeds = by_model.setdefault(run.model, [])
+        if run.seed not in seeds:
+            seeds.append(run.seed)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for model, seeds in by_model.items():
+        groups.setdefault(tuple(sorted(seeds)), []).append(model)
+
+    def seed_list(seeds: tuple[int, ...]) -> str:
+        return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+
+    if len(groups) == 1:
+        return seed_list(next(iter(groups)))
+    ordered = sorted(groups.items(), key=lambda g: -len(g[0]))
+    return "; ".join(f"{seed_list(s)} for {', '.join(m)}" for s, m in ordered)
+
+
 def write_table(
     runs: list[Run],
     dataset: data_lib.Dataset,
@@ -246,10 +270,9 @@ def write_table(
     table names it under its title.
     """
     n_train, outputs = len(dataset.x_train), dataset.num_classes
-    seeds = sorted({r.seed for r in runs})
     lines = [
         f"# {dataset.name}: Adam against the two-phase method "
-        f"({runs[0].last['epoch'] + 1} epochs, seeds {', '.join(map(str, seeds))})",
+        f"({runs[0].last['epoch'] + 1} epochs, {seeds_text(runs)})",
         "",
     ]
     if command:
@@ -466,6 +489,15 @@ def main(argv: list[str] | None = None) -> None:
         "(default 1; 3 with --study)",
     )
     parser.add_argument(
+        "--seeds-for",
+        nargs="+",
+        default=[],
+        metavar="MODEL=N",
+        type=cli.named(models.MODEL_NAMES, cli.integer(1)),
+        help="runs per model and optimizer for these models, in place of "
+        "--seeds (e.g. --seeds 1 --seeds-for vit-mlp=3 vgg5=3)",
+    )
+    parser.add_argument(
         "--study",
         action="store_true",
         help="the five optimizers of the Table 1 study (see README), 3 seeds "
@@ -498,7 +530,16 @@ def main(argv: list[str] | None = None) -> None:
         args.optimizers.insert(0, "adam")  # Every verdict is against Adam.
     if args.seeds is None:
         args.seeds = 3 if args.study else 1
-    args.seeds = [args.seed + k for k in range(args.seeds)]
+    seeds_for = dict(args.seeds_for)
+    if unknown := [m for m in seeds_for if m not in args.models]:
+        parser.error(
+            f"argument --seeds-for: {', '.join(unknown)} not among --models "
+            f"({' '.join(args.models)})"
+        )
+    args.seeds = {
+        model: [args.seed + k for k in range(seeds_for.get(model, args.seeds))]
+        for model in args.models
+    }
     args.out = args.out or pathlib.Path("runs") / args.dataset
     if args.batch_size is None:
         args.batch_size = 64 if args.dataset == "digits" else 512

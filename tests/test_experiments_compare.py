@@ -126,13 +126,88 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     args = types.SimpleNamespace(
         models=["vgg5"],
         optimizers=["adam"],
-        seeds=[0],
+        seeds={"vgg5": [0]},
         epochs=2,
         out=tmp_path,
         resume=True,
     )
     (run,) = compare.run_all(args)
     assert run.rows == finished and run.seed == 0
+
+
+def test_seeds_for_gives_named_models_their_own_seeds(tmp_path, monkeypatch):
+    """--seeds-for: three seeds for one model, --seeds' one for the other,
+    and the table's title and seeds column say which."""
+    import json
+
+    trained = []
+
+    def fake_train(config):
+        trained.append((config.model, config.optimizer, config.seed))
+        loss = 0.5 if config.optimizer == "adam" else 0.4 + config.seed / 100
+        return [{**row, "gn_reading": 1.0} for row in rows([1.0, loss], [3, 6], [1, 2])]
+
+    monkeypatch.setattr(compare.train_lib, "train", fake_train)
+    compare.main(
+        [
+            "--seeds",
+            "1",
+            "--seeds-for",
+            "vit-mlp=3",
+            "--models",
+            "vgg5",
+            "vit-mlp",
+            "--optimizers",
+            "two-phase",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert trained == [
+        ("vgg5", "adam", 0),
+        ("vgg5", "two-phase", 0),
+        *[("vit-mlp", "adam", s) for s in (0, 1, 2)],
+        *[("vit-mlp", "two-phase", s) for s in (0, 1, 2)],
+    ]
+    title = (tmp_path / "table.md").read_text().splitlines()[0]
+    assert title.endswith("(2 epochs, seeds 0, 1, 2 for vit-mlp; seed 0 for vgg5)")
+    cells = json.loads((tmp_path / "table.json").read_text())
+    assert [(c["model"], c["seeds"]) for c in cells] == [
+        ("vgg5", [0]),
+        ("vgg5", [0]),
+        ("vit-mlp", [0, 1, 2]),
+        ("vit-mlp", [0, 1, 2]),
+    ]
+    assert cells[3]["train_loss"] == [0.4 + s / 100 for s in (0, 1, 2)]
+    assert cells[3]["verdicts"]["epochs"]["wins"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--seeds-for", "vgg5=0"],
+            "argument --seeds-for: vgg5=0: must be an integer >= 1",
+        ),
+        (
+            ["--seeds-for", "vgg6=2"],
+            "argument --seeds-for: must be NAME=VALUE with NAME one of",
+        ),
+        (
+            ["--seeds-for", "vgg5=2", "--models", "vit-mlp"],
+            "argument --seeds-for: vgg5 not among --models",
+        ),
+    ],
+)
+def test_seeds_for_mistakes_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " + message in error
 
 
 def test_quick_study_table_holds_every_run_and_nothing_else(tmp_path):
