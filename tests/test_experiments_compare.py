@@ -58,6 +58,34 @@ def test_table_ends_with_the_verdict_and_says_what_it_counts(tmp_path):
     assert "a value 1, a value and gradient 3" in text
 
 
+def test_a_run_that_never_swapped_is_marked_as_adams(tmp_path):
+    """Two-phase without a swap is Adam recompiled: its verdicts say so,
+    those of a run that swapped do not."""
+    import json
+
+    unswapped = [
+        {**row, "phase": 0} for row in rows([1.0, 0.45, 0.2], [3, 6, 9], [1, 2, 3])
+    ]
+    runs = [RUNS[0], compare.Run("vit-mlp", "adam", RUNS[0].rows)]
+    runs += [RUNS[1], compare.Run("vit-mlp", "two-phase", unswapped)]
+    dataset = types.SimpleNamespace(
+        name="digits", x_train=np.zeros((10, 1)), num_classes=10
+    )
+    compare.write_table(runs, dataset, tmp_path / "table.md", "softmax_mse")
+    text = (tmp_path / "table.md").read_text()
+    no_swap = compare.NO_SWAP
+    assert (
+        "| vit-mlp | two-phase (detected swap) | "
+        f"{no_swap} (two-phase 1/1 (0.2 vs 0.25)) | " in text
+    )
+    assert "| vgg5 | two-phase (detected swap) | two-phase 1/1 (0.1 vs 0.25) |" in text
+    assert compare.verdict(runs, runs[3]).endswith(f"; {no_swap}")
+    assert no_swap not in compare.verdict(runs, runs[2])
+    cells = json.loads((tmp_path / "table.json").read_text())
+    swapped = {c["model"]: c["swapped"] for c in cells if c["optimizer"] != "adam"}
+    assert swapped == {"vgg5": 1, "vit-mlp": 0}
+
+
 def study_runs():
     """Five optimizers, two seeds, on one model: every loss distinct."""
     runs = []
