@@ -232,7 +232,7 @@ def cell_verdicts(runs: list[Run], cell: Cell) -> dict[str, dict[str, Any]]:
 def _verdict_cell(v: dict[str, Any], optimizer: str, swapped: int) -> str:
     """``swapped``: how many of the cell's runs left Adam."""
     if swapped == 0:
-        return f"{NO_SWAP} ({_counted(v, optimizer)})"
+        return f"no swap: {_counted(v, optimizer)}"
     return _counted(v, optimizer)
 
 
@@ -348,8 +348,8 @@ def write_table(
         "each run and Adam's at the largest epoch within the smaller of the "
         "two totals. The winner of most seeds, how many seeds the optimizer "
         "won, and the mean losses (it vs Adam). Where no seed swapped, the run "
-        "is Adam's up to rounding (a differently compiled program), and the "
-        "cell says so: its verdict compares noise.",
+        "is Adam's up to rounding (a differently compiled program): the cell "
+        'starts with "no swap", and its verdict compares noise.',
         "",
         "| model | optimizer | equal epochs | equal compute | equal time |",
         "|---|---|---|---|---|",

@@ -76,7 +76,7 @@ def test_a_run_that_never_swapped_is_marked_as_adams(tmp_path):
     no_swap = compare.NO_SWAP
     assert (
         "| vit-mlp | two-phase (detected swap) | "
-        f"{no_swap} (two-phase 1/1 (0.2 vs 0.25)) | " in text
+        "no swap: two-phase 1/1 (0.2 vs 0.25) | " in text
     )
     assert "| vgg5 | two-phase (detected swap) | two-phase 1/1 (0.1 vs 0.25) |" in text
     assert compare.verdict(runs, runs[3]).endswith(f"; {no_swap}")
