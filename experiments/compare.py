@@ -231,14 +231,9 @@ def cell_verdicts(runs: list[Run], cell: Cell) -> dict[str, dict[str, Any]]:
 
 def _verdict_cell(v: dict[str, Any], optimizer: str, swapped: int) -> str:
     """``swapped``: how many of the cell's runs left Adam."""
-    if swapped == 0:
-        return f"no swap: {_counted(v, optimizer)}"
-    return _counted(v, optimizer)
-
-
-def _counted(v: dict[str, Any], optimizer: str) -> str:
+    prefix = "no swap: " if swapped == 0 else ""
     if v["loss"] is None:
-        return f"Adam (no epoch of {optimizer} fits)"
+        return f"{prefix}Adam (no epoch of {optimizer} fits)"
     losses = v["seeds"] - v["wins"] - v["ties"]
     if v["ties"] == v["seeds"]:
         who = "tie"
@@ -248,17 +243,18 @@ def _counted(v: dict[str, Any], optimizer: str) -> str:
         who = "Adam"
     else:
         who = "split"
-    return f"{who} {v['wins']}/{v['seeds']} ({v['loss']:.3g} vs {v['adam_loss']:.3g})"
+    return (
+        f"{prefix}{who} {v['wins']}/{v['seeds']} "
+        f"({v['loss']:.3g} vs {v['adam_loss']:.3g})"
+    )
 
 
 def seeds_text(runs: list[Run]) -> str:
     """The seeds of the runs, per model where the models differ in them:
     ``"seeds 0, 1"`` or ``"seeds 0, 1, 2 for vit-mlp, vgg5; seed 0 for vit-nomlp"``."""
-    by_model: dict[str, list[int]] = {}
+    by_model: dict[str, set[int]] = {}
     for run in runs:
-        seeds = by_model.setdefault(run.model, [])
-        if run.seed not in seeds:
-            seeds.append(run.seed)
+        by_model.setdefault(run.model, set()).add(run.seed)
     groups: dict[tuple[int, ...], list[str]] = {}
     for model, seeds in by_model.items():
         groups.setdefault(tuple(sorted(seeds)), []).append(model)
