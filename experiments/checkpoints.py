@@ -67,12 +67,15 @@ def digest(tree: Any) -> np.ndarray:
     return np.frombuffer(sha.digest(), np.uint8).copy()
 
 
-def open_checkpoints(out: pathlib.Path) -> ocp.CheckpointManager:
-    """The run's checkpoint manager: ``<out>/checkpoints``, the last two kept."""
+def open_checkpoints(
+    out: pathlib.Path, name: str = "checkpoints", max_to_keep: int | None = 2
+) -> ocp.CheckpointManager:
+    """The run's checkpoint manager: ``<out>/<name>``, the last ``max_to_keep``
+    kept (``None``: all of them, as for the epochs a study starts tails from)."""
     return ocp.CheckpointManager(
-        pathlib.Path(out) / "checkpoints",
+        pathlib.Path(out) / name,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, cleanup_tmp_directories=True
+            max_to_keep=max_to_keep, cleanup_tmp_directories=True
         ),
     )
 
@@ -99,8 +102,12 @@ def save_checkpoint(manager, epoch: int, state: Any, counters) -> None:
         ) from error
 
 
-def restore_checkpoint(manager, like: Any, counters) -> tuple[int, Any] | None:
+def restore_checkpoint(
+    manager, like: Any, counters, epoch: int | None = None
+) -> tuple[int, Any] | None:
     """The newest readable checkpoint as ``(epoch, state)``; ``None`` if none.
+
+    With ``epoch`` given, only that epoch's checkpoint is tried.
 
     ``like`` is a state of the same structure, shapes, dtypes and shardings
     (a freshly initialised run's); ``counters`` is updated in place. A
@@ -112,7 +119,9 @@ def restore_checkpoint(manager, like: Any, counters) -> tuple[int, Any] | None:
         ocp.utils.to_shape_dtype_struct, _checkpoint_tree(like, counters)
     )
     target["digest"] = jax.ShapeDtypeStruct((32,), np.uint8)
-    for epoch in sorted(manager.all_steps(), reverse=True):
+    wanted = epoch
+    steps = sorted(manager.all_steps(), reverse=True)
+    for epoch in steps if wanted is None else [e for e in steps if e == wanted]:
         try:
             restored = manager.restore(epoch, args=ocp.args.StandardRestore(target))
             found = digest({k: restored[k] for k in ("state", "counters")})

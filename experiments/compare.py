@@ -53,6 +53,7 @@ LABELS = {
     "two-phase-fixed": "two-phase (fixed split)",
     "cg": "CG from the start",
     "adam-lbfgs": "Adam then L-BFGS (fixed split)",
+    "adam-cosine": "Adam, cosine-decayed rate",
 }
 COLOURS = {
     "adam": "tab:blue",
@@ -60,6 +61,7 @@ COLOURS = {
     "two-phase-fixed": "tab:green",
     "cg": "tab:purple",
     "adam-lbfgs": "tab:orange",
+    "adam-cosine": "tab:cyan",
 }
 DEFAULT_MODELS = models.MODEL_NAMES
 DEFAULT_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase"]
@@ -117,25 +119,28 @@ def run_all(args) -> list[Run]:
     return runs
 
 
-def adam_run(runs: list[Run], run: Run) -> Run | None:
-    """Adam's run of the same model and seed."""
+def adam_run(runs: list[Run], run: Run, baseline: str = "adam") -> Run | None:
+    """The ``baseline`` run (Adam's, say) of the same model and seed."""
     return next(
         (
             r
             for r in runs
-            if r.model == run.model and r.optimizer == "adam" and r.seed == run.seed
+            if r.model == run.model and r.optimizer == baseline and r.seed == run.seed
         ),
         None,
     )
 
 
-def at_equal(runs: list[Run], run: Run, key: str) -> tuple[dict, dict] | None:
+def at_equal(
+    runs: list[Run], run: Run, key: str, baseline: str = "adam"
+) -> tuple[dict, dict] | None:
     """``run``'s and Adam's last rows within the smaller of their totals of ``key``.
 
     ``key`` is ``"epoch"``, ``"forward_passes"`` (compute) or ``"wall_time"``;
-    Adam's run is the one of the same model and seed.
+    Adam's run is the one of the same model and seed, or the ``baseline``
+    optimizer's (``"adam-cosine"``).
     """
-    adam = adam_run(runs, run)
+    adam = adam_run(runs, run, baseline)
     budget = min(run.last[key], adam.last[key])
     pick = lambda rows: [r for r in rows if r[key] <= budget + 1e-9]  # noqa: E731
     ours, theirs = pick(run.rows), pick(adam.rows)
@@ -211,41 +216,58 @@ def cells(runs: list[Run]) -> list[Cell]:
     ]
 
 
-def cell_verdicts(runs: list[Run], cell: Cell) -> dict[str, dict[str, Any]]:
+def cell_verdicts(
+    runs: list[Run], cell: Cell, baseline: str = "adam"
+) -> dict[str, dict[str, Any]]:
     """Per budget: in how many seeds the optimizer's training loss is below
-    Adam's (and equal to it), and both mean losses at that budget."""
+    Adam's (or ``baseline``'s; and equal to it), both mean losses at that
+    budget, and both mean validation accuracies there."""
     out = {}
     for key, name in BUDGETS:
-        pairs = [at_equal(runs, run, key) for run in cell.runs]
+        pairs = [at_equal(runs, run, key, baseline) for run in cell.runs]
         known = [p for p in pairs if p is not None]
         losses = [(p[0]["train_loss"], p[1]["train_loss"]) for p in known]
+
+        def mean(values):
+            return float(np.mean(values)) if values else None
+
         out[name] = {
             "wins": sum(ours < adam for ours, adam in losses),
             "ties": sum(ours == adam for ours, adam in losses),
             "seeds": len(pairs),
-            "loss": float(np.mean([o for o, _ in losses])) if losses else None,
-            "adam_loss": float(np.mean([a for _, a in losses])) if losses else None,
+            "loss": mean([o for o, _ in losses]),
+            "adam_loss": mean([a for _, a in losses]),
+            "val_acc": mean([p[0]["val_acc"] for p in known]),
+            "adam_val_acc": mean([p[1]["val_acc"] for p in known]),
         }
     return out
 
 
-def _verdict_cell(v: dict[str, Any], optimizer: str, swapped: int) -> str:
-    """``swapped``: how many of the cell's runs left Adam."""
+def _verdict_cell(
+    v: dict[str, Any],
+    optimizer: str,
+    swapped: int,
+    baseline: str = "Adam",
+    accuracy: bool = False,
+) -> str:
+    """``swapped``: how many of the cell's runs left Adam; ``accuracy``: add
+    both validation accuracies."""
     prefix = "no swap: " if swapped == 0 else ""
     if v["loss"] is None:
-        return f"{prefix}Adam (no epoch of {optimizer} fits)"
+        return f"{prefix}{baseline} (no epoch of {optimizer} fits)"
     losses = v["seeds"] - v["wins"] - v["ties"]
     if v["ties"] == v["seeds"]:
         who = "tie"
     elif v["wins"] > losses:
         who = optimizer
     elif v["wins"] < losses:
-        who = "Adam"
+        who = baseline
     else:
         who = "split"
+    acc = f"; val acc {v['val_acc']:.3f} vs {v['adam_val_acc']:.3f}" if accuracy else ""
     return (
         f"{prefix}{who} {v['wins']}/{v['seeds']} "
-        f"({v['loss']:.3g} vs {v['adam_loss']:.3g})"
+        f"({v['loss']:.3g} vs {v['adam_loss']:.3g}{acc})"
     )
 
 
@@ -297,43 +319,12 @@ def write_table(
         "left). Wall s is the time of the training steps; compilation (compile "
         "s) is timed apart, and evaluation and checkpoints are not counted.",
         "",
-        "| model | params | Q | optimizer | seeds | swap epoch | train loss | "
-        "train acc | val loss | val acc | compute | wall s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *RESULT_HEADER,
     ]
     table_json = []
     for cell in cells(runs):
-        params = cell.runs[0].last["num_params"]
-        lines.append(
-            f"| {cell.model} | {params} | {n_train * outputs / params:.3f} | "
-            f"{LABELS[cell.optimizer]} | {len(cell.runs)} | {cell.swap_epochs()} | "
-            f"{cell.summary('train_loss', '.3g')} | "
-            f"{cell.summary('train_acc', '.3f')} | "
-            f"{cell.summary('val_loss', '.3g')} | {cell.summary('val_acc', '.3f')} | "
-            f"{cell.summary('forward_passes', '.0f')} | "
-            f"{cell.summary('wall_time', '.1f')} | "
-            f"{cell.summary('compile_time', '.1f')} |"
-        )
-        entry = {
-            "model": cell.model,
-            "optimizer": cell.optimizer,
-            "params": params,
-            "seeds": [r.seed for r in cell.runs],
-            "swap_epochs": [r.swap_epoch for r in cell.runs],
-            "swapped": sum(r.swap_epoch is not None for r in cell.runs),
-            **{
-                key: cell.values(key)
-                for key in (
-                    "train_loss",
-                    "train_acc",
-                    "val_loss",
-                    "val_acc",
-                    "forward_passes",
-                    "wall_time",
-                    "compile_time",
-                )
-            },
-        }
+        lines.append(result_line(cell, n_train * outputs))
+        entry = cell_entry(cell)
         if cell.optimizer != "adam" and all(adam_run(runs, r) for r in cell.runs):
             entry["verdicts"] = cell_verdicts(runs, cell)
         table_json.append(entry)
@@ -367,6 +358,52 @@ def write_table(
     path.with_suffix(".json").write_text(json.dumps(table_json, indent=1) + "\n")
 
 
+RESULT_HEADER = [
+    "| model | params | Q | optimizer | seeds | swap epoch | train loss | "
+    "train acc | val loss | val acc | compute | wall s | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def result_line(cell: Cell, samples_times_outputs: int) -> str:
+    """The cell's row of the results table (see :data:`RESULT_HEADER`)."""
+    params = cell.runs[0].last["num_params"]
+    return (
+        f"| {cell.model} | {params} | {samples_times_outputs / params:.3f} | "
+        f"{LABELS[cell.optimizer]} | {len(cell.runs)} | {cell.swap_epochs()} | "
+        f"{cell.summary('train_loss', '.3g')} | "
+        f"{cell.summary('train_acc', '.3f')} | "
+        f"{cell.summary('val_loss', '.3g')} | {cell.summary('val_acc', '.3f')} | "
+        f"{cell.summary('forward_passes', '.0f')} | "
+        f"{cell.summary('wall_time', '.1f')} | "
+        f"{cell.summary('compile_time', '.1f')} |"
+    )
+
+
+def cell_entry(cell: Cell) -> dict[str, Any]:
+    """The cell's numbers for ``table.json``: the last row's, per seed."""
+    return {
+        "model": cell.model,
+        "optimizer": cell.optimizer,
+        "params": cell.runs[0].last["num_params"],
+        "seeds": [r.seed for r in cell.runs],
+        "swap_epochs": [r.swap_epoch for r in cell.runs],
+        "swapped": sum(r.swap_epoch is not None for r in cell.runs),
+        **{
+            key: cell.values(key)
+            for key in (
+                "train_loss",
+                "train_acc",
+                "val_loss",
+                "val_acc",
+                "forward_passes",
+                "wall_time",
+                "compile_time",
+            )
+        },
+    }
+
+
 def _grid(models_: list[str]):
     cols = min(3, len(models_))
     rows = -(-len(models_) // cols)
@@ -395,11 +432,26 @@ def plot_losses(
         # Every seed is drawn; the first one labelled and stronger.
         main_seed = run.seed == first_seed
         name = LABELS[run.optimizer]
+        if run.swap_epoch is None and run.optimizer not in train_lib.ADAM_OPTIMIZERS:
+            # A run that never swapped is Adam's: drawn thin and dotted under
+            # Adam's line, which stays visible, and named so in the legend.
+            ax.plot(
+                x,
+                [r["train_loss"] for r in run.rows],
+                color=colour,
+                ls=":",
+                lw=1.0,
+                zorder=1,
+                alpha=1.0 if main_seed else 0.35,
+                label=f"{name}: no swap, Adam's run" if main_seed else None,
+            )
+            continue
         ax.plot(
             x,
             [r["train_loss"] for r in run.rows],
             color=colour,
             alpha=1.0 if main_seed else 0.35,
+            zorder=3 if run.optimizer == "adam" else 2,
             label=f"{name} train" if main_seed else None,
         )
         if main_seed:
@@ -468,6 +520,42 @@ def plot_gradnorm(runs: list[Run], path: pathlib.Path):
     plt.close(fig)
 
 
+def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
+    """``--sweep``: the budgets' runs, their tables, plots and verdicts."""
+    from experiments import study  # It builds on this module.
+
+    sweep = study.Sweep(
+        models=args.models,
+        seeds=args.seeds,
+        budgets=args.budgets or [args.epochs],
+        variants=args.optimizers,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        out=args.out,
+        data_dir=args.data_dir,
+        resume=args.resume,
+        redo_tails=args.redo_tails,
+        progress=not args.no_progress,
+        later_budgets=args.later_budgets,
+    )
+    by_budget = study.run_sweep(sweep)
+    note_path = args.out / "NOTE.md"
+    note = note_path.read_text().strip() if note_path.exists() else None
+    study.write_sweep(by_budget, dataset, args.out, args.loss, command, note)
+    for budget, runs in by_budget.items():
+        for x_key, x_label, name in (
+            ("epoch", "epoch", "loss_vs_epoch"),
+            ("forward_passes", "forward-pass equivalents", "loss_vs_compute"),
+        ):
+            path = args.out / f"{name}_{budget}.png"
+            plot_losses(runs, x_key, x_label, path, args.loss)
+    print((args.out / "table.md").read_text())
+    print(study.verdict_lines(by_budget))
+    print(f"Plots in {args.out}/")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="digits", choices=data_lib.DATASET_NAMES)
@@ -526,6 +614,36 @@ def main(argv: list[str] | None = None) -> None:
         help="first CG epoch of the fixed split (default: 30%% of "
         "--epochs, as in the paper's 300 of 1000)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="a budget sweep from shared Adam runs (experiments/study.py): "
+        "Adam, cosine Adam, the fixed split at 30%% of each budget, the "
+        "detected swap and Adam then L-BFGS at each of --budgets",
+    )
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=cli.integer(2),
+        default=None,
+        metavar="EPOCHS",
+        help="--sweep: the budgets in epochs (default: --epochs)",
+    )
+    parser.add_argument(
+        "--later-budgets",
+        nargs="+",
+        type=cli.integer(2),
+        default=[],
+        metavar="EPOCHS",
+        help="--sweep: longer budgets to extend the sweep to later; the Adam "
+        "runs keep the checkpoints their splits start from",
+    )
+    parser.add_argument(
+        "--redo-tails",
+        action="store_true",
+        help="--sweep: train the second phases again from the kept Adam "
+        "checkpoints; Adam and cosine Adam are read back",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out",
@@ -538,6 +656,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from experiments import study  # It builds on this module.
+
+    if args.sweep and args.study:
+        parser.error("argument --sweep: not allowed with argument --study")
+    if args.optimizers is None and args.sweep:
+        args.optimizers = list(study.VARIANTS)
+    elif args.sweep and (bad := set(args.optimizers) - set(study.VARIANTS)):
+        parser.error(
+            f"argument --optimizers: {', '.join(sorted(bad))} not in a sweep "
+            f"(choose from {', '.join(study.VARIANTS)})"
+        )
     if args.optimizers is None:
         args.optimizers = list(STUDY_OPTIMIZERS if args.study else DEFAULT_OPTIMIZERS)
     if args.fixed and "two-phase-fixed" not in args.optimizers:
@@ -567,14 +696,17 @@ def main(argv: list[str] | None = None) -> None:
     except data_lib.DatasetUnavailableError as error:
         raise SystemExit(str(error)) from None
 
-    runs = run_all(args)
     argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m experiments.compare", *map(str, argv)])
+    if args.sweep:
+        return run_sweep(args, dataset, command)
+    runs = run_all(args)
     write_table(
         runs,
         dataset,
         args.out / "table.md",
         args.loss,
-        command=" ".join(["python -m experiments.compare", *map(str, argv)]),
+        command=command,
     )
     for x_key, x_label, name in (
         ("epoch", "epoch", "loss_vs_epoch.png"),

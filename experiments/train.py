@@ -13,6 +13,10 @@ parameters and the counters are restored exactly.
 Optimizers:
 
 * ``adam``: ``optax.adam(lr)`` on mini-batches of ``--batch-size``.
+* ``adam-cosine``: Adam whose learning rate decays from ``lr`` to 0 over the
+  run's ``--epochs`` (``optax.cosine_decay_schedule``), the baseline a
+  practitioner would pick for a final result; the schedule depends on the
+  budget, so each budget is its own run.
 * ``two-phase``: :func:`twophase_optax.two_phase` reading the gradient norm once
   per epoch (``window`` = batches per epoch); after the swap, CG runs on
   batches of ``--cg-batch-size`` (default: the whole training set).
@@ -31,6 +35,13 @@ values and gradients. Evaluation passes are not counted; ``wall_time`` is the
 cumulative time of the training steps alone, and ``compile_time`` that of
 compiling them (each step function is compiled, and run once with its results
 discarded, before the first timed step that needs it).
+
+A run can also start where another ended (``Config.prefix_run``): a
+two-phase run is Adam up to its swap, so a study trains Adam once and starts
+every second phase from the Adam run's checkpoint of the epoch before the
+swap (``Config.keep_epochs`` keeps those; see ``experiments/study.py``). The
+tail's metrics begin with the Adam run's rows, and its compute, time and
+compile time include that prefix.
 """
 
 from __future__ import annotations
@@ -67,7 +78,15 @@ from experiments.checkpoints import save_checkpoint
 from experiments.checkpoints import sync_hosts
 from twophase_optax.two_phase import FALLBACKS
 
-OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed", "cg", "adam-lbfgs")
+OPTIMIZERS = (
+    "adam",
+    "two-phase",
+    "two-phase-fixed",
+    "cg",
+    "adam-lbfgs",
+    "adam-cosine",
+)
+ADAM_OPTIMIZERS = ("adam", "adam-cosine")  # No second phase.
 SPLIT_OPTIMIZERS = ("two-phase", "two-phase-fixed", "adam-lbfgs")  # two_phase
 EVAL_BATCH = 2048
 VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
@@ -106,6 +125,18 @@ class Config:
     coordinator: str | None = None  # host:port; None: detected (SLURM, TPU, ...).
     num_processes: int | None = None
     process_id: int | None = None
+    # Checkpoints kept for good (beside the last two) at these epochs, in
+    # <out>/kept: the epochs a study starts its second phases from.
+    keep_epochs: tuple[int, ...] = ()
+    # Adam only: also keep the checkpoint of the epoch whose gradient-norm
+    # reading makes the swap detector (gn_factor, smoothing, patience,
+    # min_rise) fire, found by swap_detection.replay on the readings so far.
+    keep_detected: bool = False
+    # Start from another run's kept checkpoint instead of from scratch: the
+    # Adam run's directory and the epoch whose end state is taken; this run's
+    # epochs from prefix_epoch + 1 on are its own (see Trainer.start_from).
+    prefix_run: str | None = None
+    prefix_epoch: int = -1
 
     def validate(self) -> None:
         checks = {
@@ -127,6 +158,17 @@ class Config:
             "curvature_every": self.curvature_every >= 0,
             "curvature_iterations": self.curvature_iterations >= 1,
             "curvature_batch": self.curvature_batch >= 1,
+            "keep_epochs": all(e >= 0 for e in self.keep_epochs),
+            "keep_detected": not self.keep_detected or self.optimizer == "adam",
+            "prefix_epoch": self.prefix_run is None
+            or (
+                self.optimizer in SPLIT_OPTIMIZERS
+                and 0 <= self.prefix_epoch < self.epochs
+                and (
+                    self.optimizer == "two-phase"
+                    or self.prefix_epoch + 1 == self.swap_epoch
+                )
+            ),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -145,6 +187,9 @@ def make_optimizer(
     adam = optax.adam(config.lr)
     if config.optimizer == "adam":
         return adam
+    if config.optimizer == "adam-cosine":
+        steps = config.epochs * adam_steps_per_epoch
+        return optax.adam(optax.cosine_decay_schedule(config.lr, steps))
     cg = tpo.conjugate_gradient(
         linesearch=tpo.slope_linesearch() if mini_batch_cg else None
     )
@@ -199,7 +244,7 @@ def stores_gradient(opt_state: Any) -> bool:
 
 def in_second_phase(config: Config, opt_state: Any) -> bool:
     """Whether the next step runs CG (read on the host, once per epoch)."""
-    if config.optimizer == "adam":
+    if config.optimizer in ADAM_OPTIMIZERS:
         return False
     if config.optimizer == "cg":
         return True
@@ -237,11 +282,12 @@ class Trainer:
         # same data: its value and gradient are in the state. On mini-batches
         # they belong to another batch, so every step computes its own.
         self.reuse_gradient = (
-            config.optimizer != "adam"
+            config.optimizer not in ADAM_OPTIMIZERS
             and self.cg_batch_size == n_train
             and stores_gradient(self.tx.init(params))
         )
         state_shardings = sharding.state_shardings(self.mesh, self.tx, self.params)
+        self.shardings = (params_shardings, state_shardings)
         self.opt_state = jax.device_put(self.tx.init(self.params), state_shardings)
         self.loss_fn = models.LOSSES[config.loss]
         # The state keeps its sharding: the outputs are pinned to the inputs'.
@@ -409,6 +455,34 @@ class Trainer:
             correct += int(batch_correct)
         return loss_sum / len(x), correct / len(x)
 
+    def start_from(self, run: str, epoch: int, counters: dict[str, float]) -> None:
+        """Takes the end of epoch ``epoch`` of the Adam run in ``run`` as the
+        state before this run's swap.
+
+        The parameters and the counters (compute, time, compile time) are the
+        Adam run's; the state is the one a two-phase run with that Adam prefix
+        holds when its second phase begins: the swap made at the end of that
+        epoch, the second phase about to start from a fresh state. Nothing of
+        the first phase's state is read after the swap, so the next steps are
+        those of the uninterrupted two-phase run (see ``experiments/study.py``).
+        """
+        adam_like = (self.params, optax.adam(self.config.lr).init(self.params))
+        manager = open_checkpoints(pathlib.Path(run), KEPT, max_to_keep=None)
+        restored = restore_checkpoint(manager, adam_like, counters, epoch=epoch)
+        manager.close()
+        if restored is None:
+            raise RunOutputError(
+                f"The Adam run in {run} keeps no checkpoint of epoch {epoch} "
+                f"(kept: {_kept_epochs(run)}). Train it again with that epoch "
+                "in keep_epochs."
+            )
+        params = restored[1][0]
+        swap_step = jnp.asarray((epoch + 1) * self.adam_steps, jnp.int32)
+        state = self.tx.init(params)._replace(
+            count=swap_step, in_second_phase=jnp.asarray(True), swap_step=swap_step
+        )
+        self.params, self.opt_state = jax.device_put((params, state), self.shardings)
+
     # -- one epoch ---------------------------------------------------------
     def compile_outside_the_clock(self, step, args) -> float:
         """Compiles ``step`` for ``args``' shapes the first time they come.
@@ -424,6 +498,13 @@ class Trainer:
         jax.block_until_ready(step(*args))
         self.compiled_steps.add(key)
         return time.perf_counter() - start
+
+    def _last_step_size(self, stats, epoch: int) -> float:
+        if self.config.optimizer == "adam-cosine":  # The rate the schedule gave.
+            steps = self.config.epochs * self.adam_steps
+            schedule = optax.cosine_decay_schedule(self.config.lr, steps)
+            return float(schedule((epoch + 1) * self.adam_steps - 1))
+        return float(stats[-1]["step_size"])
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         cg_epoch = in_second_phase(self.config, self.opt_state)
@@ -455,7 +536,7 @@ class Trainer:
         return {
             "phase": int(cg_epoch),
             "gn_reading": reading,
-            "step_size": float(stats[-1]["step_size"]),
+            "step_size": self._last_step_size(stats, epoch),
             "linesearch_evaluations": int(evaluations.sum()),
             "linesearch_gradients": int(sum(s["gradients"] for s in stats)),
             "linesearch_failures": int(sum(s["failed"] for s in stats)),
@@ -552,6 +633,7 @@ def train(config: Config) -> list[dict[str, Any]]:
             metrics_path.unlink(missing_ok=True)
     sync_hosts("cleared the run directory")
     manager = open_checkpoints(out)
+    kept = open_checkpoints(out, KEPT, max_to_keep=None)
     counters = {"forward_passes": 0.0, "wall_time": 0.0, "compile_time": 0.0}
     first_epoch = 0
     if config.resume:
@@ -565,6 +647,17 @@ def train(config: Config) -> list[dict[str, Any]]:
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
         if chief:
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if first_epoch == 0 and config.prefix_run is not None:
+        # A second phase that starts from the Adam run's checkpoint: its rows
+        # up to there are the Adam run's.
+        trainer.start_from(config.prefix_run, config.prefix_epoch, counters)
+        first_epoch = config.prefix_epoch + 1
+        prefix = read_metrics(pathlib.Path(config.prefix_run) / "metrics.jsonl")
+        rows = [r for r in prefix if r["epoch"] < first_epoch]
+        if chief:
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer.readings = [r["gn_reading"] for r in read_metrics(metrics_path)]
+    trainer.detection = None
 
     bar = tqdm(
         range(first_epoch, config.epochs),
@@ -577,11 +670,48 @@ def train(config: Config) -> list[dict[str, Any]]:
     try:
         for epoch in bar:
             _train_epoch(trainer, epoch, counters, manager, metrics_path, bar)
+            if epoch in config.keep_epochs or detected_at(trainer, epoch):
+                state = (trainer.params, trainer.opt_state)
+                save_checkpoint(kept, epoch, state, counters)
     finally:
         bar.close()
     manager.close()
+    kept.close()
     sync_hosts("wrote the last metrics")
     return read_metrics(metrics_path)
+
+
+KEPT = "kept"  # The directory of the checkpoints kept for good.
+
+
+def _kept_epochs(run: str) -> list[int]:
+    return sorted(int(p.name) for p in (pathlib.Path(run) / KEPT).glob("[0-9]*"))
+
+
+def detected_at(trainer: Trainer, epoch: int) -> bool:
+    """Whether ``config.keep_detected`` and epoch ``epoch``'s reading is the
+    one on which the swap detector fires (:func:`swap_detection.replay` on the
+    run's readings): the two-phase run with that detector swaps after it."""
+    config = trainer.config
+    if not config.keep_detected:
+        return False
+    if trainer.detection is not None:  # It fires once.
+        return trainer.detection == epoch
+    # One length for every call (the readings padded to the budget), so the
+    # replay compiles once; readings after ``epoch`` cannot move an earlier
+    # detection.
+    readings = trainer.readings[: epoch + 1]
+    padded = readings + readings[-1:] * (config.epochs - len(readings))
+    detection = tpo.swap_detection.replay(
+        padded,
+        gn_factor=config.gn_factor,
+        smoothing=config.smoothing,
+        patience=config.patience,
+        min_rise=config.min_rise,
+    )
+    if detection is not None and detection <= epoch:
+        trainer.detection = detection
+    return detection == epoch
 
 
 def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
@@ -609,6 +739,7 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     }
     if jax.process_index() == 0:
         append_metrics(metrics_path, row)
+    trainer.readings.append(row["gn_reading"])
     save_checkpoint(manager, epoch, (trainer.params, trainer.opt_state), counters)
     bar.set_postfix(
         loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]

@@ -1,0 +1,529 @@
+"""Budget sweeps built on shared Adam runs: when does the second phase pay?
+
+A two-phase run is Adam up to its swap. So, per model and seed, a sweep trains
+Adam once, to its longest budget, keeping the checkpoint of every epoch after
+which some variant swaps; every second phase is a *tail* that starts from
+such a checkpoint, and its metrics, compute and time include the Adam prefix
+it reuses (see ``Config.prefix_run`` in :mod:`experiments.train`):
+
+* ``adam``: the long run, read at each budget (a constant rate does not
+  depend on the budget);
+* ``adam-cosine``: Adam with its rate cosine-decayed over the budget, one run
+  per budget;
+* ``two-phase-fixed`` and ``adam-lbfgs``: the paper's fixed split, 30% of the
+  budget with Adam, then CG or ``optax.lbfgs`` on the full batch; one tail per
+  budget;
+* ``two-phase``: the detected swap. The epoch comes from
+  :func:`twophase_optax.swap_detection.replay` on the Adam run's readings,
+  the detector ``two_phase`` runs live; its checkpoint is kept as the run
+  passes it, and one tail, read at each budget, runs from there.
+
+Everything is resumable: a finished run is read back, an unfinished one
+continues, and a longer budget extends the Adam run. With ``redo_tails`` the
+tails are trained again from the kept checkpoints (after a change to CG, say)
+while Adam and cosine Adam are read back. ``python -m experiments.compare
+--sweep`` is the command line; :func:`write_sweep` the tables and the
+crossover plot.
+
+Example (the engine on a tiny setting: two budgets, 3 and 5 epochs):
+  >>> import pathlib, tempfile
+  >>> from experiments import study
+  >>> sweep = study.Sweep(
+  ...     models=["vit-nomlp-wkewq-wvwo"], seeds={"vit-nomlp-wkewq-wvwo": [0]},
+  ...     budgets=[3, 5], variants=["adam", "two-phase-fixed"],
+  ...     out=pathlib.Path(tempfile.mkdtemp()), progress=False)
+  >>> runs = study.run_sweep(sweep)
+  >>> [(r.optimizer, len(r.rows), r.swap_epoch) for r in runs[5]]
+  [('adam', 5, None), ('two-phase-fixed', 5, 2)]
+  >>> runs[5][1].rows[1] == runs[5][0].rows[1]  # the prefix is Adam's own
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import twophase_optax as tpo  # noqa: E402
+from experiments import compare  # noqa: E402
+from experiments import train as train_lib  # noqa: E402
+from experiments.compare import Run  # noqa: E402
+
+SPLIT_FRACTION = 0.3  # The paper's 300 of 1000 epochs with Adam.
+BASELINES = ("adam", "adam-cosine")
+SPLITS = ("two-phase-fixed", "adam-lbfgs")  # A tail per budget.
+VARIANTS = ("adam", "adam-cosine", "two-phase-fixed", "two-phase", "adam-lbfgs")
+TWO_PHASE = ("two-phase-fixed", "two-phase", "adam-lbfgs")
+
+
+def split_epoch(budget: int) -> int:
+    """The first second-phase epoch of the fixed split at ``budget`` epochs."""
+    return max(1, round(SPLIT_FRACTION * budget))
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A budget sweep: models, seeds per model, budgets and variants."""
+
+    models: list[str]
+    seeds: dict[str, list[int]]
+    budgets: list[int]
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
+    dataset: str = "digits"
+    batch_size: int = 64
+    lr: float = 1e-3
+    loss: str = train_lib.models.DEFAULT_LOSS
+    out: pathlib.Path = pathlib.Path("runs/sweep/digits")
+    data_dir: str | None = None
+    resume: bool = False
+    redo_tails: bool = False
+    progress: bool = True
+    # Budgets to extend the sweep to later: the Adam run keeps the checkpoints
+    # their splits start from too, so that they need no new Adam run.
+    later_budgets: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.out = pathlib.Path(self.out)
+        self.budgets = sorted(set(self.budgets))
+        if not self.budgets or self.budgets[0] < 2:
+            raise ValueError(f"budgets must be integers >= 2, got {self.budgets}.")
+        if unknown := set(self.variants) - set(VARIANTS):
+            raise ValueError(f"Unknown variants {sorted(unknown)}; known: {VARIANTS}.")
+        if "adam" not in self.variants:
+            self.variants = ["adam", *self.variants]  # Every tail starts from it.
+
+    def run_dir(self, model: str, seed: int, variant: str, budget=None):
+        """``<out>/runs/<model>/seed<k>/<variant>[/b<budget>]``."""
+        path = self.out / "runs" / model / f"seed{seed}" / variant
+        return path if budget is None else path / f"b{budget}"
+
+    def config(self, model: str, seed: int, variant: str, budget: int, **kw):
+        return train_lib.Config(
+            model=model,
+            dataset=self.dataset,
+            optimizer=variant,
+            epochs=budget,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            loss=self.loss,
+            seed=seed,
+            data_dir=self.data_dir,
+            progress=self.progress,
+            **kw,
+        )
+
+
+def _train(config: train_lib.Config, resume: bool) -> list[dict[str, Any]]:
+    """The run's rows: read back if it is finished (and ``resume``), else
+    trained or continued."""
+    out = pathlib.Path(config.out)
+    rows = train_lib.read_metrics(out / "metrics.jsonl")
+    if resume and rows and config.prefix_run is not None:
+        # A tail made from another prefix (another split or detection) is
+        # not this run.
+        made = json.loads((out / "config.json").read_text())
+        resume = made.get("prefix_epoch") == config.prefix_epoch
+    if resume and len(rows) >= config.epochs:
+        return rows[: config.epochs]
+    config.resume = resume
+    return train_lib.train(config)[: config.epochs]
+
+
+def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
+    """The epoch whose reading makes the default detector fire (the live
+    two-phase run swaps after it), by :func:`swap_detection.replay` on the
+    Adam run's readings; ``None`` if it does not fire within ``rows``."""
+    config = train_lib.Config()
+    return tpo.swap_detection.replay(
+        [r["gn_reading"] for r in rows],
+        gn_factor=config.gn_factor,
+        smoothing=config.smoothing,
+        patience=config.patience,
+        min_rise=config.min_rise,
+    )
+
+
+def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
+    """Every variant of one model and seed at every budget: ``{budget: [Run]}``.
+
+    Budgets go from the shortest up, so an interrupted sweep has its short
+    budgets complete, and the Adam run grows with them.
+    """
+    keep = tuple(
+        sorted({split_epoch(b) - 1 for b in sweep.budgets + sweep.later_budgets})
+    )
+    tails_resume = sweep.resume and not sweep.redo_tails
+    read_back = sweep.resume or sweep.redo_tails
+    # Within one call a run that was started goes on for the next budget.
+    started: set[tuple] = set()
+
+    def run(variant, budget, long=False, prefix_epoch=None, resume=read_back):
+        """``long``: one run for all budgets (Adam's, the detected swap's)."""
+        key = (variant, None if long else budget)
+        resume = resume or key in started
+        started.add(key)
+        kw: dict[str, Any] = dict(label=f"{label}b{budget} ")
+        if prefix_epoch is not None:
+            adam_dir = str(sweep.run_dir(model, seed, "adam"))
+            kw.update(prefix_run=adam_dir, prefix_epoch=prefix_epoch)
+        if variant in SPLITS:
+            kw["swap_epoch"] = split_epoch(budget)
+        if variant == "adam":
+            kw.update(keep_epochs=keep, keep_detected="two-phase" in sweep.variants)
+        out = sweep.run_dir(model, seed, variant, None if long else budget)
+        config = sweep.config(model, seed, variant, budget, out=str(out), **kw)
+        return Run(model, variant, _train(config, resume), seed)
+
+    by_budget: dict[int, list[Run]] = {}
+    for budget in sweep.budgets:
+        adam = run("adam", budget, long=True)
+        runs = [adam]
+        for variant in sweep.variants:
+            if variant == "adam-cosine":
+                runs.append(run(variant, budget))
+            elif variant in SPLITS:
+                prefix = split_epoch(budget) - 1
+                runs.append(
+                    run(variant, budget, prefix_epoch=prefix, resume=tails_resume)
+                )
+            elif variant == "two-phase":
+                detected = detected_epoch(sweep, adam.rows)
+                if detected is None or detected + 1 >= budget:
+                    # No swap within the budget: the live run is Adam's.
+                    runs.append(Run(model, variant, adam.rows, seed))
+                else:
+                    runs.append(
+                        run(
+                            variant,
+                            budget,
+                            long=True,
+                            prefix_epoch=detected,
+                            resume=tails_resume,
+                        )
+                    )
+        by_budget[budget] = runs
+    return by_budget
+
+
+def run_sweep(sweep: Sweep) -> dict[int, list[Run]]:
+    """Every model, seed and budget: ``{budget: [Run, ...]}``, model by model."""
+    by_budget: dict[int, list[Run]] = {b: [] for b in sweep.budgets}
+    pairs = [(m, s) for m in sweep.models for s in sweep.seeds[m]]
+    for k, (model, seed) in enumerate(pairs):
+        label = f"{k + 1}/{len(pairs)} {model} seed {seed} "
+        for budget, runs in run_model(sweep, model, seed, label).items():
+            by_budget[budget] += runs
+    return by_budget
+
+
+# -- what the runs say ----------------------------------------------------
+def loss_ratio(runs: list[Run], run: Run, key: str = "forward_passes") -> float:
+    """``run``'s training loss over the better Adam baseline's at equal ``key``
+    (the lower of the two ratios' denominators; > 1: a baseline is ahead)."""
+    ratios = []
+    for baseline in BASELINES:
+        pair = at_equal(runs, run, key, baseline)
+        if pair is None:  # Its first epoch outlasts the baseline's run.
+            return float("inf")
+        ratios.append(pair[0]["train_loss"] / pair[1]["train_loss"])
+    return max(ratios)
+
+
+def at_equal(runs, run, key, baseline):
+    if compare.adam_run(runs, run, baseline) is None:
+        raise ValueError(f"No {baseline} run for {run.model} seed {run.seed}.")
+    return compare.at_equal(runs, run, key, baseline)
+
+
+def summary(by_budget: dict[int, list[Run]]) -> list[dict[str, Any]]:
+    """Per model, variant and budget: the loss ratios at equal compute, wins
+    against both baselines, and Adam's training loss at the swap."""
+    entries = []
+    for budget, runs in by_budget.items():
+        for run in runs:
+            if run.optimizer not in TWO_PHASE:
+                continue
+            adam = compare.adam_run(runs, run)
+            swap = run.swap_epoch
+            entries.append(
+                {
+                    "model": run.model,
+                    "variant": run.optimizer,
+                    "budget": budget,
+                    "seed": run.seed,
+                    "swap_epoch": swap,
+                    "adam_loss_at_swap": adam.rows[swap - 1]["train_loss"]
+                    if swap
+                    else None,
+                    "ratio": (ratio := loss_ratio(runs, run)),
+                    "wins": ratio < 1,  # Below both baselines.
+                }
+            )
+    return entries
+
+
+def crossover(entries: list[dict[str, Any]], model: str, variant: str):
+    """The smallest budget at which ``variant`` beats both Adam baselines at
+    equal compute in most seeds, or ``None``."""
+    budgets = sorted({e["budget"] for e in entries})
+    for budget in budgets:
+        cell = [
+            e
+            for e in entries
+            if (e["model"], e["variant"], e["budget"]) == (model, variant, budget)
+        ]
+        if cell and 2 * sum(e["wins"] for e in cell) > len(cell):
+            return budget
+    return None
+
+
+def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str):
+    """Loss ratio to the better Adam baseline at equal compute, per budget."""
+    variants = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
+    fig, axes = plt.subplots(
+        1,
+        len(variants),
+        figsize=(5 * len(variants), 4),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    models_ = list(dict.fromkeys(e["model"] for e in entries))
+    for ax, variant in zip(axes[0], variants, strict=True):
+        for model in models_:
+            cells = {}
+            for e in entries:
+                if (e["model"], e["variant"]) == (model, variant):
+                    cells.setdefault(e["budget"], []).append(e["ratio"])
+            budgets = sorted(cells)
+            # The geometric mean over the seeds, each seed a faint dot.
+            means = [float(np.exp(np.mean(np.log(cells[b])))) for b in budgets]
+            (line,) = ax.plot(budgets, means, "o-", label=model)
+            for b in budgets:
+                ax.plot(
+                    [b] * len(cells[b]),
+                    cells[b],
+                    ".",
+                    color=line.get_color(),
+                    alpha=0.4,
+                )
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set(
+            title=compare.LABELS[variant],
+            xlabel="budget (epochs)",
+            ylabel="train loss / better Adam baseline's, equal compute",
+            xscale="log",
+            yscale="log",
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.text(
+            0.02, 0.02, "below 1: two-phase wins", transform=ax.transAxes, fontsize=7
+        )
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ratio_text(ratios: list[float]) -> str:
+    """The geometric mean of a cell's ratios, and how many seeds won."""
+    wins = sum(r < 1 for r in ratios)
+    mean = float(np.exp(np.mean(np.log(ratios))))
+    return f"{mean:.2g} ({wins}/{len(ratios)})"
+
+
+def write_sweep(
+    by_budget: dict[int, list[Run]],
+    dataset,
+    out: pathlib.Path,
+    loss: str,
+    command: str | None = None,
+    note: str | None = None,
+) -> list[dict[str, Any]]:
+    """``table.md``, ``table.json`` and ``crossover.png`` in ``out``.
+
+    The table starts with the crossover budgets and the loss ratios per
+    budget, then per budget the results of every variant and the verdicts
+    against constant and cosine Adam at equal epochs, compute and time.
+    Returns the summary entries (one per two-phase run).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = sorted(by_budget)
+    entries = summary(by_budget)
+    all_runs = [r for b in budgets for r in by_budget[b]]
+    models_ = list(dict.fromkeys(r.model for r in all_runs))
+    variants = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
+    lines = [
+        f"# {dataset.name}: when the second phase pays, budgets "
+        f"{', '.join(map(str, budgets))} epochs ({compare.seeds_text(all_runs)})",
+        "",
+    ]
+    if command:
+        lines += [f"Made with `{command}`.", ""]
+    if note:
+        lines += [note, ""]
+    lines += [
+        f"Loss: {loss}. Every two-phase run reuses the Adam run of its seed up "
+        f"to its swap (the fixed split after {SPLIT_FRACTION:.0%} of the "
+        "budget, the detected swap where the detector replayed on Adam's "
+        "readings fires), and its compute and time include that prefix. "
+        "Compute is in forward-pass equivalents over the training set (a value "
+        "1, a value and gradient 3); wall s is the time of the training steps, "
+        "compilation (compile s) timed apart.",
+        "",
+        "## Crossover",
+        "",
+        "The smallest budget at which the variant's training loss is below "
+        "both constant Adam's and cosine Adam's at equal compute, in most "
+        "seeds; and Adam's training loss at the fixed split's swap in the "
+        "cells it wins and loses.",
+        "",
+        "| model | "
+        + " | ".join(f"crossover, {compare.LABELS[v]}" for v in variants)
+        + " | Adam's loss at the swap, fixed split winning | losing |",
+        "|---|" + "---|" * (len(variants) + 2),
+    ]
+    crossovers = {}
+    for model in models_:
+        crossovers[model] = {v: crossover(entries, model, v) for v in variants}
+        fixed = [
+            e
+            for e in entries
+            if e["model"] == model and e["variant"] == "two-phase-fixed"
+        ]
+
+        def losses(won, fixed=fixed):
+            found = sorted(e["adam_loss_at_swap"] for e in fixed if e["wins"] == won)
+            return f"{found[0]:.2g} to {found[-1]:.2g} ({len(found)})" if found else "-"
+
+        cross = [crossovers[model][v] for v in variants]
+        lines.append(
+            f"| {model} | "
+            + " | ".join(
+                "none up to " + str(budgets[-1]) if c is None else f"{c} epochs"
+                for c in cross
+            )
+            + f" | {losses(True)} | {losses(False)} |"
+        )
+    lines += [
+        "",
+        "Training loss over the better Adam baseline's at equal compute "
+        "(geometric mean over the seeds; below 1 the variant wins), and in how "
+        "many seeds it beat both:",
+        "",
+        "| model | variant | " + " | ".join(f"{b} epochs" for b in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    for model in models_:
+        for variant in variants:
+            cell = []
+            for budget in budgets:
+                ratios = [
+                    e["ratio"]
+                    for e in entries
+                    if (e["model"], e["variant"], e["budget"])
+                    == (model, variant, budget)
+                ]
+                cell.append(_ratio_text(ratios) if ratios else "-")
+            lines.append(
+                f"| {model} | {compare.LABELS[variant]} | " + " | ".join(cell) + " |"
+            )
+    table_json: dict[str, Any] = {"budgets": {}, "summary": entries}
+    table_json["crossover"] = crossovers
+    n_train, outputs = len(dataset.x_train), dataset.num_classes
+    for budget in budgets:
+        runs = by_budget[budget]
+        lines += [
+            "",
+            f"## {budget} epochs",
+            "",
+            *compare.RESULT_HEADER,
+        ]
+        cells_json = []
+        verdict_lines = []
+        for cell in compare.cells(runs):
+            lines.append(compare.result_line(cell, n_train * outputs))
+            entry = compare.cell_entry(cell)
+            if cell.optimizer in TWO_PHASE:
+                entry["verdicts"] = {
+                    b: compare.cell_verdicts(runs, cell, b) for b in BASELINES
+                }
+                verdict_lines.append(
+                    f"| {cell.model} | {compare.LABELS[cell.optimizer]} | "
+                    + " | ".join(
+                        compare._verdict_cell(
+                            entry["verdicts"][b][name],
+                            cell.optimizer,
+                            entry["swapped"],
+                            baseline="Adam" if b == "adam" else "cosine Adam",
+                            accuracy=True,
+                        )
+                        for b in BASELINES
+                        for _, name in compare.BUDGETS
+                    )
+                    + " |"
+                )
+            cells_json.append(entry)
+        lines += [
+            "",
+            "Verdicts on the training loss (winner of most seeds, seeds won, "
+            "mean losses, and the validation accuracies there):",
+            "",
+            "| model | variant | "
+            + " | ".join(
+                f"vs {'Adam' if b == 'adam' else 'cosine Adam'}, equal {name}"
+                for b in BASELINES
+                for _, name in compare.BUDGETS
+            )
+            + " |",
+            "|---|---|" + "---|" * 6,
+            *verdict_lines,
+        ]
+        table_json["budgets"][str(budget)] = cells_json
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.json").write_text(json.dumps(table_json, indent=1) + "\n")
+    plot_crossover(
+        entries, out / "crossover.png", f"{dataset.name}: when the second phase pays"
+    )
+    return entries
+
+
+def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
+    """One line per budget, model and two-phase variant: does it beat both
+    Adam baselines at equal compute, and by how much."""
+    lines = []
+    for budget, runs in by_budget.items():
+        for cell in compare.cells(runs):
+            if cell.optimizer not in TWO_PHASE:
+                continue
+            if all(r.swap_epoch is None for r in cell.runs):
+                lines.append(
+                    f"{budget} epochs, {cell.model}, {compare.LABELS[cell.optimizer]}"
+                    ": no swap within the budget (Adam's run)"
+                )
+                continue
+            ratios = [loss_ratio(runs, run) for run in cell.runs]
+            wins = sum(r < 1 for r in ratios)
+            seeds = f" in {wins} of {len(ratios)} seeds" if len(ratios) > 1 else ""
+            verb = "WINS" if 2 * wins > len(ratios) else "LOSES"
+            versus = []
+            for baseline in BASELINES:
+                pairs = [
+                    at_equal(runs, r, "forward_passes", baseline) for r in cell.runs
+                ]
+                ours = np.mean([p[0]["train_loss"] for p in pairs if p])
+                theirs = np.mean([p[1]["train_loss"] for p in pairs if p])
+                name = "Adam" if baseline == "adam" else "cosine Adam"
+                versus.append(f"{ours:.2g} vs {name}'s {theirs:.2g}")
+            lines.append(
+                f"{budget} epochs, {cell.model}, {compare.LABELS[cell.optimizer]}: "
+                f"{verb} at equal compute{seeds} ({'; '.join(versus)})"
+            )
+    return "\n".join(lines)
