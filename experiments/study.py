@@ -89,6 +89,9 @@ class Sweep:
     # Budgets to extend the sweep to later: the Adam run keeps the checkpoints
     # their splits start from too, so that they need no new Adam run.
     later_budgets: list[int] = dataclasses.field(default_factory=list)
+    # The swap detector's settings (gn_factor, smoothing, patience, min_rise);
+    # empty: two_phase's defaults. **swap_detection.PAPER_RULE: Algorithm 1.
+    detector: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.out = pathlib.Path(self.out)
@@ -117,6 +120,7 @@ class Sweep:
             seed=seed,
             data_dir=self.data_dir,
             progress=self.progress,
+            **self.detector,
             **kw,
         )
 
@@ -138,10 +142,10 @@ def _train(config: train_lib.Config, resume: bool) -> list[dict[str, Any]]:
 
 
 def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
-    """The epoch whose reading makes the default detector fire (the live
+    """The epoch whose reading makes the sweep's detector fire (the live
     two-phase run swaps after it), by :func:`swap_detection.replay` on the
     Adam run's readings; ``None`` if it does not fire within ``rows``."""
-    config = train_lib.Config()
+    config = train_lib.Config(**sweep.detector)
     return tpo.swap_detection.replay(
         [r["gn_reading"] for r in rows],
         gn_factor=config.gn_factor,

@@ -467,7 +467,7 @@ class Trainer:
         those of the uninterrupted two-phase run (see ``experiments/study.py``).
         """
         adam_like = (self.params, optax.adam(self.config.lr).init(self.params))
-        manager = open_checkpoints(pathlib.Path(run), KEPT, max_to_keep=None)
+        manager = open_checkpoints(pathlib.Path(run).absolute(), KEPT, None)
         restored = restore_checkpoint(manager, adam_like, counters, epoch=epoch)
         manager.close()
         if restored is None:
