@@ -34,9 +34,10 @@ def enable_compilation_cache() -> pathlib.Path | None:
     directory = compilation_cache_dir()
     if directory is not None:
         jax.config.update("jax_compilation_cache_dir", str(directory))
-        # Every step function of a run takes seconds to compile; the small
-        # jitted helpers are not worth a file each.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            # Every step function of a run takes seconds to compile; the
+            # small jitted helpers are not worth a file each.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return directory
 
 
