@@ -1,7 +1,7 @@
 """Adam against the two-phase method for each model: the paper's Table 1 and figures.
 
-    python -m experiments.compare --dataset digits            # the main job
     python -m experiments.compare --dataset digits --study    # Table 1 study
+    python -m experiments.compare --dataset digits --sweep --budgets 20 50 150
 
 For every model and seed it trains Adam alone and each of ``--optimizers``
 (default: the paper's fixed split, 30% of the epochs with Adam, and the
@@ -25,6 +25,15 @@ committed ``results/<dataset>/`` are written only when asked for with
 Runs go to ``<out>/runs/<model>/<optimizer>/seed<k>`` with their metrics and
 checkpoints; ``--resume`` reads finished runs back and continues unfinished
 ones, so a study may be stopped and resumed.
+
+``--sweep`` asks when the second phase pays: at each of ``--budgets`` it
+compares Adam at a constant rate, Adam with a cosine-decayed rate, the fixed
+split at 30% of the budget, the detected swap and Adam then L-BFGS, every
+two-phase run a tail from the shared Adam run (:mod:`experiments.study`). It
+writes ``table.md`` (the crossover budgets, the loss ratios to the better
+Adam baseline, and per budget the results and the verdicts against both
+baselines), ``table.json``, ``crossover.png`` and the loss plots of each
+budget, and prints one verdict line per budget, model and variant.
 """
 
 from __future__ import annotations
