@@ -196,7 +196,10 @@ def make_optimizer(
     if config.optimizer == "cg":
         return cg
     swap_at = None
-    if config.optimizer in ("two-phase-fixed", "adam-lbfgs"):
+    if config.optimizer in ("two-phase-fixed", "adam-lbfgs") and not config.prefix_run:
+        # A tail (prefix_run) starts in the second phase, where the swap step
+        # plays no part: without it the tails of every budget and the
+        # detected swap's are one program, compiled once.
         swap_at = config.swap_epoch * adam_steps_per_epoch
     return tpo.two_phase(
         adam,
