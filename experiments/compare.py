@@ -548,12 +548,17 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
         redo_tails=args.redo_tails,
         progress=not args.no_progress,
         later_budgets=args.later_budgets,
+        read_only=args.read_only,
     )
     by_budget = study.run_sweep(sweep)
     note_path = args.out / "NOTE.md"
     note = note_path.read_text().strip() if note_path.exists() else None
-    study.write_sweep(by_budget, dataset, args.out, args.loss, command, note)
+    study.write_sweep(
+        by_budget, dataset, args.out, args.loss, command, note, sweep.missing
+    )
     for budget, runs in by_budget.items():
+        if not runs:
+            continue
         for x_key, x_label, name in (
             ("epoch", "epoch", "loss_vs_epoch"),
             ("forward_passes", "forward-pass equivalents", "loss_vs_compute"),
@@ -646,6 +651,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="EPOCHS",
         help="--sweep: longer budgets to extend the sweep to later; the Adam "
         "runs keep the checkpoints their splits start from",
+    )
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="--sweep: train nothing; read finished runs back and list the "
+        "missing ones in the table",
     )
     parser.add_argument(
         "--redo-tails",

@@ -86,6 +86,10 @@ class Sweep:
     resume: bool = False
     redo_tails: bool = False
     progress: bool = True
+    # Train nothing: read finished runs back, and list the rest in ``missing``
+    # as (model, seed, budget, variant).
+    read_only: bool = False
+    missing: list[tuple] = dataclasses.field(default_factory=list)
     # Budgets to extend the sweep to later: the Adam run keeps the checkpoints
     # their splits start from too, so that they need no new Adam run.
     later_budgets: list[int] = dataclasses.field(default_factory=list)
@@ -125,19 +129,25 @@ class Sweep:
         )
 
 
+def _made_rows(config: train_lib.Config) -> list[dict[str, Any]]:
+    """The rows already written for ``config``'s run (none for a tail made
+    from another prefix: another split or detection is not this run)."""
+    out = pathlib.Path(config.out)
+    rows = train_lib.read_metrics(out / "metrics.jsonl")
+    if rows and config.prefix_run is not None:
+        made = json.loads((out / "config.json").read_text())
+        if made.get("prefix_epoch") != config.prefix_epoch:
+            return []
+    return rows
+
+
 def _train(config: train_lib.Config, resume: bool) -> list[dict[str, Any]]:
     """The run's rows: read back if it is finished (and ``resume``), else
     trained or continued."""
-    out = pathlib.Path(config.out)
-    rows = train_lib.read_metrics(out / "metrics.jsonl")
-    if resume and rows and config.prefix_run is not None:
-        # A tail made from another prefix (another split or detection) is
-        # not this run.
-        made = json.loads((out / "config.json").read_text())
-        resume = made.get("prefix_epoch") == config.prefix_epoch
-    if resume and len(rows) >= config.epochs:
+    rows = _made_rows(config) if resume else []
+    if len(rows) >= config.epochs:
         return rows[: config.epochs]
-    config.resume = resume
+    config.resume = resume and bool(rows)
     return train_lib.train(config)[: config.epochs]
 
 
@@ -184,11 +194,21 @@ def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
             kw.update(keep_epochs=keep, keep_detected="two-phase" in sweep.variants)
         out = sweep.run_dir(model, seed, variant, None if long else budget)
         config = sweep.config(model, seed, variant, budget, out=str(out), **kw)
+        if sweep.read_only:
+            rows = _made_rows(config)
+            if len(rows) < budget:
+                sweep.missing.append((model, seed, budget, variant))
+                return None
+            return Run(model, variant, rows[:budget], seed)
         return Run(model, variant, _train(config, resume), seed)
 
     by_budget: dict[int, list[Run]] = {}
     for budget in sweep.budgets:
         adam = run("adam", budget, long=True)
+        if adam is None:  # Every variant starts from it.
+            sweep.missing[-1] = (model, seed, budget, "adam, so every variant")
+            by_budget[budget] = []
+            continue
         runs = [adam]
         for variant in sweep.variants:
             if variant == "adam-cosine":
@@ -213,7 +233,7 @@ def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
                             resume=tails_resume,
                         )
                     )
-        by_budget[budget] = runs
+        by_budget[budget] = [r for r in runs if r is not None]
     return by_budget
 
 
@@ -247,13 +267,18 @@ def at_equal(runs, run, key, baseline):
     return compare.at_equal(runs, run, key, baseline)
 
 
+def has_baselines(runs: list[Run], run: Run) -> bool:
+    """Whether both Adam baselines of ``run``'s model and seed are in ``runs``."""
+    return all(compare.adam_run(runs, run, b) is not None for b in BASELINES)
+
+
 def summary(by_budget: dict[int, list[Run]]) -> list[dict[str, Any]]:
     """Per model, variant and budget: the loss ratios at equal compute, wins
     against both baselines, and Adam's training loss at the swap."""
     entries = []
     for budget, runs in by_budget.items():
         for run in runs:
-            if run.optimizer not in TWO_PHASE:
+            if run.optimizer not in TWO_PHASE or not has_baselines(runs, run):
                 continue
             adam = compare.adam_run(runs, run)
             swap = run.swap_epoch
@@ -350,6 +375,7 @@ def write_sweep(
     loss: str,
     command: str | None = None,
     note: str | None = None,
+    missing: list[str] = (),
 ) -> list[dict[str, Any]]:
     """``table.md``, ``table.json`` and ``crossover.png`` in ``out``.
 
@@ -373,6 +399,19 @@ def write_sweep(
         lines += [f"Made with `{command}`.", ""]
     if note:
         lines += [note, ""]
+    if missing:
+        grouped: dict[tuple, list[int]] = {}
+        for model, seed, budget, variant in missing:
+            grouped.setdefault((model, seed, variant), []).append(budget)
+        lines += [
+            "**Missing** (not run, or not finished, when the table was written):",
+            "",
+            *[
+                f"- {model} seed {seed}, {variant}: {', '.join(map(str, b))} epochs"
+                for (model, seed, variant), b in grouped.items()
+            ],
+            "",
+        ]
     lines += [
         f"Loss: {loss}. Every two-phase run reuses the Adam run of its seed up "
         f"to its swap (the fixed split after {SPLIT_FRACTION:.0%} of the "
@@ -429,17 +468,26 @@ def write_sweep(
         for variant in variants:
             cell = []
             for budget in budgets:
-                ratios = [
-                    e["ratio"]
+                found = [
+                    e
                     for e in entries
                     if (e["model"], e["variant"], e["budget"])
                     == (model, variant, budget)
                 ]
-                cell.append(_ratio_text(ratios) if ratios else "-")
+                if not found:
+                    cell.append("-")
+                elif all(e["swap_epoch"] is None for e in found):
+                    cell.append("no swap")
+                else:
+                    cell.append(_ratio_text([e["ratio"] for e in found]))
             lines.append(
                 f"| {model} | {compare.LABELS[variant]} | " + " | ".join(cell) + " |"
             )
     table_json: dict[str, Any] = {"budgets": {}, "summary": entries}
+    table_json["missing"] = [
+        dict(zip(("model", "seed", "budget", "variant"), m, strict=True))
+        for m in missing
+    ]
     table_json["crossover"] = crossovers
     n_train, outputs = len(dataset.x_train), dataset.num_classes
     for budget in budgets:
@@ -455,7 +503,9 @@ def write_sweep(
         for cell in compare.cells(runs):
             lines.append(compare.result_line(cell, n_train * outputs))
             entry = compare.cell_entry(cell)
-            if cell.optimizer in TWO_PHASE:
+            if cell.optimizer in TWO_PHASE and all(
+                has_baselines(runs, r) for r in cell.runs
+            ):
                 entry["verdicts"] = {
                     b: compare.cell_verdicts(runs, cell, b) for b in BASELINES
                 }
@@ -506,6 +556,8 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
     for budget, runs in by_budget.items():
         for cell in compare.cells(runs):
             if cell.optimizer not in TWO_PHASE:
+                continue
+            if not all(has_baselines(runs, r) for r in cell.runs):
                 continue
             if all(r.swap_epoch is None for r in cell.runs):
                 lines.append(

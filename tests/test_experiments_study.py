@@ -250,6 +250,19 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     compare.main([*argv, "--resume"])
     assert trained == []
     assert (out / "table.json").read_text() == table
+    # Read only, with a budget not yet run: nothing trains, and the table says
+    # what is missing instead of inventing it.
+    budgets = argv.index("--budgets")
+    partial = [*argv[: budgets + 3], "9", *argv[budgets + 3 :]]
+    compare.main([*partial, "--read-only"])
+    assert trained == []
+    missing = json.loads((out / "table.json").read_text())["missing"]
+    assert missing == [
+        {"model": SMALL["model"], "seed": 0, "budget": 9, "variant": variant}
+        for variant in ["adam, so every variant"]
+    ]
+    assert "adam, so every variant: 9 epochs" in (out / "table.md").read_text()
+    compare.main([*argv, "--resume"])  # The table as it was, for what follows.
     # After a change to the second phase: only the tails run again, from the
     # kept checkpoints, and give the same rows.
     before = metrics(out / "runs" / SMALL["model"] / "seed0" / "two-phase-fixed" / "b6")
