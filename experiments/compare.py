@@ -565,6 +565,8 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
         ):
             path = args.out / f"{name}_{budget}.png"
             plot_losses(runs, x_key, x_label, path, args.loss)
+    if args.copy_to:
+        study.copy_results(sweep, by_budget, args.copy_to)
     print((args.out / "table.md").read_text())
     print(study.verdict_lines(by_budget))
     print(f"Plots in {args.out}/")
@@ -651,6 +653,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="EPOCHS",
         help="--sweep: longer budgets to extend the sweep to later; the Adam "
         "runs keep the checkpoints their splits start from",
+    )
+    parser.add_argument(
+        "--copy-to",
+        type=pathlib.Path,
+        default=None,
+        metavar="DIR",
+        help="--sweep: also copy the table, the plots and every run's metrics "
+        "(no checkpoints) to DIR, e.g. results/sweep/digits",
     )
     parser.add_argument(
         "--read-only",

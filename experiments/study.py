@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import matplotlib
@@ -583,3 +584,26 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
                 f"{verb} at equal compute{seeds} ({'; '.join(versus)})"
             )
     return "\n".join(lines)
+
+
+def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Path):
+    """The table, its plots and the metrics of every run in it, into ``dest``
+    (``metrics/<model>/seed<k>/<variant>[-b<budget>].jsonl``), for a record
+    that holds no checkpoints."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in [sweep.out / "table.md", sweep.out / "table.json"]:
+        shutil.copy2(path, dest / path.name)
+    for path in sweep.out.glob("*.png"):
+        shutil.copy2(path, dest / path.name)
+    for budget, runs in by_budget.items():
+        for run in runs:
+            long = run.optimizer in ("adam", "two-phase")
+            source = sweep.run_dir(
+                run.model, run.seed, run.optimizer, None if long else budget
+            )
+            if not (source / "metrics.jsonl").exists():
+                continue  # The detected swap that never fired: Adam's run.
+            name = run.optimizer if long else f"{run.optimizer}-b{budget}"
+            target = dest / "metrics" / run.model / f"seed{run.seed}" / f"{name}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / "metrics.jsonl", target)

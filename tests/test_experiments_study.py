@@ -262,7 +262,25 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
         for variant in ["adam, so every variant"]
     ]
     assert "adam, so every variant: 9 epochs" in (out / "table.md").read_text()
-    compare.main([*argv, "--resume"])  # The table as it was, for what follows.
+    # The record to commit: the table and every run's metrics, no checkpoints.
+    record = out.parent / f"{out.name}-record"
+    compare.main([*argv, "--resume", "--copy-to", str(record)])
+    assert (record / "table.json").read_text() == table
+    runs_dir = out / "runs" / SMALL["model"] / "seed0"
+    copied = record / "metrics" / SMALL["model"] / "seed0"
+    assert sorted(p.name for p in copied.iterdir()) == sorted(
+        ["adam.jsonl"]
+        + [
+            f"{v}-b{b}.jsonl"
+            for v in study.VARIANTS[1:]
+            if v != "two-phase"
+            for b in (3, 6)
+        ]
+    )
+    assert metrics(runs_dir / "adam-lbfgs" / "b6") == train.read_metrics(
+        copied / "adam-lbfgs-b6.jsonl"
+    )
+    assert not list(record.rglob("checkpoints"))
     # After a change to the second phase: only the tails run again, from the
     # kept checkpoints, and give the same rows.
     before = metrics(out / "runs" / SMALL["model"] / "seed0" / "two-phase-fixed" / "b6")
