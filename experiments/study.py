@@ -48,6 +48,7 @@ import shutil
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")
@@ -326,24 +327,30 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
         constrained_layout=True,
     )
     models_ = list(dict.fromkeys(e["model"] for e in entries))
+    budgets_all = sorted({e["budget"] for e in entries})
     for ax, variant in zip(axes[0], variants, strict=True):
         for model in models_:
-            cells = {}
+            cells: dict[int, list[dict]] = {}
             for e in entries:
                 if (e["model"], e["variant"]) == (model, variant):
-                    cells.setdefault(e["budget"], []).append(e["ratio"])
-            budgets = sorted(cells)
+                    cells.setdefault(e["budget"], []).append(e)
+            swapped = [
+                b for b in sorted(cells) if any(e["swap_epoch"] for e in cells[b])
+            ]
             # The geometric mean over the seeds, each seed a faint dot.
-            means = [float(np.exp(np.mean(np.log(cells[b])))) for b in budgets]
-            (line,) = ax.plot(budgets, means, "o-", label=model)
-            for b in budgets:
+            means = [
+                float(np.exp(np.mean(np.log([e["ratio"] for e in cells[b]]))))
+                for b in swapped
+            ]
+            (line,) = ax.plot(swapped, means, "o-", label=model)
+            for b in swapped:
+                ratios = [e["ratio"] for e in cells[b]]
                 ax.plot(
-                    [b] * len(cells[b]),
-                    cells[b],
-                    ".",
-                    color=line.get_color(),
-                    alpha=0.4,
+                    [b] * len(ratios), ratios, ".", color=line.get_color(), alpha=0.4
                 )
+            # No swap within the budget: the run is Adam's, marked on the line 1.
+            idle = [b for b in sorted(cells) if b not in swapped]
+            ax.plot(idle, [1.0] * len(idle), "x", color=line.get_color(), ms=8)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set(
             title=compare.LABELS[variant],
@@ -352,9 +359,15 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
             xscale="log",
             yscale="log",
         )
+        ax.set_xticks(budgets_all, [str(b) for b in budgets_all])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.text(
-            0.02, 0.02, "below 1: two-phase wins", transform=ax.transAxes, fontsize=7
+            0.02,
+            0.02,
+            "below 1: two-phase wins; x: no swap within the budget",
+            transform=ax.transAxes,
+            fontsize=7,
         )
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
