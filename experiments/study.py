@@ -316,6 +316,17 @@ def crossover(entries: list[dict[str, Any]], model: str, variant: str):
     return None
 
 
+FLOOR = 1e-30  # Where the plot draws a ratio of 0 (a loss of exactly 0).
+
+
+def geometric_mean(values: list[float]) -> float:
+    """The geometric mean; 0 if any value is 0 (a float32 loss can underflow)."""
+    values = np.asarray(values, float)
+    if (values == 0).any():
+        return 0.0
+    return float(np.exp(np.mean(np.log(values))))
+
+
 def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str):
     """Loss ratio to the better Adam baseline at equal compute, per budget."""
     variants = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
@@ -339,12 +350,12 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
             ]
             # The geometric mean over the seeds, each seed a faint dot.
             means = [
-                float(np.exp(np.mean(np.log([e["ratio"] for e in cells[b]]))))
+                max(geometric_mean([e["ratio"] for e in cells[b]]), FLOOR)
                 for b in swapped
             ]
             (line,) = ax.plot(swapped, means, "o-", label=model)
             for b in swapped:
-                ratios = [e["ratio"] for e in cells[b]]
+                ratios = [max(e["ratio"], FLOOR) for e in cells[b]]
                 ax.plot(
                     [b] * len(ratios), ratios, ".", color=line.get_color(), alpha=0.4
                 )
@@ -365,7 +376,8 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
         ax.text(
             0.02,
             0.02,
-            "below 1: two-phase wins; x: no swap within the budget",
+            "below 1: two-phase wins; x: no swap within the budget;\n"
+            f"a loss of 0 (float32 underflow) is drawn at {FLOOR:g}",
             transform=ax.transAxes,
             fontsize=7,
         )
@@ -378,7 +390,7 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
 def _ratio_text(ratios: list[float]) -> str:
     """The geometric mean of a cell's ratios, and how many seeds won."""
     wins = sum(r < 1 for r in ratios)
-    mean = float(np.exp(np.mean(np.log(ratios))))
+    mean = geometric_mean(ratios)
     return f"{mean:.2g} ({wins}/{len(ratios)})"
 
 
