@@ -157,14 +157,8 @@ def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
     """The epoch whose reading makes the sweep's detector fire (the live
     two-phase run swaps after it), by :func:`swap_detection.replay` on the
     Adam run's readings; ``None`` if it does not fire within ``rows``."""
-    config = train_lib.Config(**sweep.detector)
-    return tpo.swap_detection.replay(
-        [r["gn_reading"] for r in rows],
-        gn_factor=config.gn_factor,
-        smoothing=config.smoothing,
-        patience=config.patience,
-        min_rise=config.min_rise,
-    )
+    settings = train_lib.detector_settings(train_lib.Config(**sweep.detector))
+    return tpo.swap_detection.replay([r["gn_reading"] for r in rows], **settings)
 
 
 def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:

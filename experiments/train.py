@@ -694,6 +694,16 @@ def _kept_epochs(run: str) -> list[int]:
     return sorted(int(p.name) for p in (pathlib.Path(run) / KEPT).glob("[0-9]*"))
 
 
+def detector_settings(config: Config) -> dict[str, Any]:
+    """The swap detector's settings in ``config``, as ``replay`` takes them."""
+    return dict(
+        gn_factor=config.gn_factor,
+        smoothing=config.smoothing,
+        patience=config.patience,
+        min_rise=config.min_rise,
+    )
+
+
 def detected_at(trainer: Trainer, epoch: int) -> bool:
     """Whether ``config.keep_detected`` and epoch ``epoch``'s reading is the
     one on which the swap detector fires (:func:`swap_detection.replay` on the
@@ -708,13 +718,7 @@ def detected_at(trainer: Trainer, epoch: int) -> bool:
     # detection.
     readings = trainer.readings[: epoch + 1]
     padded = readings + readings[-1:] * (config.epochs - len(readings))
-    detection = tpo.swap_detection.replay(
-        padded,
-        gn_factor=config.gn_factor,
-        smoothing=config.smoothing,
-        patience=config.patience,
-        min_rise=config.min_rise,
-    )
+    detection = tpo.swap_detection.replay(padded, **detector_settings(config))
     if detection is not None and detection <= epoch:
         trainer.detection = detection
     return detection == epoch
