@@ -54,7 +54,6 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import twophase_optax as tpo  # noqa: E402
 from experiments import compare  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
 from experiments.compare import Run  # noqa: E402
@@ -95,8 +94,9 @@ class Sweep:
     # Budgets to extend the sweep to later: the Adam run keeps the checkpoints
     # their splits start from too, so that they need no new Adam run.
     later_budgets: list[int] = dataclasses.field(default_factory=list)
-    # The swap detector's settings (gn_factor, smoothing, patience, min_rise);
-    # empty: two_phase's defaults. **swap_detection.PAPER_RULE: Algorithm 1.
+    # The swap rule and its settings (swap_rule, gn_factor, smoothing,
+    # patience, min_rise, plateau_*), as Config takes them; empty: the
+    # defaults. **swap_detection.PAPER_RULE: Algorithm 1.
     detector: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -154,11 +154,10 @@ def _train(config: train_lib.Config, resume: bool) -> list[dict[str, Any]]:
 
 
 def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
-    """The epoch whose reading makes the sweep's detector fire (the live
-    two-phase run swaps after it), by :func:`swap_detection.replay` on the
-    Adam run's readings; ``None`` if it does not fire within ``rows``."""
-    settings = train_lib.detector_settings(train_lib.Config(**sweep.detector))
-    return tpo.swap_detection.replay([r["gn_reading"] for r in rows], **settings)
+    """The epoch after which the live two-phase run with the sweep's swap rule
+    swaps (:func:`experiments.train.replayed_swap` on the Adam run's rows);
+    ``None`` if it does not swap within ``rows``."""
+    return train_lib.replayed_swap(train_lib.Config(**sweep.detector), rows)
 
 
 def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:

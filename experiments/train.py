@@ -89,6 +89,9 @@ OPTIMIZERS = (
 ADAM_OPTIMIZERS = ("adam", "adam-cosine")  # No second phase.
 SPLIT_OPTIMIZERS = ("two-phase", "two-phase-fixed", "adam-lbfgs")  # two_phase
 EVAL_BATCH = 2048
+# two_phase's swap rules, and the one the trainer applies from outside
+# (tpo.start_second_phase) at the end of an epoch.
+SWAP_RULES = (*tpo.SWAP_RULES[:3], "fit")
 VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
 
 
@@ -108,6 +111,14 @@ class Config:
     smoothing: float = tpo.swap_detection.DEFAULT_SMOOTHING
     patience: int = tpo.swap_detection.DEFAULT_PATIENCE
     min_rise: float = tpo.swap_detection.DEFAULT_MIN_RISE
+    # two-phase: what decides the swap, one of SWAP_RULES: two_phase's own
+    # rules, or "fit" (the epoch's steps got no training example wrong).
+    swap_rule: str = "peak"
+    plateau_rtol: float = tpo.loss_plateau.DEFAULT_RTOL
+    plateau_patience: int = tpo.loss_plateau.DEFAULT_PATIENCE
+    plateau_smoothing: float = tpo.loss_plateau.DEFAULT_SMOOTHING
+    # "fit": the most training examples an epoch's steps may get wrong.
+    fit_errors: int = 0
     swap_epoch: int = 30
     fallback: str | None = None  # two_phase's fallback: None or "first".
     max_failures: int = 3
@@ -155,6 +166,11 @@ class Config:
             "smoothing": 0 < self.smoothing <= 1,
             "patience": self.patience >= 1,
             "min_rise": self.min_rise >= 1,
+            "swap_rule": self.swap_rule in SWAP_RULES,
+            "plateau_rtol": 0 <= self.plateau_rtol < 1,
+            "plateau_patience": self.plateau_patience >= 1,
+            "plateau_smoothing": 0 < self.plateau_smoothing <= 1,
+            "fit_errors": self.fit_errors >= 0,
             "curvature_every": self.curvature_every >= 0,
             "curvature_iterations": self.curvature_iterations >= 1,
             "curvature_batch": self.curvature_batch >= 1,
@@ -209,6 +225,10 @@ def make_optimizer(
         smoothing=config.smoothing,
         patience=config.patience,
         min_rise=config.min_rise,
+        swap_rule="manual" if config.swap_rule == "fit" else config.swap_rule,
+        plateau_rtol=config.plateau_rtol,
+        plateau_patience=config.plateau_patience,
+        plateau_smoothing=config.plateau_smoothing,
         swap_at=swap_at,
         fallback=config.fallback,
         max_failures=config.max_failures,
@@ -333,6 +353,15 @@ class Trainer:
             return self.loss_fn(outputs, labels)
         return jnp.sum(self._per_example(outputs, labels) * mask) / jnp.sum(mask)
 
+    def batch_loss_and_errors(self, params, images, labels, mask=None):
+        """The mean loss and how many examples the same forward pass gets wrong."""
+        outputs = self.apply(params, images)
+        wrong = jnp.argmax(outputs, -1) != labels
+        if mask is None:
+            return self.loss_fn(outputs, labels), jnp.sum(wrong, dtype=jnp.int32)
+        loss = jnp.sum(self._per_example(outputs, labels) * mask) / jnp.sum(mask)
+        return loss, jnp.sum(wrong * mask).astype(jnp.int32)
+
     def _per_example(self, outputs, labels):
         return jax.vmap(lambda o, y: self.loss_fn(o[None], y[None]))(outputs, labels)
 
@@ -374,11 +403,12 @@ class Trainer:
             value, grad = optax.value_and_grad_from_state(self.batch_loss)(
                 params, images, labels, mask, state=opt_state
             )
+            errors = jnp.asarray(-1, jnp.int32)  # No forward pass of its own.
         else:
             start_cost = jnp.asarray(VALUE_AND_GRAD, jnp.float32)
-            value, grad = jax.value_and_grad(self.batch_loss)(
-                params, images, labels, mask
-            )
+            (value, errors), grad = jax.value_and_grad(
+                self.batch_loss_and_errors, has_aux=True
+            )(params, images, labels, mask)
         updates, opt_state = self.tx.update(
             grad,
             opt_state,
@@ -417,6 +447,8 @@ class Trainer:
             "step_size": step_size,
             "failed": failed,
             "forward_passes": cost,
+            "value": value,
+            "errors": errors,
         }
         return optax.apply_updates(params, updates), opt_state, grad_sum, stats
 
@@ -539,6 +571,8 @@ class Trainer:
         evaluations = np.array([s["evaluations"] for s in stats])
         step_costs = np.array([s["forward_passes"] for s in stats])
         forward_passes = float(np.sum(np.array(sizes) * step_costs) / n_train)
+        values = np.array([s["value"] for s in stats], np.float64)
+        errors = np.array([s["errors"] for s in stats])
         return {
             "phase": int(cg_epoch),
             "gn_reading": reading,
@@ -547,6 +581,11 @@ class Trainer:
             "linesearch_gradients": int(sum(s["gradients"] for s in stats)),
             "linesearch_failures": int(sum(s["failed"] for s in stats)),
             "steps": len(sizes),
+            # What the steps saw for free, before their updates: the mean batch
+            # loss (the values two_phase receives) and, in Adam epochs, the
+            # training examples their own forward passes got wrong.
+            "batch_loss": float(np.sum(np.array(sizes) * values) / n_train),
+            "batch_errors": None if (errors < 0).any() else int(errors.sum()),
             "epoch_forward_passes": forward_passes,
             "epoch_seconds": seconds,
             "epoch_compile_seconds": compile_seconds,
@@ -662,7 +701,7 @@ def train(config: Config) -> list[dict[str, Any]]:
         rows = [r for r in prefix if r["epoch"] < first_epoch]
         if chief:
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trainer.readings = [r["gn_reading"] for r in read_metrics(metrics_path)]
+    trainer.rows = read_metrics(metrics_path)
     trainer.detection = None
 
     bar = tqdm(
@@ -704,24 +743,84 @@ def detector_settings(config: Config) -> dict[str, Any]:
     )
 
 
+def plateau_settings(config: Config) -> dict[str, Any]:
+    """The loss-plateau rule's settings in ``config``, as ``replay`` takes them."""
+    return dict(
+        rtol=config.plateau_rtol,
+        patience=config.plateau_patience,
+        smoothing=config.plateau_smoothing,
+    )
+
+
+def replayed_swap(
+    config: Config, rows: list[dict[str, Any]], length: int | None = None
+) -> int | None:
+    """The epoch after which a two-phase run with ``config``'s swap rule swaps,
+    replayed on an Adam run's metrics ``rows``; ``None`` if not within them.
+
+    Before its swap a two-phase run is the Adam run, so its rule sees what
+    the Adam run recorded: the gradient-norm readings (``"peak"``), the mean
+    batch losses (``"plateau"``), both (``"peak-then-plateau"``), or the
+    training examples the steps got wrong (``"fit"``). ``length`` pads the
+    rows (with the last) to a fixed length, so the replay compiles once.
+    """
+    if length is not None:
+        rows = rows + rows[-1:] * (length - len(rows))
+    rule = config.swap_rule
+    needs = {"fit": "batch_errors", "peak": "gn_reading"}.get(rule, "batch_loss")
+    if rows and needs not in rows[0]:
+        raise RunOutputError(
+            f"The metrics have no {needs!r}, which the {rule!r} rule reads: "
+            "they were written by an older version. Train the Adam run again."
+        )
+    if rule == "fit":
+        return next(
+            (i for i, r in enumerate(rows) if r["batch_errors"] <= config.fit_errors),
+            None,
+        )
+    peak = tpo.swap_detection.replay(
+        [r["gn_reading"] for r in rows], **detector_settings(config)
+    )
+    if rule == "peak":
+        return peak
+    start = 0 if rule == "plateau" else peak
+    if start is None:
+        return None
+    flags = tpo.loss_plateau.replay(
+        [r["batch_loss"] for r in rows], **plateau_settings(config)
+    )
+    return next((i for i, flat in enumerate(flags) if flat and i >= start), None)
+
+
 def detected_at(trainer: Trainer, epoch: int) -> bool:
-    """Whether ``config.keep_detected`` and epoch ``epoch``'s reading is the
-    one on which the swap detector fires (:func:`swap_detection.replay` on the
-    run's readings): the two-phase run with that detector swaps after it."""
+    """Whether ``config.keep_detected`` and epoch ``epoch`` is the one after
+    which a two-phase run with the config's swap rule swaps
+    (:func:`replayed_swap` on the run's rows so far)."""
     config = trainer.config
     if not config.keep_detected:
         return False
     if trainer.detection is not None:  # It fires once.
         return trainer.detection == epoch
-    # One length for every call (the readings padded to the budget), so the
-    # replay compiles once; readings after ``epoch`` cannot move an earlier
-    # detection.
-    readings = trainer.readings[: epoch + 1]
-    padded = readings + readings[-1:] * (config.epochs - len(readings))
-    detection = tpo.swap_detection.replay(padded, **detector_settings(config))
+    # One length for every call (the rows padded to the budget), so the
+    # replay compiles once; rows after ``epoch`` cannot move an earlier swap.
+    detection = replayed_swap(config, trainer.rows[: epoch + 1], config.epochs)
     if detection is not None and detection <= epoch:
         trainer.detection = detection
     return detection == epoch
+
+
+def fit_swap(trainer: Trainer, row: dict[str, Any]) -> None:
+    """The ``"fit"`` rule, applied from outside ``two_phase``: after an Adam
+    epoch whose steps got at most ``fit_errors`` training examples wrong (as
+    their own forward passes saw them), the next step runs CG."""
+    config = trainer.config
+    if (
+        config.optimizer == "two-phase"
+        and config.swap_rule == "fit"
+        and row["phase"] == 0
+        and row["batch_errors"] <= config.fit_errors
+    ):
+        trainer.opt_state = tpo.start_second_phase(trainer.opt_state)
 
 
 def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
@@ -749,7 +848,8 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     }
     if jax.process_index() == 0:
         append_metrics(metrics_path, row)
-    trainer.readings.append(row["gn_reading"])
+    trainer.rows.append(row)
+    fit_swap(trainer, row)
     save_checkpoint(manager, epoch, (trainer.params, trainer.opt_state), counters)
     bar.set_postfix(
         loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
@@ -817,8 +917,43 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--paper-rule",
         action="store_true",
-        help="two-phase: Algorithm 1 as printed (same as --gn-factor 0.9 "
-        "--smoothing 1 --patience 1 --min-rise 1)",
+        help="two-phase: Algorithm 1 as printed (same as --swap-rule peak "
+        "--gn-factor 0.9 --smoothing 1 --patience 1 --min-rise 1)",
+    )
+    parser.add_argument(
+        "--swap-rule",
+        default=defaults.swap_rule,
+        choices=SWAP_RULES,
+        help="two-phase: what decides the swap: the gradient-norm peak, the "
+        "loss plateau, the plateau once the peak has fired, or fit (an epoch "
+        "whose steps got no training example wrong)",
+    )
+    parser.add_argument(
+        "--plateau-rtol",
+        type=cli.number(0.0, 1.0, high_open=True),
+        default=defaults.plateau_rtol,
+        help="two-phase, plateau rules: the relative fall of the smoothed "
+        "epoch loss that counts as progress, in [0, 1)",
+    )
+    parser.add_argument(
+        "--plateau-patience",
+        type=cli.integer(1),
+        default=defaults.plateau_patience,
+        help="two-phase, plateau rules: epochs without progress before the swap",
+    )
+    parser.add_argument(
+        "--plateau-smoothing",
+        type=cli.number(0.0, 1.0, low_open=True),
+        default=defaults.plateau_smoothing,
+        help="two-phase, plateau rules: weight of the newest epoch's mean loss "
+        "in the moving average, in (0, 1]",
+    )
+    parser.add_argument(
+        "--fit-errors",
+        type=cli.integer(0),
+        default=defaults.fit_errors,
+        help="two-phase, fit rule: the most training examples an epoch may get "
+        "wrong (0: all right)",
     )
     parser.add_argument(
         "--swap-epoch",
@@ -883,7 +1018,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = vars(parser.parse_args(argv))
     args["fallback"] = None if args["fallback"] == "none" else args["fallback"]
     if args.pop("paper_rule"):
-        args.update(tpo.swap_detection.PAPER_RULE)
+        args.update(tpo.swap_detection.PAPER_RULE, swap_rule="peak")
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"
     return Config(**args)

@@ -7,6 +7,7 @@ gradient built on it, and the two-phase combinator.
 
 from twophase_optax import cg_directions
 from twophase_optax import curvature
+from twophase_optax import loss_plateau
 from twophase_optax import swap_detection
 from twophase_optax._protocol import find_linesearch_state
 from twophase_optax.cg_directions import BETA_RULES
@@ -22,13 +23,16 @@ from twophase_optax.conjugate_gradient import linesearch_failed
 from twophase_optax.golden_section import GoldenSectionInfo
 from twophase_optax.golden_section import GoldenSectionLinesearchState
 from twophase_optax.golden_section import golden_section_linesearch
+from twophase_optax.loss_plateau import LossPlateauState
 from twophase_optax.metrics import two_phase_metrics
 from twophase_optax.slope_linesearch import SlopeLinesearchInfo
 from twophase_optax.slope_linesearch import SlopeLinesearchState
 from twophase_optax.slope_linesearch import slope_linesearch
 from twophase_optax.swap_detection import GradientNormPeakState
+from twophase_optax.two_phase import SWAP_RULES
 from twophase_optax.two_phase import SharedBuffer
 from twophase_optax.two_phase import TwoPhaseState
+from twophase_optax.two_phase import start_second_phase
 from twophase_optax.two_phase import two_phase
 
 __version__ = "0.1.0"
@@ -40,6 +44,8 @@ __all__ = [
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",
     "GradientNormPeakState",
+    "LossPlateauState",
+    "SWAP_RULES",
     "SharedBuffer",
     "SlopeLinesearchInfo",
     "SlopeLinesearchState",
@@ -53,9 +59,11 @@ __all__ = [
     "golden_section_linesearch",
     "hestenes_stiefel",
     "linesearch_failed",
+    "loss_plateau",
     "polak_ribiere",
     "polak_ribiere_plus",
     "slope_linesearch",
+    "start_second_phase",
     "swap_detection",
     "two_phase",
     "two_phase_metrics",

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from twophase_optax import _protocol
+from twophase_optax import loss_plateau
 from twophase_optax import swap_detection
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
 
 FALLBACKS = (None, "first")
+SWAP_RULES = ("peak", "plateau", "peak-then-plateau", "manual")
 # The branches of the step's lax.switch.
 _FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
@@ -200,6 +202,9 @@ class TwoPhaseState(NamedTuple):
       detection: the gradient-norm readings, the running maximum ``gn_max``,
         the window accumulators and the step at which the peak criterion first
         held; a :class:`twophase_optax.swap_detection.GradientNormPeakState`.
+      plateau: the window means of the loss values, their best and the
+        windows since it improved; a
+        :class:`twophase_optax.loss_plateau.LossPlateauState` (scalars).
       first_state: the state of ``first``, except that its params-sized
         leaves that have a twin in ``second``'s state (same shape and dtype:
         Adam's moments and CG's direction and stored gradient) are
@@ -218,6 +223,7 @@ class TwoPhaseState(NamedTuple):
     num_failures: jax.Array
     num_fallbacks: jax.Array
     detection: swap_detection.GradientNormPeakState
+    plateau: loss_plateau.LossPlateauState
     first_state: optax.OptState
     second_state: optax.OptState
 
@@ -241,6 +247,10 @@ def two_phase(
     smoothing: float = swap_detection.DEFAULT_SMOOTHING,
     patience: int = swap_detection.DEFAULT_PATIENCE,
     min_rise: float = swap_detection.DEFAULT_MIN_RISE,
+    swap_rule: str = "peak",
+    plateau_rtol: float = loss_plateau.DEFAULT_RTOL,
+    plateau_patience: int = loss_plateau.DEFAULT_PATIENCE,
+    plateau_smoothing: float = loss_plateau.DEFAULT_SMOOTHING,
     swap_at: int | None = None,
     fallback: str | None = None,
     max_failures: int = 3,
@@ -310,7 +320,20 @@ def two_phase(
         the maximum before the swap; 1 swaps on the first.
       min_rise: no reading counts as a fall until the maximum is at least
         this multiple of the first reading (>= 1; 1 counts every fall).
-      swap_at: if set, swap at this step regardless of the readings.
+      swap_rule: what decides the swap. ``"peak"``: the gradient-norm peak
+        above (``gn_factor``, ``smoothing``, ``patience``, ``min_rise``).
+        ``"plateau"``: the loss ``value``\ s, averaged per window and smoothed,
+        have not fallen by ``plateau_rtol`` for ``plateau_patience`` windows
+        (:mod:`twophase_optax.loss_plateau`). ``"peak-then-plateau"``: the
+        plateau, counted once the peak has fired. ``"manual"``: only
+        ``swap_at`` or :func:`start_second_phase`. The readings and the plateau
+        are recorded in the state whatever the rule.
+      plateau_rtol: the relative fall of the smoothed window mean that counts
+        as progress, in [0, 1).
+      plateau_patience: windows in a row without progress before the swap.
+      plateau_smoothing: weight of the newest window mean in the moving
+        average, in (0, 1]; 1 reads the raw window means.
+      swap_at: if set, swap at this step regardless of ``swap_rule``.
       fallback: what to do when the second phase is stuck, that is after
         ``max_failures`` steps in a row whose line search failed (each failure
         already restarts CG with steepest descent). ``None`` (the default)
@@ -371,6 +394,11 @@ def two_phase(
     swap_detection.check_detection_hyperparameters(
         gn_factor, window, statistic, min_windows, smoothing, patience, min_rise
     )
+    if swap_rule not in SWAP_RULES:
+        raise ValueError(f"swap_rule must be one of {SWAP_RULES}, got {swap_rule!r}.")
+    loss_plateau.check_hyperparameters(
+        plateau_rtol, plateau_patience, plateau_smoothing
+    )
     if swap_at is not None and not (isinstance(swap_at, int) and swap_at >= 0):
         raise ValueError(f"swap_at must be None or an integer >= 0, got {swap_at!r}.")
     if fallback not in FALLBACKS:
@@ -392,6 +420,7 @@ def two_phase(
                 num_failures=jnp.asarray(0, jnp.int32),
                 num_fallbacks=jnp.asarray(0, jnp.int32),
                 detection=swap_detection.init(params, statistic, window),
+                plateau=loss_plateau.init(params),
                 **_combine(first.init(params), second.init(params), params),
             )
         )
@@ -510,13 +539,33 @@ def two_phase(
             grad_norm=jnp.sqrt(grad_sq_norm),
         )
         detection = optax.tree.where(finite, detection, state.detection)
+        plateau = optax.tree.where(
+            fall_back_now, loss_plateau.init(params), state.plateau
+        )
+        plateau, flat = loss_plateau.update(
+            plateau,
+            value,
+            state.count,
+            window=window,
+            rtol=plateau_rtol,
+            patience=plateau_patience,
+            smoothing=plateau_smoothing,
+        )
+        plateau = optax.tree.where(finite, plateau, state.plateau)
+        flat &= plateau.num_windows >= min_windows
+        if swap_rule == "peak":
+            ruled = detected
+        elif swap_rule == "plateau":
+            ruled = flat
+        elif swap_rule == "peak-then-plateau":
+            ruled = flat & (detection.detect_step >= 0)
+        else:  # "manual": start_second_phase, or swap_at.
+            ruled = jnp.asarray(False)
         num_fallbacks = state.num_fallbacks + fall_back_now.astype(jnp.int32)
         if swap_at is None:
-            swap_now = detected
+            swap_now = ruled
         else:  # The fixed split; after a fallback the detector decides.
-            swap_now = jnp.where(
-                num_fallbacks > 0, detected, state.count + 1 == swap_at
-            )
+            swap_now = jnp.where(num_fallbacks > 0, ruled, state.count + 1 == swap_at)
         swap_now &= finite & ~in_second_phase
         swap_step = jnp.where(fall_back_now, -1, state.swap_step)
         new_state = TwoPhaseState(
@@ -527,9 +576,44 @@ def two_phase(
             num_failures=num_failures,
             num_fallbacks=num_fallbacks,
             detection=detection,
+            plateau=plateau,
             first_state=first_state,
             second_state=second_state,
         )
         return new_updates, optax.tree.cast_like(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def start_second_phase(state: TwoPhaseState) -> TwoPhaseState:
+    """``state`` with the swap made now: the next update runs ``second``.
+
+    The way to swap on a criterion that :func:`two_phase` cannot evaluate
+    inside ``update``: the training set fitted, say, or a payoff probe that
+    runs a few CG steps on the full batch. Jittable; a state already in the
+    second phase is returned as it is. The second phase starts, as after any
+    swap, from ``second.init(params)`` at the current parameters.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import twophase_optax as tpo
+      >>> f = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> opt = tpo.two_phase(optax.adam(0.1), swap_rule="manual")
+      >>> w = jnp.zeros(2)
+      >>> state = opt.init(w)
+      >>> for step in range(6):
+      ...     if step == 3:  # whatever the caller decides
+      ...         state = tpo.start_second_phase(state)
+      ...     g = jax.grad(f)(w)
+      ...     u, state = opt.update(g, state, w, value=f(w), value_fn=f)
+      ...     w = optax.apply_updates(w, u)
+      >>> int(state.swap_step), [round(float(x), 4) for x in w]
+      (3, [1.0, 1.0])
+    """
+    starting = ~state.in_second_phase
+    return state._replace(
+        in_second_phase=jnp.asarray(True),
+        swap_step=jnp.where(starting, state.count, state.swap_step).astype(jnp.int32),
+    )

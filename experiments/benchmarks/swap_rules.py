@@ -1,0 +1,496 @@
+"""Swap rules side by side: where each swaps, and what its second phase reaches.
+
+    python -m experiments.benchmarks.swap_rules --dataset digits \\
+        --models vit-mlp vgg5 --seeds-for vit-mlp=3 vgg5=3 --budgets 20 50 150
+
+Per model and seed one Adam run (the sweep's settings, ``experiments/study.py``)
+keeps the checkpoint of every epoch and records what a rule may read each
+epoch for free: the gradient-norm reading, the mean of the batch losses the
+steps saw (the ``value``s that ``two_phase`` receives) and the training
+examples those forward passes got wrong. Every rule is replayed on these rows
+(:mod:`twophase_optax.swap_rules`, the code ``two_phase`` runs), which gives
+the epoch after which a two-phase run with that rule swaps; one tail per
+distinct swap epoch runs CG from that epoch's checkpoint to the longest budget
+and is read at each budget (CG has no schedule, so a tail does not depend on
+the budget). The payoff probe is replayed from short tails (a few CG epochs
+from a checkpoint), and the compute of the probes that lost is added to its
+run.
+
+Per cell (model, seed, budget) and rule the table gives the swap epoch, Adam's
+training loss there, and the final training loss at equal compute over
+
+* the best swap in hindsight: the lowest final loss at equal compute over
+  every swap epoch tried for that cell (the sweep's splits and every rule's);
+* the better Adam baseline (constant or cosine-decayed rate, the lower loss
+  at equal compute);
+* constant Adam.
+
+Cosine Adam runs are read from an existing sweep (``--baselines``) where they
+exist, else trained. Everything is resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any
+
+import twophase_optax as tpo
+from experiments import compare
+from experiments import study
+from experiments import train as train_lib
+from experiments.compare import Run
+
+
+def adam_run(sweep: study.Sweep, model: str, seed: int) -> Run:
+    """The Adam run to the longest budget, every epoch's checkpoint kept."""
+    epochs = max(sweep.budgets)
+    config = sweep.config(
+        model,
+        seed,
+        "adam",
+        epochs,
+        out=str(sweep.run_dir(model, seed, "adam")),
+        keep_epochs=tuple(range(epochs)),
+        label=f"{model} seed {seed} ",
+    )
+    return Run(model, "adam", study._train(config, resume=True), seed)
+
+
+def tail(sweep: study.Sweep, model: str, seed: int, after: int, epochs: int) -> Run:
+    """CG on the full batch from the end of Adam's epoch ``after`` (0-based),
+    to ``epochs`` epochs in all; its rows start with Adam's."""
+    config = sweep.config(
+        model,
+        seed,
+        "two-phase-fixed",
+        epochs,
+        out=str(sweep.run_dir(model, seed, f"swap{after}")),
+        swap_epoch=after + 1,
+        prefix_run=str(sweep.run_dir(model, seed, "adam")),
+        prefix_epoch=after,
+        label=f"{model} seed {seed} swap after {after} ",
+    )
+    return Run(model, "two-phase-fixed", study._train(config, resume=True), seed)
+
+
+def cosine_run(sweep, baselines: pathlib.Path | None, model, seed, budget) -> Run:
+    """Cosine-decayed Adam at ``budget``: read from ``baselines`` (an earlier
+    sweep's directory) where it finished there, else trained."""
+    if baselines is not None:
+        source = study.Sweep(
+            models=[model], seeds={}, budgets=[budget], out=baselines
+        ).run_dir(model, seed, "adam-cosine", budget)
+        rows = train_lib.read_metrics(source / "metrics.jsonl")
+        if len(rows) >= budget:
+            return Run(model, "adam-cosine", rows[:budget], seed)
+    out = sweep.run_dir(model, seed, "adam-cosine", budget)
+    config = sweep.config(model, seed, "adam-cosine", budget, out=str(out))
+    return Run(model, "adam-cosine", study._train(config, resume=True), seed)
+
+
+# -- the rules, replayed on an Adam run's rows -----------------------------
+@dataclasses.dataclass
+class Swap:
+    """Where a rule swaps: after Adam's epoch ``after`` (0-based; ``None``:
+    never), and the probes it paid for that did not lead to the swap, as
+    (epoch after which it ran, forward passes, seconds)."""
+
+    after: int | None
+    probes: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+
+
+def gn_readings(rows):
+    return [r["gn_reading"] for r in rows]
+
+
+def first(flags, start: int = 0) -> int | None:
+    return next((i for i, f in enumerate(flags) if f and i >= start), None)
+
+
+def peak_rule(**settings):
+    """The gradient-norm peak (``two_phase``'s detector with ``settings``)."""
+    return lambda rows, probe: Swap(
+        tpo.swap_detection.replay(gn_readings(rows), **settings)
+    )
+
+
+def plateau_flags(rows, **settings) -> list[bool]:
+    return tpo.loss_plateau.replay([r["batch_loss"] for r in rows], **settings)
+
+
+def plateau_rule(armed_by_peak: bool = False, **settings):
+    """The loss plateau, from the first epoch or once the peak has fired."""
+
+    def rule(rows, probe):
+        start = 0
+        if armed_by_peak:
+            start = tpo.swap_detection.replay(gn_readings(rows))
+            if start is None:
+                return Swap(None)
+        return Swap(first(plateau_flags(rows, **settings), start))
+
+    return rule
+
+
+def fit_rule(patience: int = 1):
+    """No training example wrong in ``patience`` epochs in a row (counted by
+    the steps' own forward passes)."""
+
+    def rule(rows, probe):
+        run = 0
+        for i, r in enumerate(rows):
+            run = run + 1 if r["batch_errors"] == 0 else 0
+            if run >= patience:
+                return Swap(i)
+        return Swap(None)
+
+    return rule
+
+
+def adam_rate(rows, epoch: int, window: int) -> float:
+    """Adam's fall of the log batch loss per forward pass over ``window`` epochs."""
+    start = max(0, epoch - window)
+    fall = math.log(rows[start]["batch_loss"]) - math.log(rows[epoch]["batch_loss"])
+    return fall / (rows[epoch]["forward_passes"] - rows[start]["forward_passes"])
+
+
+def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plateau"):
+    """The payoff probe: from the epochs where ``arm`` holds (``"plateau"``,
+    ``"peak"``: from the peak on, ``"start"``: always), at most every
+    ``every`` epochs and not before ``window``, run
+    ``steps`` CG epochs on the full batch; swap there if CG's fall of the log
+    loss per forward pass beats Adam's over its last ``window`` epochs."""
+
+    def rule(rows, probe):
+        if arm == "plateau":
+            armed = plateau_flags(rows)
+        elif arm == "start":
+            armed = [True] * len(rows)
+        else:
+            peak = tpo.swap_detection.replay(gn_readings(rows))
+            armed = [peak is not None and i >= peak for i in range(len(rows))]
+        probes, last = [], -every
+        for epoch, ready in enumerate(armed):
+            if not ready or epoch - last < every or epoch < window:
+                continue
+            last = epoch
+            cg = probe(epoch, steps)
+            if cg is None:  # The probe would run past the budget.
+                break
+            end, start = cg[-1], cg[epoch]
+            fall = math.log(start["train_loss"]) - math.log(end["train_loss"])
+            cost = end["forward_passes"] - start["forward_passes"]
+            if fall / cost > adam_rate(rows, epoch, window):
+                return Swap(epoch, probes)
+            probes.append((epoch, cost, end["wall_time"] - start["wall_time"]))
+        return Swap(None, probes)
+
+    return rule
+
+
+def earliest(*rules):
+    """The earliest swap of several rules (probes: none of these probe)."""
+
+    def rule(rows, probe):
+        found = [r(rows, probe).after for r in rules]
+        found = [a for a in found if a is not None]
+        return Swap(min(found) if found else None)
+
+    return rule
+
+
+RULES = {
+    "peak (today's default)": peak_rule(),
+    "paper": peak_rule(**tpo.swap_detection.PAPER_RULE),
+    "plateau": plateau_rule(),
+    "plateau, patience 10": plateau_rule(patience=10),
+    "peak, then plateau": plateau_rule(armed_by_peak=True),
+    "peak, then plateau 10": plateau_rule(armed_by_peak=True, patience=10),
+    "fit": fit_rule(),
+    "fit 3 epochs": fit_rule(3),
+    "fit, or peak then plateau": earliest(fit_rule(), plateau_rule(armed_by_peak=True)),
+    "probe on plateau": probe_rule(),
+}
+
+
+# -- the cells --------------------------------------------------------------
+def with_probes(rows, probes, budget):
+    """``rows`` with the compute and time of the probes run before them added."""
+    rows = [dict(r) for r in rows[:budget]]
+    for epoch, cost, seconds in probes:
+        if epoch + 1 >= budget:
+            continue
+        for r in rows:
+            if r["epoch"] > epoch:
+                r["forward_passes"] += cost
+                r["wall_time"] += seconds
+    return rows
+
+
+def loss_at_equal_compute(run: Run, baseline: Run) -> tuple[float, float]:
+    """``run``'s and ``baseline``'s training losses at equal compute."""
+    pair = compare.at_equal([baseline], run, "forward_passes", baseline.optimizer)
+    if pair is None:
+        return math.inf, baseline.rows[0]["train_loss"]
+    return pair[0]["train_loss"], pair[1]["train_loss"]
+
+
+def study_model(sweep, baselines, model: str, seed: int, rules: dict) -> list[dict]:
+    """Every rule on one model and seed at every budget: one entry per cell."""
+    adam = adam_run(sweep, model, seed)
+    longest = max(sweep.budgets)
+    compute = adam.rows[longest - 1]["forward_passes"]
+    tails: dict[int, Run] = {}
+
+    def get_tail(after: int, epochs: int) -> Run:
+        made = tails.get(after)
+        if made is None or len(made.rows) < epochs:
+            tails[after] = tail(sweep, model, seed, after, epochs)
+        return tails[after]
+
+    def full_tail(after: int) -> Run:
+        """The tail to the longest budget or to Adam's compute there."""
+        epochs = min(
+            longest,
+            after + 1 + math.ceil((compute - adam.rows[after]["forward_passes"]) / 5),
+        )
+        run = get_tail(after, epochs)
+        while run.last["forward_passes"] < compute and len(run.rows) < longest:
+            more = math.ceil((compute - run.last["forward_passes"]) / 3) + 1
+            run = get_tail(after, min(longest, len(run.rows) + more))
+        return run
+
+    def probe(after: int, steps: int):
+        if after + 1 + steps > longest:
+            return None
+        return get_tail(after, after + 1 + steps).rows
+
+    swaps = {name: rule(adam.rows, probe) for name, rule in rules.items()}
+    splits = {study.split_epoch(b) - 1 for b in sweep.budgets}
+    points = splits | {s.after for s in swaps.values() if s.after is not None}
+    for after in sorted(points):
+        if after + 1 < longest:
+            full_tail(after)
+    entries = []
+    for budget in sweep.budgets:
+        adam_b = Run(model, "adam", adam.rows[:budget], seed)
+        cosine = cosine_run(sweep, baselines, model, seed, budget)
+        hindsight = {
+            after + 1: loss_at_equal_compute(
+                Run(model, "tail", tails[after].rows[:budget], seed), adam_b
+            )[0]
+            for after in sorted(points)
+            if after + 1 < budget
+        }
+        best = min(hindsight.values()) if hindsight else math.nan
+        for name, swap in swaps.items():
+            swapped = swap.after is not None and swap.after + 1 < budget
+            rows = tails[swap.after].rows if swapped else adam.rows
+            run = Run(model, name, with_probes(rows, swap.probes, budget), seed)
+            ours, theirs = loss_at_equal_compute(run, adam_b)
+            ours_c, theirs_c = loss_at_equal_compute(run, cosine)
+            entries.append(
+                {
+                    "model": model,
+                    "seed": seed,
+                    "budget": budget,
+                    "rule": name,
+                    "swap_epoch": swap.after + 1 if swapped else None,
+                    "adam_loss_at_swap": adam.rows[swap.after]["train_loss"]
+                    if swapped
+                    else None,
+                    "probes": sum(p[0] + 1 < budget for p in swap.probes),
+                    "loss": ours,
+                    "adam_loss": theirs,
+                    "cosine_loss": theirs_c,
+                    "vs_adam": ours / theirs,
+                    "vs_better_adam": max(ours / theirs, ours_c / theirs_c),
+                    "best_split_epoch": min(hindsight, key=hindsight.get)
+                    if hindsight
+                    else None,
+                    "best_split_loss": best,
+                    "vs_hindsight": ours / best if hindsight else math.nan,
+                    "compute": run.last["forward_passes"],
+                    "adam_compute": adam_b.last["forward_passes"],
+                }
+            )
+    return entries
+
+
+# -- the record ---------------------------------------------------------------
+def crossover_budget(table_json: pathlib.Path, model: str) -> int | None:
+    """The sweep's crossover budget of the fixed split for ``model``."""
+    if not table_json.exists():
+        return None
+    return (
+        json.loads(table_json.read_text())["crossover"]
+        .get(model, {})
+        .get("two-phase-fixed")
+    )
+
+
+def judge(entries, crossovers: dict[str, int | None]) -> dict[str, dict[str, Any]]:
+    """Per rule, the issue's three targets over the cells."""
+    verdicts = {}
+    for rule in dict.fromkeys(e["rule"] for e in entries):
+        cells = [e for e in entries if e["rule"] == rule]
+        swapped = [e for e in cells if e["swap_epoch"] is not None]
+        # Probes that lost cost compute even without a swap.
+        paid = [e for e in cells if e["swap_epoch"] is not None or e["probes"]]
+        worse = [e for e in paid if e["vs_adam"] > 1.1]
+        past = [
+            e
+            for e in cells
+            if crossovers.get(e["model"]) is not None
+            and e["budget"] >= crossovers[e["model"]]
+        ]
+        behind = [e for e in past if not e["vs_better_adam"] < 1]
+        judged = [e for e in cells if not math.isnan(e["vs_hindsight"])]
+        near = [e for e in judged if e["vs_hindsight"] <= 10]
+        verdicts[rule] = {
+            "cells": len(cells),
+            "swapped": len(swapped),
+            "worse_than_adam": [cell_name(e) for e in worse],
+            "past_crossover": len(past),
+            "behind_past_crossover": [cell_name(e) for e in behind],
+            "within_decade": len(near),
+            "judged_against_hindsight": len(judged),
+            "share_within_decade": len(near) / len(judged) if judged else math.nan,
+            "regret_geomean": study.geometric_mean([e["vs_hindsight"] for e in judged]),
+            "vs_better_adam_geomean": study.geometric_mean(
+                [e["vs_better_adam"] for e in cells]
+            ),
+        }
+    return verdicts
+
+
+def cell_name(e) -> str:
+    return f"{e['model']} s{e['seed']} {e['budget']}"
+
+
+def fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.2g}"
+
+
+def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note=""):
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"Made with `{command}`.", ""]
+    if note:
+        lines += [note, ""]
+    lines += [
+        "Per rule over the cells (model, seed, budget): cells where it swapped; "
+        "cells where it paid for a swap or probes and ended above 1.1x constant "
+        "Adam's training loss at equal compute; cells at or past the sweep's "
+        "crossover budget where it is not below both Adam baselines; the share "
+        "of cells within one decade of the best swap in hindsight; and the "
+        "geometric means of its loss over the best swap's and over the better "
+        "Adam baseline's (all at equal compute).",
+        "",
+        "| rule | swapped | above 1.1x Adam | behind past the crossover | "
+        "within a decade of hindsight | loss / hindsight | loss / better Adam |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rule, v in verdicts.items():
+        worse = ", ".join(v["worse_than_adam"]) or "none"
+        behind = ", ".join(v["behind_past_crossover"]) or "none"
+        lines.append(
+            f"| {rule} | {v['swapped']}/{v['cells']} | {worse} | "
+            f"{behind} (of {v['past_crossover']}) | {v['within_decade']}/"
+            f"{v['judged_against_hindsight']} | {fmt(v['regret_geomean'])} | "
+            f"{fmt(v['vs_better_adam_geomean'])} |"
+        )
+    lines += [
+        "",
+        "Per cell: the swap epoch (Adam epochs before CG; - for none within the "
+        "budget), Adam's training loss there, probes that lost, the final "
+        "training loss at equal compute, and its ratios to constant Adam's, to "
+        "the better Adam baseline's and to the best swap in hindsight (whose "
+        "epoch and loss close the row).",
+        "",
+        "| model | seed | budget | rule | swap epoch | Adam's loss there | lost "
+        "probes | loss | / Adam | / better Adam | / hindsight | best swap | "
+        "its loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['model']} | {e['seed']} | {e['budget']} | {e['rule']} | "
+            f"{e['swap_epoch'] or '-'} | {fmt(e['adam_loss_at_swap'])} | "
+            f"{e['probes']} | {fmt(e['loss'])} | {fmt(e['vs_adam'])} | "
+            f"{fmt(e['vs_better_adam'])} | {fmt(e['vs_hindsight'])} | "
+            f"{e['best_split_epoch'] or '-'} | {fmt(e['best_split_loss'])} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.json").write_text(
+        json.dumps({"verdicts": verdicts, "cells": entries}, indent=1) + "\n"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--loss", default=train_lib.models.DEFAULT_LOSS)
+    parser.add_argument("--models", nargs="+", default=["vit-mlp", "vgg5"])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=N")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 150])
+    parser.add_argument("--rules", nargs="+", choices=list(RULES), default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--baselines",
+        type=pathlib.Path,
+        default=None,
+        help="an earlier sweep's directory to read cosine Adam's runs from",
+    )
+    parser.add_argument(
+        "--record",
+        type=pathlib.Path,
+        default=None,
+        help="where to write table.md and table.json",
+    )
+    args = parser.parse_args(argv)
+    out = args.out or pathlib.Path("runs/rules") / args.dataset
+    seeds = {m: list(range(args.seeds)) for m in args.models}
+    for item in args.seeds_for:
+        model, n = item.split("=")
+        seeds[model] = list(range(int(n)))
+    sweep = study.Sweep(
+        models=args.models,
+        seeds=seeds,
+        budgets=args.budgets,
+        dataset=args.dataset,
+        loss=args.loss,
+        out=out,
+        progress=False,
+    )
+    rules = {name: RULES[name] for name in (args.rules or RULES)}
+    entries = []
+    for model in args.models:
+        for seed in seeds[model]:
+            entries += study_model(sweep, args.baselines, model, seed, rules)
+            print(f"{model} seed {seed}: done", flush=True)
+    crossovers = {}
+    if args.baselines is not None:
+        crossovers = {
+            m: crossover_budget(args.baselines / "table.json", m) for m in args.models
+        }
+    verdicts = judge(entries, crossovers)
+    command = "python -m experiments.benchmarks.swap_rules " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:]
+    )
+    record = args.record or out
+    write(
+        entries, verdicts, record, f"Swap rules on {args.dataset}, {args.loss}", command
+    )
+    for rule, v in verdicts.items():
+        print(rule, json.dumps(v))
+
+
+if __name__ == "__main__":
+    main()

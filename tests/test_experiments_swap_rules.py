@@ -1,0 +1,229 @@
+"""The swap rules in the experiments: replays on recorded metrics, live runs.
+
+Before its swap a two-phase run is the Adam run, so a rule replayed on the Adam
+run's rows must name the epoch after which the live run swaps, and the tail
+from that epoch's checkpoint must be the live run. The benchmark's rules are
+pinned on constructed rows.
+"""
+
+import math
+
+import pytest
+
+pytest.importorskip("flax", reason="the experiments need flax")
+pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
+
+from experiments import compare  # noqa: E402
+from experiments import study  # noqa: E402
+from experiments import train  # noqa: E402
+from experiments.benchmarks import swap_rules  # noqa: E402
+
+SMALL = dict(model="vit-nomlp-wkewq-wvwo", dataset="digits", progress=False)
+SMALL.update(lr=3e-3, batch_size=64)
+TIMERS = ("wall_time", "compile_time")
+EPOCHS = 7
+# Each fires within 7 epochs on this model: the raw reading's first fall (after
+# epoch 4), an epoch loss that does not fall by 30% in an epoch (after epoch 1,
+# and again after epoch 4), the same once the peak has fired, and an epoch with
+# at most 240 of 1,437 examples wrong.
+RULES = {
+    "peak": dict(gn_factor=0.995, smoothing=1.0, patience=1, min_rise=1.0),
+    "plateau": dict(plateau_rtol=0.3, plateau_patience=1, plateau_smoothing=1.0),
+    "peak-then-plateau": dict(
+        gn_factor=0.995,
+        smoothing=1.0,
+        min_rise=1.0,
+        plateau_rtol=0.3,
+        plateau_patience=1,
+        plateau_smoothing=1.0,
+    ),
+    "fit": dict(fit_errors=240),
+}
+
+
+def without_timers(rows):
+    return [{k: v for k, v in r.items() if k not in TIMERS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def adam_run(tmp_path_factory):
+    """Adam for 7 epochs, every epoch's checkpoint kept."""
+    out = tmp_path_factory.mktemp("adam")
+    config = train.Config(
+        **SMALL,
+        optimizer="adam",
+        epochs=EPOCHS,
+        keep_epochs=tuple(range(EPOCHS)),
+        out=str(out),
+    )
+    return out, train.train(config)
+
+
+def test_the_adam_run_records_what_the_rules_read(adam_run):
+    _, rows = adam_run
+    for r in rows:
+        assert 0 <= r["batch_errors"] <= 1437
+        # The mean batch loss is taken before each step's update: above the
+        # loss after the epoch while Adam is falling fast.
+        assert r["batch_loss"] > 0
+    assert rows[-1]["batch_errors"] < rows[0]["batch_errors"]
+    assert rows[0]["batch_loss"] > rows[0]["train_loss"]
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path):
+    adam_dir, adam_rows = adam_run
+    settings = dict(swap_rule=rule, **RULES[rule])
+    replayed = train.replayed_swap(train.Config(**settings), adam_rows)
+    assert replayed is not None and replayed + 1 < EPOCHS  # It fires in time.
+    live = train.train(
+        train.Config(
+            **SMALL,
+            optimizer="two-phase",
+            epochs=EPOCHS,
+            out=str(tmp_path / "live"),
+            **settings,
+        )
+    )
+    assert compare.Run("m", "two-phase", live).swap_epoch == replayed + 1
+    # And the sweep's tail from that epoch is the live run, bit for bit.
+    sweep = study.Sweep(
+        models=[SMALL["model"]],
+        seeds={SMALL["model"]: [0]},
+        budgets=[EPOCHS],
+        detector=settings,
+    )
+    assert study.detected_epoch(sweep, adam_rows) == replayed
+    tail = train.train(
+        train.Config(
+            **SMALL,
+            optimizer="two-phase",
+            epochs=EPOCHS,
+            out=str(tmp_path / "tail"),
+            prefix_run=str(adam_dir),
+            prefix_epoch=replayed,
+            **settings,
+        )
+    )
+    assert without_timers(tail) == without_timers(live)
+
+
+def test_the_rules_differ_where_they_should(adam_run):
+    _, rows = adam_run
+    swaps = {
+        rule: train.replayed_swap(train.Config(swap_rule=rule, **s), rows)
+        for rule, s in RULES.items()
+    }
+    peak = swaps["peak"]
+    # The plateau alone fires before the peak; armed by it, on or after it.
+    assert swaps["plateau"] < peak <= swaps["peak-then-plateau"]
+    fit = next(i for i, r in enumerate(rows) if r["batch_errors"] <= 240)
+    assert swaps["fit"] == fit
+    strict = train.Config(swap_rule="fit", fit_errors=0)
+    assert train.replayed_swap(strict, rows) is None  # Nothing fits in 7 epochs.
+
+
+def test_old_metrics_without_the_loss_say_to_train_again():
+    rows = [{"epoch": 0, "gn_reading": 1.0, "train_loss": 0.1}]
+    with pytest.raises(train.RunOutputError, match="'batch_loss'.*Train the Adam"):
+        train.replayed_swap(train.Config(swap_rule="plateau"), rows)
+
+
+def test_swap_rule_flags_are_checked():
+    config = train.parse_args(["--swap-rule", "fit", "--fit-errors", "3"])
+    assert (config.swap_rule, config.fit_errors) == ("fit", 3)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--plateau-rtol", "1.5"])
+    with pytest.raises(ValueError, match="plateau_patience"):
+        train.Config(plateau_patience=0).validate()
+
+
+# -- the benchmark's rules on constructed rows ------------------------------
+def rows_from(losses, errors=None, fwd_per_epoch=3.0):
+    errors = errors or [5] * len(losses)
+    return [
+        {
+            "epoch": i,
+            "batch_loss": loss,
+            "train_loss": loss,
+            "gn_reading": 1.0,
+            "batch_errors": e,
+            "forward_passes": fwd_per_epoch * (i + 1),
+            "wall_time": 0.1 * (i + 1),
+        }
+        for i, (loss, e) in enumerate(zip(losses, errors, strict=True))
+    ]
+
+
+def test_fit_rules_swap_after_the_first_fitted_epochs():
+    rows = rows_from([1.0] * 8, errors=[9, 3, 0, 1, 0, 0, 0, 2])
+    assert swap_rules.fit_rule()(rows, None).after == 2
+    assert swap_rules.fit_rule(3)(rows, None).after == 6
+
+
+def test_the_probe_swaps_where_cg_falls_faster_per_forward_pass():
+    # Adam's loss halves every 5 epochs (log 2 / 15 per forward pass); CG
+    # from epoch e falls by a factor f(e) over 3 epochs of 5 passes each.
+    adam = rows_from([2.0 ** (-i / 5) for i in range(40)])
+    rates = {15: 1.5, 20: 1.9, 25: 2.5}  # > 2 ** (15 / 15 * 1) beats Adam
+
+    def probe(after, steps):
+        fall = rates.get(after, 1.0)
+        rows = adam[: after + 1]
+        for k in range(1, steps + 1):
+            rows.append(
+                {
+                    **rows[after],
+                    "epoch": after + k,
+                    "train_loss": rows[after]["train_loss"] / fall ** (k / steps),
+                    "forward_passes": rows[after]["forward_passes"] + 5.0 * k,
+                    "wall_time": rows[after]["wall_time"] + 0.2 * k,
+                }
+            )
+        return rows
+
+    rule = swap_rules.probe_rule(every=5, steps=3, window=5, arm="start")
+    swap = rule(adam, probe)  # Probes at 5, 10, 15, ...
+    # Adam's rate over 5 epochs: log 2 / 15; CG's at 25: log 2.5 / 15 beats it.
+    assert swap.after == 25
+    assert [p[0] for p in swap.probes] == [5, 10, 15, 20]
+    assert all(math.isclose(p[1], 15.0) for p in swap.probes)
+    # Lost probes cost compute from the epoch after them on.
+    shifted = swap_rules.with_probes(adam, swap.probes, 30)
+    assert shifted[5]["forward_passes"] == adam[5]["forward_passes"]
+    assert shifted[6]["forward_passes"] == adam[6]["forward_passes"] + 15.0
+    assert shifted[29]["forward_passes"] == adam[29]["forward_passes"] + 60.0
+
+
+def test_judge_names_the_cells_that_miss_each_target():
+    cell = dict(model="m", seed=0, rule="r", probes=0)
+    entries = [
+        {
+            **cell,
+            "budget": 20,
+            "swap_epoch": 6,
+            "vs_adam": 1.5,
+            "vs_better_adam": 1.6,
+            "vs_hindsight": 20.0,
+        },
+        {
+            **cell,
+            "budget": 50,
+            "swap_epoch": None,
+            "vs_adam": 1.0,
+            "vs_better_adam": 1.2,
+            "vs_hindsight": 3.0,
+        },
+        {
+            **cell,
+            "budget": 150,
+            "swap_epoch": 40,
+            "vs_adam": 0.1,
+            "vs_better_adam": 0.2,
+            "vs_hindsight": 1.0,
+        },
+    ]
+    verdict = swap_rules.judge(entries, {"m": 50})["r"]
+    assert verdict["worse_than_adam"] == ["m s0 20"]
+    assert verdict["behind_past_crossover"] == ["m s0 50"]
+    assert (verdict["within_decade"], verdict["judged_against_hindsight"]) == (2, 3)
