@@ -89,9 +89,8 @@ OPTIMIZERS = (
 ADAM_OPTIMIZERS = ("adam", "adam-cosine")  # No second phase.
 SPLIT_OPTIMIZERS = ("two-phase", "two-phase-fixed", "adam-lbfgs")  # two_phase
 EVAL_BATCH = 2048
-# two_phase's swap rules, and the one the trainer applies from outside
-# (tpo.start_second_phase) at the end of an epoch.
-SWAP_RULES = (*tpo.SWAP_RULES[:3], "fit")
+# two_phase's swap rules but "manual" (--optimizer two-phase-fixed is that).
+SWAP_RULES = tuple(rule for rule in tpo.SWAP_RULES if rule != "manual")
 VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
 
 
@@ -111,14 +110,15 @@ class Config:
     smoothing: float = tpo.swap_detection.DEFAULT_SMOOTHING
     patience: int = tpo.swap_detection.DEFAULT_PATIENCE
     min_rise: float = tpo.swap_detection.DEFAULT_MIN_RISE
-    # two-phase: what decides the swap, one of SWAP_RULES: two_phase's own
-    # rules, or "fit" (the epoch's steps got no training example wrong).
+    # two-phase: what decides the swap, one of two_phase's SWAP_RULES.
     swap_rule: str = "peak"
     plateau_rtol: float = tpo.loss_plateau.DEFAULT_RTOL
     plateau_patience: int = tpo.loss_plateau.DEFAULT_PATIENCE
     plateau_smoothing: float = tpo.loss_plateau.DEFAULT_SMOOTHING
-    # "fit": the most training examples an epoch's steps may get wrong.
-    fit_errors: int = 0
+    # The fit rules: the most training examples an epoch's steps may get
+    # wrong, and such epochs in a row before the swap.
+    fit_errors: int = tpo.fitted.DEFAULT_FIT_ERRORS
+    fit_patience: int = tpo.fitted.DEFAULT_FIT_PATIENCE
     swap_epoch: int = 30
     fallback: str | None = None  # two_phase's fallback: None or "first".
     max_failures: int = 3
@@ -171,6 +171,7 @@ class Config:
             "plateau_patience": self.plateau_patience >= 1,
             "plateau_smoothing": 0 < self.plateau_smoothing <= 1,
             "fit_errors": self.fit_errors >= 0,
+            "fit_patience": self.fit_patience >= 1,
             "curvature_every": self.curvature_every >= 0,
             "curvature_iterations": self.curvature_iterations >= 1,
             "curvature_batch": self.curvature_batch >= 1,
@@ -225,10 +226,12 @@ def make_optimizer(
         smoothing=config.smoothing,
         patience=config.patience,
         min_rise=config.min_rise,
-        swap_rule="manual" if config.swap_rule == "fit" else config.swap_rule,
+        swap_rule=config.swap_rule,
         plateau_rtol=config.plateau_rtol,
         plateau_patience=config.plateau_patience,
         plateau_smoothing=config.plateau_smoothing,
+        fit_errors=config.fit_errors,
+        fit_patience=config.fit_patience,
         swap_at=swap_at,
         fallback=config.fallback,
         max_failures=config.max_failures,
@@ -419,6 +422,13 @@ class Trainer:
             images=images,
             labels=labels,
             mask=mask,
+            # The fit rules' count (two_phase's own argument); CG steps that
+            # reuse the search's gradient count none.
+            **(
+                {"num_errors": jnp.maximum(errors, 0)}
+                if self.config.optimizer in SPLIT_OPTIMIZERS
+                else {}
+            ),
         )
         linesearch = tpo.find_linesearch_state(opt_state)
         if linesearch is None:
@@ -767,29 +777,42 @@ def replayed_swap(
     if length is not None:
         rows = rows + rows[-1:] * (length - len(rows))
     rule = config.swap_rule
-    needs = {"fit": "batch_errors", "peak": "gn_reading"}.get(rule, "batch_loss")
-    if rows and needs not in rows[0]:
+    needs = {
+        "peak": ["gn_reading"],
+        "plateau": ["batch_loss"],
+        "fit": ["batch_errors"],
+    }.get(rule, ["batch_errors", "gn_reading", "batch_loss"])
+    if rule == "peak-then-plateau":
+        needs = ["gn_reading", "batch_loss"]
+    if rows and (missing := [k for k in needs if k not in rows[0]]):
         raise RunOutputError(
-            f"The metrics have no {needs!r}, which the {rule!r} rule reads: "
+            f"The metrics have no {missing[0]!r}, which the {rule!r} rule reads: "
             "they were written by an older version. Train the Adam run again."
         )
-    if rule == "fit":
-        return next(
-            (i for i, r in enumerate(rows) if r["batch_errors"] <= config.fit_errors),
-            None,
+    swaps = []
+    if "fit" in rule:
+        flags = tpo.fitted.replay(
+            [r["batch_errors"] for r in rows],
+            fit_errors=config.fit_errors,
+            fit_patience=config.fit_patience,
         )
-    peak = tpo.swap_detection.replay(
-        [r["gn_reading"] for r in rows], **detector_settings(config)
-    )
-    if rule == "peak":
-        return peak
-    start = 0 if rule == "plateau" else peak
-    if start is None:
-        return None
-    flags = tpo.loss_plateau.replay(
-        [r["batch_loss"] for r in rows], **plateau_settings(config)
-    )
-    return next((i for i, flat in enumerate(flags) if flat and i >= start), None)
+        swaps.append(next((i for i, f in enumerate(flags) if f), None))
+    if rule != "fit":
+        peak = tpo.swap_detection.replay(
+            [r["gn_reading"] for r in rows], **detector_settings(config)
+        )
+        if rule == "peak":
+            return peak
+        start = 0 if rule == "plateau" else peak
+        flags = tpo.loss_plateau.replay(
+            [r["batch_loss"] for r in rows], **plateau_settings(config)
+        )
+        if start is not None:
+            swaps.append(
+                next((i for i, f in enumerate(flags) if f and i >= start), None)
+            )
+    found = [i for i in swaps if i is not None]
+    return min(found) if found else None
 
 
 def detected_at(trainer: Trainer, epoch: int) -> bool:
@@ -807,20 +830,6 @@ def detected_at(trainer: Trainer, epoch: int) -> bool:
     if detection is not None and detection <= epoch:
         trainer.detection = detection
     return detection == epoch
-
-
-def fit_swap(trainer: Trainer, row: dict[str, Any]) -> None:
-    """The ``"fit"`` rule, applied from outside ``two_phase``: after an Adam
-    epoch whose steps got at most ``fit_errors`` training examples wrong (as
-    their own forward passes saw them), the next step runs CG."""
-    config = trainer.config
-    if (
-        config.optimizer == "two-phase"
-        and config.swap_rule == "fit"
-        and row["phase"] == 0
-        and row["batch_errors"] <= config.fit_errors
-    ):
-        trainer.opt_state = tpo.start_second_phase(trainer.opt_state)
 
 
 def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
@@ -849,7 +858,6 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     if jax.process_index() == 0:
         append_metrics(metrics_path, row)
     trainer.rows.append(row)
-    fit_swap(trainer, row)
     save_checkpoint(manager, epoch, (trainer.params, trainer.opt_state), counters)
     bar.set_postfix(
         loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
@@ -925,8 +933,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=defaults.swap_rule,
         choices=SWAP_RULES,
         help="two-phase: what decides the swap: the gradient-norm peak, the "
-        "loss plateau, the plateau once the peak has fired, or fit (an epoch "
-        "whose steps got no training example wrong)",
+        "loss plateau, the plateau once the peak has fired, fit (epochs whose "
+        "steps got at most --fit-errors training examples wrong), or fit or "
+        "the plateau after the peak, whichever comes first",
     )
     parser.add_argument(
         "--plateau-rtol",
@@ -954,6 +963,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=defaults.fit_errors,
         help="two-phase, fit rule: the most training examples an epoch may get "
         "wrong (0: all right)",
+    )
+    parser.add_argument(
+        "--fit-patience",
+        type=cli.integer(1),
+        default=defaults.fit_patience,
+        help="two-phase, fit rules: fitted epochs in a row before the swap",
     )
     parser.add_argument(
         "--swap-epoch",

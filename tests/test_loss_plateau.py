@@ -1,4 +1,4 @@
-"""The loss-plateau swap rule and the manual swap: exact swap steps, pinned."""
+"""The loss-plateau and fit swap rules, and the manual swap: exact swap steps."""
 
 import chex
 import jax
@@ -155,8 +155,70 @@ def test_plateau_state_is_scalar_and_skips_non_finite_values():
         {"plateau_rtol": -0.1},
         {"plateau_patience": 0},
         {"plateau_smoothing": 0.0},
+        {"fit_errors": -1},
+        {"fit_patience": 0},
     ],
 )
 def test_bad_rule_settings_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         tpo.two_phase(**kwargs)
+
+
+# -- the fit rule -------------------------------------------------------------
+def reference_fitted(counts, fit_errors, fit_patience):
+    run, flags = 0, []
+    for c in counts:
+        run = run + 1 if c <= fit_errors else 0
+        flags.append(run >= fit_patience)
+    return flags
+
+
+@pytest.mark.parametrize("fit_errors, fit_patience", [(0, 1), (0, 3), (2, 2)])
+def test_fitted_replay_equals_the_plain_python_rule(fit_errors, fit_patience):
+    counts = np.random.default_rng(0).integers(0, 4, 60)
+    expected = reference_fitted(counts, fit_errors, fit_patience)
+    found = tpo.fitted.replay(counts, fit_errors=fit_errors, fit_patience=fit_patience)
+    assert found == expected and any(expected)
+
+
+def test_two_phase_fit_rule_swaps_after_the_fitted_windows():
+    window = 3
+    per_window = [9, 4, 0, 2, 0, 0, 1]  # fitted twice in a row at window 5
+    counts = [c // window + (k < c % window) for c in per_window for k in range(window)]
+    assert [sum(counts[i : i + window]) for i in range(0, 21, window)] == per_window
+    opt = tpo.two_phase(swap_rule="fit", fit_patience=2, window=window)
+    f = lambda p: jnp.sum(p**2)  # noqa: E731  (takes no extra arguments)
+    params = jnp.array([1.0, -1.0])
+    state = opt.init(params)
+    for c in counts:
+        _, state = opt.update(
+            jax.grad(f)(params),
+            state,
+            params,
+            value=f(params),
+            value_fn=f,
+            num_errors=c,
+        )
+    assert int(state.fitted.fitted_step) == 6 * window - 1
+    assert int(state.swap_step) == 6 * window
+    assert bool(state.in_second_phase)
+
+
+def test_fit_rule_without_counts_says_how_to_call_it():
+    opt = tpo.two_phase(swap_rule="fit")
+    params = jnp.zeros(2)
+    f = lambda p: jnp.sum(p**2)  # noqa: E731
+    with pytest.raises(ValueError, match="num_errors=k"):
+        opt.update(jnp.ones(2), opt.init(params), params, value=1.0, value_fn=f)
+
+
+def test_fit_or_plateau_without_counts_is_the_plateau_after_the_peak():
+    n = 40
+    values = np.full(n, 0.5, np.float32)
+    norms = np.concatenate([np.linspace(1, 3, 21), np.linspace(3, 0.5, n - 21)])
+    grads = [jnp.array([g, 0.0], jnp.float32) for g in norms]
+    either = drive(
+        tpo.two_phase(swap_rule="fit-or-peak-then-plateau"), values, grads, 1
+    )
+    armed = drive(tpo.two_phase(swap_rule="peak-then-plateau"), values, grads, 1)
+    assert int(either.swap_step) == int(armed.swap_step) > 0

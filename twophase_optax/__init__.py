@@ -7,6 +7,7 @@ gradient built on it, and the two-phase combinator.
 
 from twophase_optax import cg_directions
 from twophase_optax import curvature
+from twophase_optax import fitted
 from twophase_optax import loss_plateau
 from twophase_optax import swap_detection
 from twophase_optax._protocol import find_linesearch_state
@@ -20,6 +21,7 @@ from twophase_optax.conjugate_gradient import ConjugateGradientInfo
 from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
+from twophase_optax.fitted import FittedState
 from twophase_optax.golden_section import GoldenSectionInfo
 from twophase_optax.golden_section import GoldenSectionLinesearchState
 from twophase_optax.golden_section import golden_section_linesearch
@@ -41,6 +43,7 @@ __all__ = [
     "BETA_RULES",
     "ConjugateGradientInfo",
     "ConjugateGradientState",
+    "FittedState",
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",
     "GradientNormPeakState",
@@ -55,6 +58,7 @@ __all__ = [
     "curvature",
     "dai_yuan",
     "find_linesearch_state",
+    "fitted",
     "fletcher_reeves",
     "golden_section_linesearch",
     "hestenes_stiefel",

@@ -19,7 +19,9 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
 
     Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
     ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
-    ``gn_smoothed``, ``num_readings``, ``num_skipped`` (non-finite steps),
+    ``gn_smoothed``, ``num_readings``; the loss plateau's ``plateau_step``
+    (-1 until it holds), ``plateau_best``, ``plateau_smoothed`` and
+    ``plateau_windows`` (windows without progress); ``num_skipped`` (non-finite steps),
     ``num_failures`` (failed second-phase steps in a row), ``num_fallbacks``;
     and, once the second phase has a line search, ``linesearch_learning_rate``,
     ``linesearch_value`` if recorded, and one ``linesearch_<field>`` per field
@@ -50,6 +52,10 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "gn_last": detection.gn_last,
         "gn_smoothed": detection.gn_smoothed,
         "num_readings": detection.num_readings,
+        "plateau_step": state.plateau.plateau_step,
+        "plateau_best": state.plateau.best,
+        "plateau_smoothed": state.plateau.smoothed,
+        "plateau_windows": state.plateau.num_bad,
         "num_skipped": state.num_skipped,
         "num_failures": state.num_failures,
         "num_fallbacks": state.num_fallbacks,

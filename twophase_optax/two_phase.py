@@ -11,13 +11,21 @@ import jax.numpy as jnp
 import optax
 
 from twophase_optax import _protocol
+from twophase_optax import fitted as fitted_lib
 from twophase_optax import loss_plateau
 from twophase_optax import swap_detection
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
 
 FALLBACKS = (None, "first")
-SWAP_RULES = ("peak", "plateau", "peak-then-plateau", "manual")
+SWAP_RULES = (
+    "peak",
+    "plateau",
+    "peak-then-plateau",
+    "fit",
+    "fit-or-peak-then-plateau",
+    "manual",
+)
 # The branches of the step's lax.switch.
 _FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
@@ -205,6 +213,9 @@ class TwoPhaseState(NamedTuple):
       plateau: the window means of the loss values, their best and the
         windows since it improved; a
         :class:`twophase_optax.loss_plateau.LossPlateauState` (scalars).
+      fitted: the misclassified examples per window (from ``num_errors``)
+        and the fitted windows in a row; a
+        :class:`twophase_optax.fitted.FittedState` (scalars).
       first_state: the state of ``first``, except that its params-sized
         leaves that have a twin in ``second``'s state (same shape and dtype:
         Adam's moments and CG's direction and stored gradient) are
@@ -224,6 +235,7 @@ class TwoPhaseState(NamedTuple):
     num_fallbacks: jax.Array
     detection: swap_detection.GradientNormPeakState
     plateau: loss_plateau.LossPlateauState
+    fitted: fitted_lib.FittedState
     first_state: optax.OptState
     second_state: optax.OptState
 
@@ -251,6 +263,8 @@ def two_phase(
     plateau_rtol: float = loss_plateau.DEFAULT_RTOL,
     plateau_patience: int = loss_plateau.DEFAULT_PATIENCE,
     plateau_smoothing: float = loss_plateau.DEFAULT_SMOOTHING,
+    fit_errors: int = fitted_lib.DEFAULT_FIT_ERRORS,
+    fit_patience: int = fitted_lib.DEFAULT_FIT_PATIENCE,
     swap_at: int | None = None,
     fallback: str | None = None,
     max_failures: int = 3,
@@ -325,14 +339,21 @@ def two_phase(
         ``"plateau"``: the loss ``value``\ s, averaged per window and smoothed,
         have not fallen by ``plateau_rtol`` for ``plateau_patience`` windows
         (:mod:`twophase_optax.loss_plateau`). ``"peak-then-plateau"``: the
-        plateau, counted once the peak has fired. ``"manual"``: only
-        ``swap_at`` or :func:`start_second_phase`. The readings and the plateau
-        are recorded in the state whatever the rule.
+        plateau, counted once the peak has fired. ``"fit"``: ``fit_patience``
+        windows in a row with at most ``fit_errors`` misclassified examples,
+        counted from ``update(..., num_errors=k)`` (:mod:`twophase_optax.fitted`).
+        ``"fit-or-peak-then-plateau"``: whichever of the two comes first (the
+        peak and plateau alone where ``num_errors`` is not passed).
+        ``"manual"``: only ``swap_at`` or :func:`start_second_phase`. The
+        readings and the plateau are recorded in the state whatever the rule.
       plateau_rtol: the relative fall of the smoothed window mean that counts
         as progress, in [0, 1).
       plateau_patience: windows in a row without progress before the swap.
       plateau_smoothing: weight of the newest window mean in the moving
         average, in (0, 1]; 1 reads the raw window means.
+      fit_errors: the fit rules: the most misclassified examples in a window
+        that count as fitted.
+      fit_patience: the fit rules: fitted windows in a row before the swap.
       swap_at: if set, swap at this step regardless of ``swap_rule``.
       fallback: what to do when the second phase is stuck, that is after
         ``max_failures`` steps in a row whose line search failed (each failure
@@ -399,6 +420,7 @@ def two_phase(
     loss_plateau.check_hyperparameters(
         plateau_rtol, plateau_patience, plateau_smoothing
     )
+    fitted_lib.check_hyperparameters(fit_errors, fit_patience)
     if swap_at is not None and not (isinstance(swap_at, int) and swap_at >= 0):
         raise ValueError(f"swap_at must be None or an integer >= 0, got {swap_at!r}.")
     if fallback not in FALLBACKS:
@@ -421,6 +443,7 @@ def two_phase(
                 num_fallbacks=jnp.asarray(0, jnp.int32),
                 detection=swap_detection.init(params, statistic, window),
                 plateau=loss_plateau.init(params),
+                fitted=fitted_lib.init(),
                 **_combine(first.init(params), second.init(params), params),
             )
         )
@@ -436,6 +459,14 @@ def two_phase(
         **extra_args: Any,
     ) -> tuple[optax.Updates, TwoPhaseState]:
         _protocol.require_value_and_value_fn("two_phase", value, value_fn)
+        # The fit rules' count is two_phase's own: value_fn never sees it.
+        num_errors = extra_args.pop("num_errors", None)
+        if swap_rule == "fit" and num_errors is None:
+            raise ValueError(
+                "two_phase(swap_rule='fit') reads how many examples of the batch "
+                "the step's forward pass got wrong: call update(grads, state, "
+                "params, value=loss, value_fn=loss_fn, num_errors=k)."
+            )
         kwargs = dict(value=value, value_fn=value_fn, **extra_args)
         if grad is not None:
             kwargs["grad"] = grad
@@ -553,12 +584,30 @@ def two_phase(
         )
         plateau = optax.tree.where(finite, plateau, state.plateau)
         flat &= plateau.num_windows >= min_windows
+        fitted_state, fit = state.fitted, jnp.asarray(False)
+        if num_errors is not None:
+            fitted_state = optax.tree.where(
+                fall_back_now, fitted_lib.init(), fitted_state
+            )
+            fitted_state, fit = fitted_lib.update(
+                fitted_state,
+                num_errors,
+                state.count,
+                window=window,
+                fit_errors=fit_errors,
+                fit_patience=fit_patience,
+            )
+            fitted_state = optax.tree.where(finite, fitted_state, state.fitted)
         if swap_rule == "peak":
             ruled = detected
         elif swap_rule == "plateau":
             ruled = flat
         elif swap_rule == "peak-then-plateau":
             ruled = flat & (detection.detect_step >= 0)
+        elif swap_rule == "fit":
+            ruled = fit
+        elif swap_rule == "fit-or-peak-then-plateau":
+            ruled = fit | (flat & (detection.detect_step >= 0))
         else:  # "manual": start_second_phase, or swap_at.
             ruled = jnp.asarray(False)
         num_fallbacks = state.num_fallbacks + fall_back_now.astype(jnp.int32)
@@ -577,6 +626,7 @@ def two_phase(
             num_fallbacks=num_fallbacks,
             detection=detection,
             plateau=plateau,
+            fitted=fitted_state,
             first_state=first_state,
             second_state=second_state,
         )

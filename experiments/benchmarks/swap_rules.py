@@ -38,6 +38,8 @@ import math
 import pathlib
 from typing import Any
 
+import numpy as np
+
 import twophase_optax as tpo
 from experiments import compare
 from experiments import study
@@ -217,6 +219,20 @@ RULES = {
 }
 
 
+def handback_epoch(rows, after: int, window: int = 5) -> int | None:
+    """The payoff test the other way, replayed on a tail: the first CG epoch
+    whose fall of the log training loss per forward pass over its last
+    ``window`` epochs is below Adam's over its last ``window`` epochs before
+    the swap (the epoch a hand-back to Adam would come), or ``None``."""
+    adam = adam_rate(rows, after, window)
+    for epoch in range(after + window, len(rows)):
+        start, end = rows[epoch - window], rows[epoch]
+        fall = math.log(start["train_loss"]) - math.log(end["train_loss"])
+        if fall / (end["forward_passes"] - start["forward_passes"]) < adam:
+            return epoch
+    return None
+
+
 # -- the cells --------------------------------------------------------------
 def with_probes(rows, probes, budget):
     """``rows`` with the compute and time of the probes run before them added."""
@@ -239,8 +255,10 @@ def loss_at_equal_compute(run: Run, baseline: Run) -> tuple[float, float]:
     return pair[0]["train_loss"], pair[1]["train_loss"]
 
 
-def study_model(sweep, baselines, model: str, seed: int, rules: dict) -> list[dict]:
-    """Every rule on one model and seed at every budget: one entry per cell."""
+def study_model(sweep, baselines, model: str, seed: int, rules: dict):
+    """Every rule on one model and seed at every budget: one entry per cell
+    and rule, and the landscape: per budget and swap epoch tried, the final
+    training loss at equal compute."""
     adam = adam_run(sweep, model, seed)
     longest = max(sweep.budgets)
     compute = adam.rows[longest - 1]["forward_passes"]
@@ -275,7 +293,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict) -> list[di
     for after in sorted(points):
         if after + 1 < longest:
             full_tail(after)
-    entries = []
+    entries, landscape = [], []
     for budget in sweep.budgets:
         adam_b = Run(model, "adam", adam.rows[:budget], seed)
         cosine = cosine_run(sweep, baselines, model, seed, budget)
@@ -287,12 +305,27 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict) -> list[di
             if after + 1 < budget
         }
         best = min(hindsight.values()) if hindsight else math.nan
+        landscape += [
+            {
+                "model": model,
+                "seed": seed,
+                "budget": budget,
+                "swap_epoch": epoch,
+                "loss": loss,
+                "adam_loss": adam_b.last["train_loss"],
+                "cosine_loss": loss_at_equal_compute(adam_b, cosine)[1],
+            }
+            for epoch, loss in hindsight.items()
+        ]
         for name, swap in swaps.items():
             swapped = swap.after is not None and swap.after + 1 < budget
             rows = tails[swap.after].rows if swapped else adam.rows
             run = Run(model, name, with_probes(rows, swap.probes, budget), seed)
             ours, theirs = loss_at_equal_compute(run, adam_b)
             ours_c, theirs_c = loss_at_equal_compute(run, cosine)
+            handback = None
+            if swapped:
+                handback = handback_epoch(run.rows, swap.after)
             entries.append(
                 {
                     "model": model,
@@ -314,11 +347,18 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict) -> list[di
                     else None,
                     "best_split_loss": best,
                     "vs_hindsight": ours / best if hindsight else math.nan,
+                    # Where a hand-back to Adam would come, and how far CG's
+                    # loss fell after it by the end of the budget.
+                    "handback_epoch": handback,
+                    "cg_fall_after_handback": run.rows[handback]["train_loss"]
+                    / run.last["train_loss"]
+                    if handback is not None
+                    else None,
                     "compute": run.last["forward_passes"],
                     "adam_compute": adam_b.last["forward_passes"],
                 }
             )
-    return entries
+    return entries, landscape
 
 
 # -- the record ---------------------------------------------------------------
@@ -378,6 +418,97 @@ def fmt(x) -> str:
     return f"{x:.2g}"
 
 
+MARKERS = "os^vD<>Ph*X"
+
+
+def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
+    """Per model and seed: the final loss at equal compute over constant
+    Adam's against the swap epoch, a line per budget, and where each rule
+    swapped (a marker per rule on its budget's line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(dict.fromkeys((e["model"], e["seed"]) for e in landscape))
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(5 * cols, 3.8 * rows),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    rules = list(dict.fromkeys(e["rule"] for e in entries))
+    for ax, (model, seed) in zip(axes.flat, pairs, strict=False):
+        budgets = sorted({e["budget"] for e in landscape if e["model"] == model})
+        for budget in budgets:
+            points = sorted(
+                (e["swap_epoch"], e["loss"] / e["adam_loss"], e)
+                for e in landscape
+                if (e["model"], e["seed"], e["budget"]) == (model, seed, budget)
+            )
+            if not points:
+                continue
+            x, y, found = zip(*points, strict=True)
+            (line,) = ax.plot(
+                x, np.maximum(y, 1e-30), "-", lw=1, label=f"{budget} epochs"
+            )
+            cosine = found[0]["cosine_loss"] / found[0]["adam_loss"]
+            ax.axhline(cosine, color=line.get_color(), ls=":", lw=0.8)
+            for k, rule in enumerate(rules):
+                cell = [
+                    e
+                    for e in entries
+                    if (e["model"], e["seed"], e["budget"], e["rule"])
+                    == (model, seed, budget, rule)
+                    and e["swap_epoch"] is not None
+                ]
+                for e in cell:
+                    ax.plot(
+                        e["swap_epoch"],
+                        max(e["vs_adam"], 1e-30),
+                        MARKERS[k % len(MARKERS)],
+                        color=line.get_color(),
+                        ms=6,
+                        mfc="none",
+                    )
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set(
+            title=f"{model}, seed {seed}",
+            xlabel="swap epoch",
+            ylabel="final loss / constant Adam's",
+            yscale="log",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(pairs) :]:
+        ax.axis("off")
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            marker=MARKERS[k % len(MARKERS)],
+            ls="",
+            color="gray",
+            mfc="none",
+            label=rule,
+        )
+        for k, rule in enumerate(rules)
+    ]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=min(5, len(rules)), fontsize=8
+    )
+    fig.suptitle(
+        f"{title}\nfinal loss at equal compute against the swap epoch; dotted: "
+        "cosine Adam; markers: where each rule swaps",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note=""):
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", f"Made with `{command}`.", ""]
@@ -432,6 +563,13 @@ def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note="
     )
 
 
+def record(entries, landscape, verdicts, out: pathlib.Path, title, command, note=""):
+    """``table.md``, ``table.json``, ``landscape.json`` and ``swap_rules.png``."""
+    write(entries, verdicts, out, title, command, note)
+    (out / "landscape.json").write_text(json.dumps(landscape, indent=1) + "\n")
+    plot(entries, landscape, out / "swap_rules.png", title)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits")
@@ -454,6 +592,12 @@ def main(argv=None) -> None:
         default=None,
         help="where to write table.md and table.json",
     )
+    parser.add_argument(
+        "--note",
+        type=pathlib.Path,
+        default=None,
+        help="a text file whose contents go under the table's title",
+    )
     args = parser.parse_args(argv)
     out = args.out or pathlib.Path("runs/rules") / args.dataset
     seeds = {m: list(range(args.seeds)) for m in args.models}
@@ -470,10 +614,12 @@ def main(argv=None) -> None:
         progress=False,
     )
     rules = {name: RULES[name] for name in (args.rules or RULES)}
-    entries = []
+    entries, landscape = [], []
     for model in args.models:
         for seed in seeds[model]:
-            entries += study_model(sweep, args.baselines, model, seed, rules)
+            found, points = study_model(sweep, args.baselines, model, seed, rules)
+            entries += found
+            landscape += points
             print(f"{model} seed {seed}: done", flush=True)
     crossovers = {}
     if args.baselines is not None:
@@ -484,10 +630,9 @@ def main(argv=None) -> None:
     command = "python -m experiments.benchmarks.swap_rules " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:]
     )
-    record = args.record or out
-    write(
-        entries, verdicts, record, f"Swap rules on {args.dataset}, {args.loss}", command
-    )
+    note = args.note.read_text().strip() if args.note else ""
+    title = f"Swap rules on {args.dataset}, {args.loss}"
+    record(entries, landscape, verdicts, args.record or out, title, command, note)
     for rule, v in verdicts.items():
         print(rule, json.dumps(v))
 
