@@ -18,6 +18,8 @@ def reference_plateau(means, rtol, patience, smoothing):
         smoothed = m if smoothed is None else smoothed + smoothing * (m - smoothed)
         if smoothed < (1 - rtol) * best:
             best, bad = smoothed, 0
+        elif smoothed > best / (1 - rtol):  # a spike
+            bad = 0
         else:
             bad += 1
         flags.append(bad >= patience)
@@ -38,16 +40,31 @@ def noisy_decay(seed, n=80, floor=1e-4):
         # The decay reaches its floor at window 60; the smoothed mean stops
         # improving by 10% soon after, and five windows later the rule fires.
         ({}, 67),
-        ({"rtol": 0.05}, 74),  # a smaller fall still counts: later
-        # Without patience or smoothing, 20% noise on an 11% fall per window
-        # reads as a plateau almost at once.
+        # Without patience, the smoothed mean's first window without a 10%
+        # fall counts (the decay is 11% a window, the noise 20%).
         ({"patience": 1}, 1),
-        ({"smoothing": 1.0, "patience": 3}, 6),
+        # Raw window means: a noisy window above the band around the best is
+        # a spike and restarts the count, so three flat ones in a row come late.
+        ({"smoothing": 1.0, "patience": 3}, 23),
     ],
 )
 def test_noisy_decay_plateaus_at_a_pinned_window(settings, expected):
     flags = loss_plateau.replay(noisy_decay(0), **settings)
     assert flags.index(True) == expected
+
+
+def test_a_spike_is_not_a_plateau():
+    means = [4.0, 2.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    flags = loss_plateau.replay(means, rtol=0.1, patience=5, smoothing=1.0)
+    # Flat from window 3; the spike at 5-7 restarts the count, which reaches
+    # five at window 12 (without the spike it would have at window 7).
+    assert flags.index(True) == 12
+    assert (
+        loss_plateau.replay(
+            means[:5] + [1.0] * 9, rtol=0.1, patience=5, smoothing=1.0
+        ).index(True)
+        == 7
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -7,15 +7,22 @@ little left to gain, which the loss itself shows. This rule reads the
 averages them per window of ``window`` steps (an epoch, say), smooths the
 window means with an exponential moving average
 :math:`s_n = s_{n-1} + w (\bar v_n - s_{n-1})`, :math:`s_1 = \bar v_1`, and,
-in the manner of ``optax.contrib.reduce_on_plateau``, counts the windows since
-the smoothed loss last fell below ``(1 - rtol)`` times its best:
+in the manner of ``optax.contrib.reduce_on_plateau``, counts the windows in a
+row in which the smoothed loss stayed within ``rtol`` of its best without
+improving on it by ``rtol``:
 
 .. math::
-  s_n < (1 - \text{rtol}) \, s_{best} \Rightarrow s_{best} = s_n,\ k = 0;
-  \quad \text{else } k \mathrel{+}= 1.
+  s_n < (1 - \text{rtol}) \, s_{best} &\Rightarrow s_{best} = s_n,\ k = 0
+  \quad \text{(progress)};\\
+  s_n > s_{best} / (1 - \text{rtol}) &\Rightarrow k = 0
+  \quad \text{(a spike)};\\
+  \text{else } &k \mathrel{+}= 1 \quad \text{(flat)}.
 
-The swap comes on the window at which :math:`k` reaches ``patience``. The state
-is scalars; the rule costs nothing beyond the values the steps compute anyway.
+The swap comes on the window at which :math:`k` reaches ``patience``. A spike
+(Adam's loss jumping up for a few epochs, which it does at constant rates)
+is not a plateau: starting the second phase in one starts CG far from where
+Adam had got. The state is scalars; the rule costs nothing beyond the values
+the steps compute anyway.
 
 The functions are pure and jittable; :func:`replay` runs recorded window means
 (the ``batch_loss`` of each epoch in a metrics file) through the same code.
@@ -43,7 +50,8 @@ class LossPlateauState(NamedTuple):
         (``inf`` before the first window).
       smoothed: the exponential moving average of the window means (0 before
         the first).
-      num_bad: windows in a row without an improvement by ``rtol`` (int32).
+      num_bad: windows in a row within ``rtol`` of the best without improving
+        on it by ``rtol`` (int32).
       num_windows: complete windows so far (int32).
       window_count: steps accumulated in the current window (int32).
       window_sum: the sum of the current window's values.
@@ -121,8 +129,9 @@ def update(
         first, mean, state.smoothed + smoothing * (mean - state.smoothed)
     )
     improved = smoothed < (1 - rtol) * state.best
+    spike = smoothed * (1 - rtol) > state.best
     best = jnp.where(improved, smoothed, state.best)
-    num_bad = jnp.where(improved, 0, state.num_bad + 1)
+    num_bad = jnp.where(improved | spike, 0, state.num_bad + 1)
     plateau = complete & (num_bad >= patience)
     keep = lambda new, old: jnp.where(complete, new, old)  # noqa: E731
     new_state = LossPlateauState(

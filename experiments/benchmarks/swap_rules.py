@@ -213,8 +213,13 @@ RULES = {
     "peak, then plateau": plateau_rule(armed_by_peak=True),
     "peak, then plateau 10": plateau_rule(armed_by_peak=True, patience=10),
     "fit": fit_rule(),
-    "fit 3 epochs": fit_rule(3),
     "fit, or peak then plateau": earliest(fit_rule(), plateau_rule(armed_by_peak=True)),
+    "fit 5, or peak then plateau": earliest(
+        fit_rule(5), plateau_rule(armed_by_peak=True)
+    ),
+    "fit 10, or peak then plateau": earliest(
+        fit_rule(10), plateau_rule(armed_by_peak=True)
+    ),
     "probe on plateau": probe_rule(),
 }
 
