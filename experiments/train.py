@@ -111,7 +111,7 @@ class Config:
     patience: int = tpo.swap_detection.DEFAULT_PATIENCE
     min_rise: float = tpo.swap_detection.DEFAULT_MIN_RISE
     # two-phase: what decides the swap, one of two_phase's SWAP_RULES.
-    swap_rule: str = "peak"
+    swap_rule: str = tpo.DEFAULT_SWAP_RULE
     plateau_rtol: float = tpo.loss_plateau.DEFAULT_RTOL
     plateau_patience: int = tpo.loss_plateau.DEFAULT_PATIENCE
     plateau_smoothing: float = tpo.loss_plateau.DEFAULT_SMOOTHING
@@ -803,7 +803,7 @@ def replayed_swap(
         )
         if rule == "peak":
             return peak
-        start = 0 if rule == "plateau" else peak
+        start = peak if rule == "peak-then-plateau" else 0
         flags = tpo.loss_plateau.replay(
             [r["batch_loss"] for r in rows], **plateau_settings(config)
         )
@@ -935,7 +935,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="two-phase: what decides the swap: the gradient-norm peak, the "
         "loss plateau, the plateau once the peak has fired, fit (epochs whose "
         "steps got at most --fit-errors training examples wrong), or fit or "
-        "the plateau after the peak, whichever comes first",
+        "the plateau, whichever comes first",
     )
     parser.add_argument(
         "--plateau-rtol",

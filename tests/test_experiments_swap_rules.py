@@ -38,12 +38,9 @@ RULES = {
         plateau_smoothing=1.0,
     ),
     "fit": dict(fit_errors=240),
-    "fit-or-peak-then-plateau": dict(
+    "fit-or-plateau": dict(
         fit_errors=240,
         fit_patience=2,
-        gn_factor=0.995,
-        smoothing=1.0,
-        min_rise=1.0,
         plateau_rtol=0.3,
         plateau_patience=1,
         plateau_smoothing=1.0,
@@ -129,8 +126,8 @@ def test_the_rules_differ_where_they_should(adam_run):
     assert swaps["plateau"] < peak <= swaps["peak-then-plateau"]
     fit = next(i for i, r in enumerate(rows) if r["batch_errors"] <= 240)
     assert swaps["fit"] == fit
-    either = min(swaps["peak-then-plateau"], fit + 1)  # fit_patience 2
-    assert swaps["fit-or-peak-then-plateau"] == either
+    either = min(swaps["plateau"], fit + 1)  # fit_patience 2
+    assert swaps["fit-or-plateau"] == either
     strict = train.Config(swap_rule="fit", fit_errors=0)
     assert train.replayed_swap(strict, rows) is None  # Nothing fits in 7 epochs.
 

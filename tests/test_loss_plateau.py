@@ -229,13 +229,28 @@ def test_fit_rule_without_counts_says_how_to_call_it():
         opt.update(jnp.ones(2), opt.init(params), params, value=1.0, value_fn=f)
 
 
-def test_fit_or_plateau_without_counts_is_the_plateau_after_the_peak():
+def test_fit_or_plateau_swaps_on_whichever_comes_first():
     n = 40
-    values = np.full(n, 0.5, np.float32)
-    norms = np.concatenate([np.linspace(1, 3, 21), np.linspace(3, 0.5, n - 21)])
-    grads = [jnp.array([g, 0.0], jnp.float32) for g in norms]
-    either = drive(
-        tpo.two_phase(swap_rule="fit-or-peak-then-plateau"), values, grads, 1
-    )
-    armed = drive(tpo.two_phase(swap_rule="peak-then-plateau"), values, grads, 1)
-    assert int(either.swap_step) == int(armed.swap_step) > 0
+    # The loss falls 20% a window until window 20, then stays: the smoothed
+    # mean (smoothing 0.3) creeps down for a while, and the fifth window
+    # without a 10% fall (rtol 0.1, patience 5) is window 33.
+    values = (0.8 ** np.minimum(np.arange(n), 20)).astype(np.float32)
+    grads = [jnp.array([0.1, 0.0], jnp.float32)] * n
+    plateau = loss_plateau.replay(values).index(True)
+    assert plateau == 33
+    without_counts = drive(tpo.two_phase(swap_rule="fit-or-plateau"), values, grads, 1)
+    assert int(without_counts.swap_step) == plateau + 1
+
+    def run(counts):
+        opt = tpo.two_phase(swap_rule="fit-or-plateau", fit_patience=3)
+        params, state = jnp.zeros(2), None
+        state = opt.init(params)
+        f = lambda p: jnp.sum(p**2)  # noqa: E731
+        for v, g, c in zip(values, grads, counts, strict=True):
+            _, state = opt.update(g, state, params, value=v, value_fn=f, num_errors=c)
+        return int(state.swap_step)
+
+    # Fitted from window 10: the third fitted window in a row is window 12.
+    assert run([5] * 10 + [0] * (n - 10)) == 13
+    # Never fitted: the plateau decides.
+    assert run([1] * n) == plateau + 1

@@ -104,7 +104,7 @@ def test_two_phase_swaps_where_replay_says():
     # linear loss with a slope scaled per step.
     readings = noisy_rise_then_fall(1, n=50)
     expected = swap_detection.replay(readings)
-    opt = tpo.two_phase(optax.sgd(0.0))
+    opt = tpo.two_phase(optax.sgd(0.0), swap_rule="peak")
     w = jnp.zeros(2)
     state = opt.init(w)
     f = lambda w: jnp.sum(w)  # noqa: E731

@@ -16,7 +16,7 @@ E1 = jnp.array([1.0, 0.0])
 # fallback those runs would return to Adam.
 # Algorithm 1 as printed, one-way: these tests pin its exact swap steps (the
 # default rule's are pinned in test_swap_detection.py).
-ONE_WAY = {"fallback": None, **tpo.swap_detection.PAPER_RULE}
+ONE_WAY = {"fallback": None, "swap_rule": "peak", **tpo.swap_detection.PAPER_RULE}
 
 
 def value_fn(params):

@@ -31,6 +31,7 @@ from twophase_optax.slope_linesearch import SlopeLinesearchInfo
 from twophase_optax.slope_linesearch import SlopeLinesearchState
 from twophase_optax.slope_linesearch import slope_linesearch
 from twophase_optax.swap_detection import GradientNormPeakState
+from twophase_optax.two_phase import DEFAULT_SWAP_RULE
 from twophase_optax.two_phase import SWAP_RULES
 from twophase_optax.two_phase import SharedBuffer
 from twophase_optax.two_phase import TwoPhaseState
@@ -43,6 +44,7 @@ __all__ = [
     "BETA_RULES",
     "ConjugateGradientInfo",
     "ConjugateGradientState",
+    "DEFAULT_SWAP_RULE",
     "FittedState",
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",

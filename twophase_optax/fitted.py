@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_FIT_ERRORS = 0
-DEFAULT_FIT_PATIENCE = 1
+DEFAULT_FIT_PATIENCE = 10
 
 
 class FittedState(NamedTuple):

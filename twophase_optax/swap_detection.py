@@ -60,9 +60,15 @@ DEFAULT_GN_FACTOR = 0.5
 DEFAULT_SMOOTHING = 0.3
 DEFAULT_PATIENCE = 1
 DEFAULT_MIN_RISE = 1.25
-PAPER_RULE = {"gn_factor": 0.9, "smoothing": 1.0, "patience": 1, "min_rise": 1.0}
-"""Algorithm 1 as printed: the raw reading, swap on the first at or below 0.9
-of the maximum. Pass it as ``two_phase(..., **PAPER_RULE)``."""
+PAPER_RULE = {
+    "swap_rule": "peak",
+    "gn_factor": 0.9,
+    "smoothing": 1.0,
+    "patience": 1,
+    "min_rise": 1.0,
+}
+"""Algorithm 1 as printed: the gradient-norm peak, the raw reading, swap on the
+first at or below 0.9 of the maximum. Pass it as ``two_phase(..., **PAPER_RULE)``."""
 
 
 class GradientNormPeakState(NamedTuple):
@@ -264,6 +270,7 @@ def replay(
     patience: int = DEFAULT_PATIENCE,
     min_rise: float = DEFAULT_MIN_RISE,
     min_windows: int = 1,
+    swap_rule: str = "peak",
 ) -> int | None:
     """The index of the reading on which the detector signals the swap.
 
@@ -283,6 +290,12 @@ def replay(
     check_detection_hyperparameters(
         gn_factor, 1, "mean_grad", min_windows, smoothing, patience, min_rise
     )
+    if swap_rule != "peak":  # Taken so that **PAPER_RULE fits.
+        raise ValueError(
+            f"replay runs the gradient-norm peak rule, got swap_rule={swap_rule!r}; "
+            "the loss plateau and the fit rules have their own: "
+            "loss_plateau.replay, fitted.replay."
+        )
     readings = jnp.asarray(readings, jnp.float32)
     settings = dict(
         gn_factor=gn_factor,

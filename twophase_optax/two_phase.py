@@ -23,9 +23,11 @@ SWAP_RULES = (
     "plateau",
     "peak-then-plateau",
     "fit",
-    "fit-or-peak-then-plateau",
+    "fit-or-plateau",
     "manual",
 )
+# Chosen on the digits sweep's cells (BENCHMARKS.md section 10).
+DEFAULT_SWAP_RULE = "fit-or-plateau"
 # The branches of the step's lax.switch.
 _FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
@@ -259,7 +261,7 @@ def two_phase(
     smoothing: float = swap_detection.DEFAULT_SMOOTHING,
     patience: int = swap_detection.DEFAULT_PATIENCE,
     min_rise: float = swap_detection.DEFAULT_MIN_RISE,
-    swap_rule: str = "peak",
+    swap_rule: str = DEFAULT_SWAP_RULE,
     plateau_rtol: float = loss_plateau.DEFAULT_RTOL,
     plateau_patience: int = loss_plateau.DEFAULT_PATIENCE,
     plateau_smoothing: float = loss_plateau.DEFAULT_SMOOTHING,
@@ -342,8 +344,8 @@ def two_phase(
         plateau, counted once the peak has fired. ``"fit"``: ``fit_patience``
         windows in a row with at most ``fit_errors`` misclassified examples,
         counted from ``update(..., num_errors=k)`` (:mod:`twophase_optax.fitted`).
-        ``"fit-or-peak-then-plateau"``: whichever of the two comes first (the
-        peak and plateau alone where ``num_errors`` is not passed).
+        ``"fit-or-plateau"`` (the default): whichever of the two comes first,
+        the plateau alone where ``num_errors`` is not passed.
         ``"manual"``: only ``swap_at`` or :func:`start_second_phase`. The
         readings and the plateau are recorded in the state whatever the rule.
       plateau_rtol: the relative fall of the smoothed window mean that counts
@@ -606,8 +608,8 @@ def two_phase(
             ruled = flat & (detection.detect_step >= 0)
         elif swap_rule == "fit":
             ruled = fit
-        elif swap_rule == "fit-or-peak-then-plateau":
-            ruled = fit | (flat & (detection.detect_step >= 0))
+        elif swap_rule == "fit-or-plateau":
+            ruled = fit | flat
         else:  # "manual": start_second_phase, or swap_at.
             ruled = jnp.asarray(False)
         num_fallbacks = state.num_fallbacks + fall_back_now.astype(jnp.int32)

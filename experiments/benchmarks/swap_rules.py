@@ -220,6 +220,7 @@ RULES = {
     "fit 10, or peak then plateau": earliest(
         fit_rule(10), plateau_rule(armed_by_peak=True)
     ),
+    "fit 10, or plateau": earliest(fit_rule(10), plateau_rule()),
     "probe on plateau": probe_rule(),
 }
 
