@@ -254,3 +254,29 @@ def test_fit_or_plateau_swaps_on_whichever_comes_first():
     assert run([5] * 10 + [0] * (n - 10)) == 13
     # Never fitted: the plateau decides.
     assert run([1] * n) == plateau + 1
+
+
+def test_the_default_rule_compiles_once_across_its_swap_and_keeps_scalar_state():
+    f = lambda w, x: jnp.mean((x @ w - 1.0) ** 2)  # noqa: E731
+    opt = tpo.two_phase(optax.adam(0.05), window=2, fit_patience=2)  # default rule
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+
+    def step(w, state, errors):
+        value, grad = jax.value_and_grad(f)(w, x)
+        updates, state = opt.update(
+            grad, state, w, value=value, value_fn=f, x=x, num_errors=errors
+        )
+        return optax.apply_updates(w, updates), state
+
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(step, n=1))
+    w = jnp.zeros(3)
+    state = opt.init(w)
+    scalars = [state.plateau, state.fitted]
+    assert all(jnp.shape(x) == () for x in jax.tree.leaves(scalars))
+    for k in range(12):
+        w, state = step(w, state, jnp.asarray(3 if k < 4 else 0, jnp.int32))
+    # Windows 0-1 had errors; windows 2 and 3 (steps 4-7) are fitted: the
+    # swap comes at step 8, and CG runs in the same compiled program.
+    assert int(state.fitted.fitted_step) == 7 and int(state.swap_step) == 8
+    assert tpo.DEFAULT_SWAP_RULE == "fit-or-plateau"

@@ -21,7 +21,9 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
     ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
     ``gn_smoothed``, ``num_readings``; the loss plateau's ``plateau_step``
     (-1 until it holds), ``plateau_best``, ``plateau_smoothed`` and
-    ``plateau_windows`` (windows without progress); ``num_skipped`` (non-finite steps),
+    ``plateau_windows`` (windows without progress); the fit rule's
+    ``fitted_step`` and ``fitted_windows`` (fitted windows in a row);
+    ``num_skipped`` (non-finite steps),
     ``num_failures`` (failed second-phase steps in a row), ``num_fallbacks``;
     and, once the second phase has a line search, ``linesearch_learning_rate``,
     ``linesearch_value`` if recorded, and one ``linesearch_<field>`` per field
@@ -56,6 +58,8 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "plateau_best": state.plateau.best,
         "plateau_smoothed": state.plateau.smoothed,
         "plateau_windows": state.plateau.num_bad,
+        "fitted_step": state.fitted.fitted_step,
+        "fitted_windows": state.fitted.num_fitted,
         "num_skipped": state.num_skipped,
         "num_failures": state.num_failures,
         "num_fallbacks": state.num_fallbacks,
