@@ -253,6 +253,14 @@ def with_probes(rows, probes, budget):
     return rows
 
 
+def ratio(ours: float, theirs: float) -> float:
+    """``ours / theirs``, where a loss of exactly 0 (cross-entropy underflows
+    to 0 in float32) over 0 is 1 and anything else over 0 is infinite."""
+    if theirs == 0:
+        return 1.0 if ours == 0 else math.inf
+    return ours / theirs
+
+
 def loss_at_equal_compute(run: Run, baseline: Run) -> tuple[float, float]:
     """``run``'s and ``baseline``'s training losses at equal compute."""
     pair = compare.at_equal([baseline], run, "forward_passes", baseline.optimizer)
@@ -346,18 +354,19 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
                     "loss": ours,
                     "adam_loss": theirs,
                     "cosine_loss": theirs_c,
-                    "vs_adam": ours / theirs,
-                    "vs_better_adam": max(ours / theirs, ours_c / theirs_c),
+                    "vs_adam": ratio(ours, theirs),
+                    "vs_better_adam": max(ratio(ours, theirs), ratio(ours_c, theirs_c)),
                     "best_split_epoch": min(hindsight, key=hindsight.get)
                     if hindsight
                     else None,
                     "best_split_loss": best,
-                    "vs_hindsight": ours / best if hindsight else math.nan,
+                    "vs_hindsight": ratio(ours, best) if hindsight else math.nan,
                     # Where a hand-back to Adam would come, and how far CG's
                     # loss fell after it by the end of the budget.
                     "handback_epoch": handback,
-                    "cg_fall_after_handback": run.rows[handback]["train_loss"]
-                    / run.last["train_loss"]
+                    "cg_fall_after_handback": ratio(
+                        run.rows[handback]["train_loss"], run.last["train_loss"]
+                    )
                     if handback is not None
                     else None,
                     "compute": run.last["forward_passes"],
@@ -451,7 +460,7 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
         budgets = sorted({e["budget"] for e in landscape if e["model"] == model})
         for budget in budgets:
             points = sorted(
-                (e["swap_epoch"], e["loss"] / e["adam_loss"], e)
+                (e["swap_epoch"], ratio(e["loss"], e["adam_loss"]), e)
                 for e in landscape
                 if (e["model"], e["seed"], e["budget"]) == (model, seed, budget)
             )
@@ -459,9 +468,9 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
                 continue
             x, y, found = zip(*points, strict=True)
             (line,) = ax.plot(
-                x, np.maximum(y, 1e-30), "-", lw=1, label=f"{budget} epochs"
+                x, np.clip(y, 1e-30, 1e30), "-", lw=1, label=f"{budget} epochs"
             )
-            cosine = found[0]["cosine_loss"] / found[0]["adam_loss"]
+            cosine = ratio(found[0]["cosine_loss"], found[0]["adam_loss"])
             ax.axhline(cosine, color=line.get_color(), ls=":", lw=0.8)
             for k, rule in enumerate(rules):
                 cell = [
@@ -474,7 +483,7 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
                 for e in cell:
                     ax.plot(
                         e["swap_epoch"],
-                        max(e["vs_adam"], 1e-30),
+                        min(max(e["vs_adam"], 1e-30), 1e30),
                         MARKERS[k % len(MARKERS)],
                         color=line.get_color(),
                         ms=6,
