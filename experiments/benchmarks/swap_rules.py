@@ -206,7 +206,7 @@ def earliest(*rules):
 
 
 RULES = {
-    "peak (today's default)": peak_rule(),
+    "peak (the former default)": peak_rule(),
     "paper": peak_rule(**tpo.swap_detection.PAPER_RULE),
     "plateau": plateau_rule(),
     "plateau, patience 10": plateau_rule(patience=10),
@@ -220,7 +220,7 @@ RULES = {
     "fit 10, or peak then plateau": earliest(
         fit_rule(10), plateau_rule(armed_by_peak=True)
     ),
-    "fit 10, or plateau": earliest(fit_rule(10), plateau_rule()),
+    "fit 10, or plateau (the default)": earliest(fit_rule(10), plateau_rule()),
     "probe on plateau": probe_rule(),
 }
 
