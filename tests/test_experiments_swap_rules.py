@@ -37,7 +37,7 @@ RULES = {
         plateau_patience=1,
         plateau_smoothing=1.0,
     ),
-    "fit": dict(fit_errors=240),
+    "fit": dict(fit_errors=240, fit_patience=1),
     "fit-or-plateau": dict(
         fit_errors=240,
         fit_patience=2,

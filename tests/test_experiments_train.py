@@ -33,6 +33,8 @@ FIELDS = {
     "wall_time",
     "compile_time",
     "num_params",
+    "batch_loss",
+    "batch_errors",
 }
 
 
@@ -54,8 +56,12 @@ def test_short_run_writes_valid_metrics(optimizer, tmp_path):
         assert set(row) == FIELDS
         assert 0.0 <= row["train_acc"] <= 1.0 and 0.0 <= row["val_acc"] <= 1.0
         assert np.isfinite(
-            [row["train_loss"], row["val_loss"], row["gn_reading"]]
+            [row["train_loss"], row["val_loss"], row["gn_reading"], row["batch_loss"]]
         ).all()
+        # Counted by the steps' own forward passes: an Adam epoch's count,
+        # none for a CG epoch that reused its line search's gradient.
+        if row["phase"] == 0:
+            assert 0 <= row["batch_errors"] <= 1437  # digits: 1,437 examples
     assert rows[1]["train_loss"] < rows[0]["train_loss"] or optimizer == "cg"
     phases = [r["phase"] for r in rows]
     cg_epochs = {"adam": [0, 0], "two-phase-fixed": [0, 1], "cg": [1, 1]}
