@@ -17,6 +17,7 @@ from twophase_optax.cg_directions import fletcher_reeves
 from twophase_optax.cg_directions import hestenes_stiefel
 from twophase_optax.cg_directions import polak_ribiere
 from twophase_optax.cg_directions import polak_ribiere_plus
+from twophase_optax.chunked_loss import chunked_loss
 from twophase_optax.conjugate_gradient import ConjugateGradientInfo
 from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
@@ -56,6 +57,7 @@ __all__ = [
     "SlopeLinesearchState",
     "TwoPhaseState",
     "cg_directions",
+    "chunked_loss",
     "conjugate_gradient",
     "curvature",
     "dai_yuan",

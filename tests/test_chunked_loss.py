@@ -1,0 +1,97 @@
+"""The chunked full-batch loss equals the one-pass loss, value and gradient."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import twophase_optax as tpo
+
+
+def mlp_loss(params, x, y):
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean((hidden @ params["w2"] - y) ** 2)
+
+
+def problem(dtype, n=1000):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, (n, 5), dtype)
+    y = jnp.sin(x @ jnp.linspace(-1.0, 1.0, 5, dtype=dtype))[:, None]
+    params = {
+        "w1": jax.random.normal(k2, (5, 16), dtype) / 5**0.5,
+        "b1": jnp.zeros(16, dtype),
+        "w2": jax.random.normal(k3, (16, 1), dtype) / 4.0,
+    }
+    return params, x, y
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 250, 300, 7, 4096])
+def test_float64_value_and_gradient_equal_the_one_pass_ones(chunk_size):
+    with jax.enable_x64(True):
+        params, x, y = problem(jnp.float64)
+        whole = jax.value_and_grad(mlp_loss)(params, x, y)
+        chunked = jax.value_and_grad(tpo.chunked_loss(mlp_loss, chunk_size))(
+            params, x, y
+        )
+        assert chunked[0].dtype == jnp.float64
+        chex.assert_trees_all_close(chunked, whole, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [256, 300])
+def test_float32_equals_to_rounding_and_compiles_once(chunk_size):
+    params, x, y = problem(jnp.float32)
+    whole = jax.value_and_grad(mlp_loss)(params, x, y)
+    loss = tpo.chunked_loss(mlp_loss, chunk_size)
+    chex.clear_trace_counter()
+
+    def value_and_grad(params, x, y):
+        return jax.value_and_grad(loss)(params, x, y)
+
+    step = jax.jit(chex.assert_max_traces(value_and_grad, n=1))
+    for _ in range(3):
+        chunked = step(params, x, y)
+    chex.assert_trees_all_close(chunked, whole, rtol=2e-6, atol=1e-7)
+
+
+def test_keyword_batches_and_unbatched_arguments():
+    params, x, y = problem(jnp.float32, n=90)
+
+    def loss(params, scale, *, images, labels):
+        return scale * mlp_loss(params, images, labels)
+
+    whole = loss(params, 2.0, images=x, labels=y)
+    chunked = tpo.chunked_loss(loss, 40)(params, 2.0, images=x, labels=y)
+    np.testing.assert_allclose(chunked, whole, rtol=2e-6)
+
+
+def test_as_value_fn_cg_takes_the_same_steps():
+    with jax.enable_x64(True):
+        params, x, y = problem(jnp.float64, n=600)
+        opt = tpo.conjugate_gradient()
+
+        def run(value_fn):
+            p, state = params, opt.init(params)
+            for _ in range(5):
+                value, grad = jax.value_and_grad(value_fn)(p, x, y)
+                updates, state = opt.update(
+                    grad, state, p, value=value, grad=grad, value_fn=value_fn, x=x, y=y
+                )
+                p = optax.apply_updates(p, updates)
+            return p
+
+        chex.assert_trees_all_close(
+            run(tpo.chunked_loss(mlp_loss, 128)), run(mlp_loss), rtol=1e-9
+        )
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
+def test_bad_chunk_size_raises(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        tpo.chunked_loss(mlp_loss, chunk_size)
+
+
+def test_no_batch_says_what_it_needs():
+    with pytest.raises(ValueError, match="leading axis"):
+        tpo.chunked_loss(lambda p, s: p * s, 4)(1.0, 2.0)
