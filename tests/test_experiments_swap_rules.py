@@ -13,14 +13,14 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
+from test_experiments_study import SMALL  # noqa: E402
+from test_experiments_study import without_timers  # noqa: E402
+
 from experiments import compare  # noqa: E402
 from experiments import study  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments.benchmarks import swap_rules  # noqa: E402
 
-SMALL = dict(model="vit-nomlp-wkewq-wvwo", dataset="digits", progress=False)
-SMALL.update(lr=3e-3, batch_size=64)
-TIMERS = ("wall_time", "compile_time")
 EPOCHS = 7
 # Each fires within 7 epochs on this model: the raw reading's first fall (after
 # epoch 4), an epoch loss that does not fall by 30% in an epoch (after epoch 1,
@@ -46,10 +46,6 @@ RULES = {
         plateau_smoothing=1.0,
     ),
 }
-
-
-def without_timers(rows):
-    return [{k: v for k, v in r.items() if k not in TIMERS} for r in rows]
 
 
 @pytest.fixture(scope="module")

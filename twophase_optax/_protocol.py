@@ -158,3 +158,17 @@ def find_linesearch_state(opt_state: Any) -> Any | None:
       ('SlopeLinesearchState', inf)
     """
     return find_node(opt_state, is_linesearch_state)
+
+
+def replay_windows(update: Callable, state: Any, values: jax.Array) -> list[bool]:
+    """Runs one recorded value per window through a swap rule's ``update``
+    (called as ``update(state, value, step)``, with ``window=1`` bound);
+    returns, per window, whether the rule holds there."""
+
+    def read(state, step_and_value):
+        step, value = step_and_value
+        return update(state, value, step)
+
+    steps = jnp.arange(values.shape[0], dtype=jnp.int32)
+    _, flags = jax.lax.scan(read, state, (steps, values))
+    return [bool(f) for f in flags]

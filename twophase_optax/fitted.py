@@ -19,10 +19,13 @@ the same code.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from twophase_optax import _protocol
 
 DEFAULT_FIT_ERRORS = 0
 DEFAULT_FIT_PATIENCE = 10
@@ -114,17 +117,7 @@ def replay(
     check_hyperparameters(fit_errors, fit_patience)
     counts = jnp.asarray(window_errors, jnp.int32)
 
-    def read(state, step_and_count):
-        step, count = step_and_count
-        return update(
-            state,
-            count,
-            step,
-            window=1,
-            fit_errors=fit_errors,
-            fit_patience=fit_patience,
-        )
-
-    steps = jnp.arange(counts.shape[0], dtype=jnp.int32)
-    _, flags = jax.lax.scan(read, init(), (steps, counts))
-    return [bool(f) for f in flags]
+    rule = functools.partial(
+        update, window=1, fit_errors=fit_errors, fit_patience=fit_patience
+    )
+    return _protocol.replay_windows(rule, init(), counts)

@@ -30,6 +30,7 @@ The functions are pure and jittable; :func:`replay` runs recorded window means
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -169,18 +170,7 @@ def replay(
     check_hyperparameters(rtol, patience, smoothing)
     means = jnp.asarray(window_means, jnp.float32)
 
-    def read(state, step_and_mean):
-        step, mean = step_and_mean
-        return update(
-            state,
-            mean,
-            step,
-            window=1,
-            rtol=rtol,
-            patience=patience,
-            smoothing=smoothing,
-        )
-
-    steps = jnp.arange(means.shape[0], dtype=jnp.int32)
-    _, plateau = jax.lax.scan(read, init(means[0]), (steps, means))
-    return [bool(p) for p in plateau]
+    rule = functools.partial(
+        update, window=1, rtol=rtol, patience=patience, smoothing=smoothing
+    )
+    return _protocol.replay_windows(rule, init(means[0]), means)
