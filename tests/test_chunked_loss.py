@@ -1,5 +1,8 @@
 """The chunked full-batch loss equals the one-pass loss, value and gradient."""
 
+import json
+import pathlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -95,3 +98,82 @@ def test_bad_chunk_size_raises(chunk_size):
 def test_no_batch_says_what_it_needs():
     with pytest.raises(ValueError, match="leading axis"):
         tpo.chunked_loss(lambda p, s: p * s, 4)(1.0, 2.0)
+
+
+def test_chunks_take_every_kth_row_and_the_rest_once():
+    # 10 rows at most 4 per chunk: 3 chunks of 3 rows (0,3,6 / 1,4,7 / 2,5,8),
+    # then row 9; the loss records which rows it saw.
+    seen = []
+
+    def loss(params, x):
+        seen.append(x.shape[0])
+        return params * jnp.mean(x)
+
+    x = jnp.arange(10.0)
+    value = tpo.chunked_loss(loss, 4)(1.0, x)
+    np.testing.assert_allclose(value, 4.5, rtol=1e-7)
+    assert seen == [3, 1]  # One traced chunk of 3 rows, the rest of 1.
+
+    rows_of_chunk = jax.lax.map(
+        lambda j: jax.lax.dynamic_index_in_dim(
+            x[:9].reshape(3, 3), j, 1, keepdims=False
+        ),
+        jnp.arange(3),
+    )
+    np.testing.assert_array_equal(rows_of_chunk, [[0, 3, 6], [1, 4, 7], [2, 5, 8]])
+
+
+@pytest.mark.parametrize("linesearch", ["golden", "slope"])
+def test_two_phase_with_value_and_grad_from_state_takes_the_same_steps(linesearch):
+    with jax.enable_x64(True):
+        params, x, y = problem(jnp.float64, n=700)
+        search = (
+            tpo.golden_section_linesearch()
+            if linesearch == "golden"
+            else tpo.slope_linesearch(store_grad=True)
+        )
+        opt = tpo.two_phase(
+            optax.adam(1e-2), tpo.conjugate_gradient(linesearch=search), swap_at=3
+        )
+
+        def run(value_fn):
+            # The slope search stores the last value and gradient for reuse.
+            if linesearch == "slope":
+                value_and_grad = optax.value_and_grad_from_state(value_fn)
+            else:
+                value_and_grad = lambda *a, state: jax.value_and_grad(value_fn)(*a)  # noqa: E731
+
+            @jax.jit
+            def step(p, state):
+                value, grad = value_and_grad(p, x, y, state=state)
+                updates, state = opt.update(
+                    grad, state, p, value=value, grad=grad, value_fn=value_fn, x=x, y=y
+                )
+                return optax.apply_updates(p, updates), state, value
+
+            p, state, values = params, opt.init(params), []
+            for _ in range(8):
+                p, state, value = step(p, state)
+                values.append(value)
+            return p, jnp.stack(values)
+
+        chunked, whole = run(tpo.chunked_loss(mlp_loss, 128)), run(mlp_loss)
+        chex.assert_trees_all_close(chunked, whole, rtol=1e-9)
+        assert whole[1][-1] < 0.5 * whole[1][0]  # CG did descend.
+
+
+def test_sharded_chunked_loss_equals_the_single_device_one():
+    # Eight simulated CPU devices in a fresh process (XLA_FLAGS is read once).
+    from tests.test_sharding import run_with_devices
+
+    script = pathlib.Path(__file__).with_name("_sharded_chunked_loss.py")
+    result = json.loads(run_with_devices([str(script)]).strip().splitlines()[-1])
+    assert result["devices"] == 8
+    for case in result["cases"]:
+        # Value and gradient: float64 to 1e-12, as unsharded and unchunked.
+        assert case["value_rel_err"] < 1e-12, case
+        assert case["grad_rel_err"] < 1e-12, case
+        assert case["batch_sharded"], case
+    # Where rows = chunks x devices x m, each device keeps to its own rows.
+    local = [c for c in result["cases"] if c["aligned"]]
+    assert local and all(not c["all_gather"] for c in local)

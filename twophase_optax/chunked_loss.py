@@ -5,6 +5,11 @@ set. In one pass that needs memory for the activations of every example at
 once; :func:`chunked_loss` evaluates the same mean as a ``jax.lax.map`` over
 chunks of the leading axis, each chunk's loss under ``jax.checkpoint``, so
 that the backward pass recomputes one chunk's activations at a time.
+
+A chunk takes every ``k``-th row (``k`` the number of chunks), not ``k``
+consecutive ones: on a batch sharded over a data axis, each device then holds
+its own share of every chunk, and evaluates its own rows chunk by chunk, with
+no data moved between devices.
 """
 
 from __future__ import annotations
@@ -25,18 +30,33 @@ def chunked_loss(
     examples of its batch; the batch is every array in ``args`` and ``kwargs``
     (at any depth of their pytrees) whose leading axis has the length of the
     first such array's. The returned function has the same signature and
-    returns the same mean: the chunks' means weighted by their sizes, the
-    last chunk as long as what is left, so the result is exact (no padding).
-    Its gradient is the full-batch gradient, each chunk rematerialised.
+    returns the same mean, and its gradient is the full-batch gradient.
+
+    A batch of ``n`` rows is cut into ``k = ceil(n / chunk_size)`` chunks of
+    ``n // k`` rows (at most ``chunk_size``), chunk ``j`` holding rows ``j,
+    j + k, j + 2k, ...``; the ``n % k`` rows left over (fewer than ``k``) are
+    one more, smaller evaluation. The chunks' means are weighted by their
+    rows, so the mean is exact, with no padding. Each chunk is rematerialised
+    in the backward pass (``jax.checkpoint``), so the activations of one chunk
+    are live at a time. Losses in bfloat16 or float16 are summed in float32.
+
+    On a batch sharded over a data axis of ``d`` devices, each device
+    evaluates its own rows of every chunk when ``n`` is a multiple of ``k *
+    d`` (no data moves; the result equals the unsharded one to rounding);
+    otherwise it is still exact, and XLA moves the rows it needs.
 
     Args:
       loss_fn: the per-batch mean loss, ``params`` first.
-      chunk_size: rows per chunk, an integer >= 1.
+      chunk_size: the most rows per chunk, an integer >= 1.
 
     Returns:
       A function with ``loss_fn``'s signature, for ``value_fn`` of
       :func:`twophase_optax.conjugate_gradient`, :func:`twophase_optax.two_phase`
       and the line searches, or for ``jax.value_and_grad``.
+
+    Raises:
+      ValueError: for a ``chunk_size`` that is not an integer >= 1, or, when
+        called, for arguments with no array to chunk.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -45,9 +65,11 @@ def chunked_loss(
       >>> x = jax.random.normal(jax.random.key(0), (1000, 3))
       >>> y = x @ jnp.array([1.0, -2.0, 0.5])
       >>> w = jnp.zeros(3)
-      >>> whole = loss(w, x, y)
-      >>> chunked = tpo.chunked_loss(loss, chunk_size=256)(w, x, y)  # 3 x 256 + 232
-      >>> bool(jnp.allclose(chunked, whole, rtol=1e-6))
+      >>> whole = jax.value_and_grad(loss)(w, x, y)
+      >>> chunked = jax.value_and_grad(tpo.chunked_loss(loss, 256))(w, x, y)
+      >>> bool(jnp.allclose(chunked[0], whole[0], rtol=1e-6))  # 4 chunks of 250
+      True
+      >>> bool(jnp.allclose(chunked[1], whole[1], rtol=1e-5))
       True
     """
     if not (
@@ -58,7 +80,6 @@ def chunked_loss(
         raise ValueError(
             f"chunk_size must be an integer >= 1 (rows per chunk), got {chunk_size!r}."
         )
-    rematerialised = jax.checkpoint(loss_fn)
 
     def chunked(params: Any, *args: Any, **kwargs: Any) -> jax.Array:
         leaves, treedef = jax.tree.flatten((args, kwargs))
@@ -70,30 +91,43 @@ def chunked_loss(
             )
         n = sizes[0]
         batched = [jnp.ndim(x) >= 1 and jnp.shape(x)[0] == n for x in leaves]
-        num_full, rest = divmod(n, chunk_size)
+        num_chunks = -(-n // chunk_size)
+        rows, rest = divmod(n, num_chunks)
 
-        def loss_of(rows: list[Any]) -> jax.Array:
-            it = iter(rows)
+        def loss_on(params: Any, parts: list[Any]) -> jax.Array:
+            it = iter(parts)
             filled = [
                 next(it) if b else x for x, b in zip(leaves, batched, strict=True)
             ]
             chunk_args, chunk_kwargs = jax.tree.unflatten(treedef, filled)
-            return rematerialised(params, *chunk_args, **chunk_kwargs)
+            return loss_fn(params, *chunk_args, **chunk_kwargs)
 
-        parts = [x for x, b in zip(leaves, batched, strict=True) if b]
-        sums = []  # Each part's loss summed over its rows.
-        if num_full:
-            full = [
-                x[: num_full * chunk_size].reshape(num_full, chunk_size, *x.shape[1:])
-                for x in parts
-            ]
-            sums.append((jax.lax.map(loss_of, full), chunk_size))
-        if rest:
-            sums.append((loss_of([x[num_full * chunk_size :] for x in parts]), rest))
-        dtype = sums[0][0].dtype
+        batch = [x for x, b in zip(leaves, batched, strict=True) if b]
+        # Row i * num_chunks + j is row i of chunk j.
+        grid = [
+            x[: rows * num_chunks].reshape(rows, num_chunks, *x.shape[1:])
+            for x in batch
+        ]
+
+        @jax.checkpoint
+        def chunk_loss(params: Any, grid: list[Any], j: jax.Array) -> jax.Array:
+            return loss_on(
+                params,
+                [jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False) for x in grid],
+            )
+
+        means = jax.lax.map(
+            lambda j: chunk_loss(params, grid, j), jnp.arange(num_chunks)
+        )
+        dtype = means.dtype
         # bfloat16 and float16 losses add up in float32, float64 in float64.
         acc = jnp.promote_types(dtype, jnp.float32)
-        total = sum(jnp.sum(m.astype(acc)) * rows for m, rows in sums)
+        total = jnp.sum(means.astype(acc)) * rows
+        if rest:
+            last = jax.checkpoint(loss_on)(
+                params, [x[rows * num_chunks :] for x in batch]
+            )
+            total = total + last.astype(acc) * rest
         return (total / n).astype(dtype)
 
     return chunked
