@@ -92,6 +92,11 @@ EVAL_BATCH = 2048
 # two_phase's swap rules but "manual" (--optimizer two-phase-fixed is that).
 SWAP_RULES = tuple(rule for rule in tpo.SWAP_RULES if rule != "manual")
 VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
+# Full-batch CG and L-BFGS evaluate the training set in chunks of at most this
+# many images (twophase_optax.chunked_loss): chosen so that one full-batch value
+# and gradient of every model needs at most 8 GiB of working memory at the
+# paper's MNIST and CIFAR shapes (BENCHMARKS.md, "CG on a large training set").
+DEFAULT_CG_CHUNK_SIZE = 2048
 
 
 @dataclasses.dataclass
@@ -104,6 +109,9 @@ class Config:
     epochs: int = 100
     batch_size: int = 512
     cg_batch_size: int | None = None  # None: the whole training set.
+    # CG and L-BFGS batches larger than this are evaluated in chunks of at most
+    # this many images (twophase_optax.chunked_loss); 0: in one pass.
+    cg_chunk_size: int = DEFAULT_CG_CHUNK_SIZE
     lr: float = 1e-3
     loss: str = models.DEFAULT_LOSS
     gn_factor: float = tpo.swap_detection.DEFAULT_GN_FACTOR
@@ -158,6 +166,7 @@ class Config:
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
             "cg_batch_size": self.cg_batch_size is None or self.cg_batch_size >= 1,
+            "cg_chunk_size": self.cg_chunk_size >= 0,
             "lr": self.lr > 0,
             "swap_epoch": self.swap_epoch >= 0,
             "fallback": self.fallback in FALLBACKS,
@@ -300,6 +309,11 @@ class Trainer:
         self.params = jax.device_put(params, params_shardings)
         n_train = len(self.data.x_train)
         self.cg_batch_size = min(config.cg_batch_size or n_train, n_train)
+        # Chunks split evenly over the data axis: a multiple of its devices.
+        self.cg_chunk_size = config.cg_chunk_size and max(
+            self.data_parallel,
+            config.cg_chunk_size - config.cg_chunk_size % self.data_parallel,
+        )
         self.adam_steps = data_lib.num_batches(n_train, config.batch_size)
         self.tx = make_optimizer(
             config, self.adam_steps, mini_batch_cg=self.cg_batch_size < n_train
@@ -332,7 +346,9 @@ class Trainer:
             out_shardings=out_shardings,
         )
         self.cg_train_step = jax.jit(
-            functools.partial(self._train_step, reuse=self.reuse_gradient),
+            functools.partial(
+                self._train_step, reuse=self.reuse_gradient, chunked=True
+            ),
             out_shardings=out_shardings,
         )
         self.compiled_steps = set()
@@ -368,16 +384,52 @@ class Trainer:
     def _per_example(self, outputs, labels):
         return jax.vmap(lambda o, y: self.loss_fn(o[None], y[None]))(outputs, labels)
 
-    def place(self, images, labels):
+    def num_chunks(self, rows: int) -> int:
+        """How many chunks a CG batch of ``rows`` images is evaluated in."""
+        if not self.cg_chunk_size or rows <= self.cg_chunk_size:
+            return 1
+        return -(-rows // self.cg_chunk_size)
+
+    def cg_loss(self, params, images, labels, mask=None):
+        """:meth:`batch_loss` evaluated in chunks of at most ``cg_chunk_size``.
+
+        The value ``value_fn`` of CG and L-BFGS steps: the same mean, with the
+        activations of one chunk live at a time (``tpo.chunked_loss``). With a
+        mask (several devices) each chunk sums its real rows' losses; the
+        padding that :meth:`place` added, fewer than chunks x devices rows,
+        is taken out of the mean.
+        """
+        rows = labels.shape[0]
+        if self.num_chunks(rows) == 1:
+            return self.batch_loss(params, images, labels, mask)
+        if mask is None:
+            return tpo.chunked_loss(self.batch_loss, self.cg_chunk_size)(
+                params, images, labels
+            )
+
+        def loss_per_row(params, images, labels, mask):
+            outputs = self.apply(params, images)
+            losses = self._per_example(outputs, labels) * mask
+            return jnp.sum(losses) / mask.shape[0]
+
+        chunked = tpo.chunked_loss(loss_per_row, self.cg_chunk_size)
+        return chunked(params, images, labels, mask) * rows / jnp.sum(mask)
+
+    def place(self, images, labels, chunked=False):
         """A batch as global arrays split over the data axis, with its mask.
 
         With several data-parallel devices the batch is padded to a multiple of
         their number and the padding masked out, so every device count sees the
         same examples; on one device it goes as it is (``mask`` is ``None``).
+        A ``chunked`` (CG) batch is padded to a multiple of chunks x devices,
+        so that every device evaluates its own rows of each chunk.
         """
         mask = None
         if self.data_parallel > 1:
-            n, pad = len(labels), -len(labels) % self.data_parallel
+            multiple = self.data_parallel
+            if chunked:
+                multiple *= self.num_chunks(len(labels))
+            n, pad = len(labels), -len(labels) % multiple
             images = np.concatenate(
                 [images, np.zeros((pad, *images.shape[1:]), images.dtype)]
             )
@@ -394,7 +446,11 @@ class Trainer:
         """The float32 sum of an epoch's gradients, before its first step."""
         return optax.tree.zeros_like(self.params, dtype=jnp.float32)
 
-    def _train_step(self, params, opt_state, grad_sum, images, labels, mask, reuse):
+    def _train_step(
+        self, params, opt_state, grad_sum, images, labels, mask, reuse, chunked=False
+    ):
+        # CG and L-BFGS steps evaluate large batches in chunks.
+        value_fn = self.cg_loss if chunked else self.batch_loss
         if self.config.optimizer in SPLIT_OPTIMIZERS:
             ran_cg = opt_state.in_second_phase
         else:
@@ -403,10 +459,14 @@ class Trainer:
             # The line search left the value and gradient at these params.
             stored = optax.tree.get(opt_state, "value")
             start_cost = jnp.where(jnp.isfinite(stored), 0.0, VALUE_AND_GRAD)
-            value, grad = optax.value_and_grad_from_state(self.batch_loss)(
+            value, grad = optax.value_and_grad_from_state(value_fn)(
                 params, images, labels, mask, state=opt_state
             )
             errors = jnp.asarray(-1, jnp.int32)  # No forward pass of its own.
+        elif chunked and self.num_chunks(labels.shape[0]) > 1:
+            start_cost = jnp.asarray(VALUE_AND_GRAD, jnp.float32)
+            value, grad = jax.value_and_grad(value_fn)(params, images, labels, mask)
+            errors = jnp.asarray(-1, jnp.int32)  # Not counted in chunks.
         else:
             start_cost = jnp.asarray(VALUE_AND_GRAD, jnp.float32)
             (value, errors), grad = jax.value_and_grad(
@@ -418,7 +478,7 @@ class Trainer:
             params,
             value=value,
             grad=grad,
-            value_fn=self.batch_loss,
+            value_fn=value_fn,
             images=images,
             labels=labels,
             mask=mask,
@@ -564,7 +624,8 @@ class Trainer:
         ):
             # Every host holds the whole batch and places its own shards.
             step = self.cg_train_step if cg_epoch else self.train_step
-            args = (self.params, self.opt_state, grad_sum, *self.place(images, labels))
+            batch = self.place(images, labels, chunked=cg_epoch)
+            args = (self.params, self.opt_state, grad_sum, *batch)
             compile_seconds += self.compile_outside_the_clock(step, args)
             self.params, self.opt_state, grad_sum, step_stats = step(*args)
             if self.block_every_step:
@@ -892,6 +953,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
         type=cli.integer(1),
         default=None,
         help="batch size of the CG phase (default: the whole training set)",
+    )
+    parser.add_argument(
+        "--cg-chunk-size",
+        type=cli.integer(0),
+        default=defaults.cg_chunk_size,
+        help="CG and L-BFGS evaluate batches larger than this in chunks of at "
+        f"most this many images, in bounded memory (default "
+        f"{DEFAULT_CG_CHUNK_SIZE}: at most 8 GiB for every model on MNIST and "
+        "CIFAR); 0: in one pass",
     )
     parser.add_argument("--lr", type=cli.POSITIVE, default=defaults.lr)
     add_loss_argument(parser)

@@ -100,27 +100,29 @@ def test_no_batch_says_what_it_needs():
         tpo.chunked_loss(lambda p, s: p * s, 4)(1.0, 2.0)
 
 
-def test_chunks_take_every_kth_row_and_the_rest_once():
-    # 10 rows at most 4 per chunk: 3 chunks of 3 rows (0,3,6 / 1,4,7 / 2,5,8),
-    # then row 9; the loss records which rows it saw.
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        # 12 rows, at most 4 a chunk: 3 chunks (0,3,6,9 / 1,4,7,10 / 2,5,8,11),
+        # each spanning 9.
+        (12, 9.0),
+        # 10 rows: 3 chunks of 3 (0,3,6 / 1,4,7 / 2,5,8) spanning 6, then row 9
+        # alone (span 0), weighted by rows: (3 * 3 * 6 + 1 * 0) / 10.
+        (10, 5.4),
+    ],
+)
+def test_chunks_take_every_kth_row_and_the_rest_once(n, expected):
+    # Not a mean: each chunk's span shows which rows it held (consecutive rows
+    # would span 3 and 2).
     seen = []
 
-    def loss(params, x):
+    def span(params, x):
         seen.append(x.shape[0])
-        return params * jnp.mean(x)
+        return params * (jnp.max(x) - jnp.min(x))
 
-    x = jnp.arange(10.0)
-    value = tpo.chunked_loss(loss, 4)(1.0, x)
-    np.testing.assert_allclose(value, 4.5, rtol=1e-7)
-    assert seen == [3, 1]  # One traced chunk of 3 rows, the rest of 1.
-
-    rows_of_chunk = jax.lax.map(
-        lambda j: jax.lax.dynamic_index_in_dim(
-            x[:9].reshape(3, 3), j, 1, keepdims=False
-        ),
-        jnp.arange(3),
-    )
-    np.testing.assert_array_equal(rows_of_chunk, [[0, 3, 6], [1, 4, 7], [2, 5, 8]])
+    value = tpo.chunked_loss(span, 4)(1.0, jnp.arange(float(n)))
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    assert seen == ([4] if n == 12 else [3, 1])  # Traced once, then the rest.
 
 
 @pytest.mark.parametrize("linesearch", ["golden", "slope"])

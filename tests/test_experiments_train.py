@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import chex
+import jax
 import numpy as np
 import pytest
 
@@ -227,6 +229,11 @@ def test_curvature_probe_records_the_extreme_eigenvalues_of_the_probe_batch(
             "argument --batch-size: must be an integer >= 1",
         ),
         ("fig5", ["--epochs", "0"], "argument --epochs: must be an integer >= 1"),
+        (
+            "train",
+            ["--cg-chunk-size", "-1"],
+            "argument --cg-chunk-size: must be an integer >= 0",
+        ),
     ],
 )
 def test_cli_rejects_out_of_range_flags_in_one_line(module, argv, message, capsys):
@@ -253,6 +260,37 @@ def test_two_phase_before_the_swap_repeats_the_adam_run_bit_for_bit(tmp_path):
     )
     keys = ("train_loss", "val_loss", "gn_reading", "forward_passes")
     assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in adam]
+
+
+@pytest.mark.parametrize("optimizer", ["two-phase-fixed", "adam-lbfgs"])
+def test_chunked_second_phase_gives_the_losses_of_one_pass(optimizer, tmp_path):
+    common = dict(**SMALL, optimizer=optimizer, swap_epoch=1, epochs=3, lr=3e-3)
+    runs = {}
+    for chunk_size in (0, 500):  # One pass; 3 chunks of 479 rows.
+        config = train.Config(
+            **common, cg_chunk_size=chunk_size, out=str(tmp_path / str(chunk_size))
+        )
+        trainer = train.Trainer(config)
+        assert trainer.num_chunks(1437) == (3 if chunk_size else 1)
+        runs[chunk_size] = train.train(config)
+    one_pass, chunked = runs[0], runs[500]
+    assert [r["phase"] for r in chunked] == [0, 1, 1]
+    for a, b in zip(chunked, one_pass, strict=True):
+        # The same line-search trials, counted the same; losses to rounding.
+        assert a["linesearch_evaluations"] == b["linesearch_evaluations"]
+        assert a["forward_passes"] == b["forward_passes"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert chunked[-1]["train_loss"] < chunked[0]["train_loss"]  # It descended.
+
+
+def test_cg_loss_in_chunks_equals_the_batch_loss():
+    trainer = train.Trainer(train.Config(**SMALL, cg_chunk_size=300, out="unused"))
+    x, y = trainer.data.x_train, trainer.data.y_train
+    batch = trainer.place(x, y, chunked=True)
+    whole = jax.value_and_grad(trainer.batch_loss)(trainer.params, *batch)
+    chunked = jax.jit(jax.value_and_grad(trainer.cg_loss))(trainer.params, *batch)
+    assert trainer.num_chunks(len(y)) == 5
+    chex.assert_trees_all_close(chunked, whole, rtol=2e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("optimizer", ["cg", "two-phase"])

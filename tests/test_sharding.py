@@ -135,6 +135,17 @@ def test_train_cli_on_eight_devices_matches_one_device(tmp_path, one_device_metr
     assert_same_training(read_metrics(tmp_path), one_device_metrics)
 
 
+def test_chunked_cg_on_eight_devices_matches_one_device_in_one_pass(
+    tmp_path, one_device_metrics
+):
+    # The full 1437 images in chunks of at most 500 (496 on 8 devices: 3
+    # chunks, padded to 1440 and masked, each device evaluating its own 60
+    # rows of each chunk) against one device in one pass.
+    args = [*TRAIN_ARGS, "--mesh", "data=8", "--cg-chunk-size", "500"]
+    run_with_devices([*args, "--out", str(tmp_path)])
+    assert_same_training(read_metrics(tmp_path), one_device_metrics)
+
+
 def test_train_cli_across_two_processes_matches_one_device(
     tmp_path, one_device_metrics
 ):

@@ -103,21 +103,29 @@ def chunked_loss(
             return loss_fn(params, *chunk_args, **chunk_kwargs)
 
         batch = [x for x, b in zip(leaves, batched, strict=True) if b]
+
         # Row i * num_chunks + j is row i of chunk j.
-        grid = [
-            x[: rows * num_chunks].reshape(rows, num_chunks, *x.shape[1:])
-            for x in batch
-        ]
+        if rest:
+            # Gathered from the whole batch: slicing off the rest first would
+            # copy it.
+            def rows_of(x: jax.Array, j: jax.Array) -> jax.Array:
+                index = j + num_chunks * jnp.arange(rows)
+                return jnp.take(x, index, axis=0, indices_are_sorted=True)
+
+            source = batch
+        else:
+            # A view of each array; sharded, each device holds its own rows.
+            def rows_of(x: jax.Array, j: jax.Array) -> jax.Array:
+                return jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False)
+
+            source = [x.reshape(rows, num_chunks, *x.shape[1:]) for x in batch]
 
         @jax.checkpoint
-        def chunk_loss(params: Any, grid: list[Any], j: jax.Array) -> jax.Array:
-            return loss_on(
-                params,
-                [jax.lax.dynamic_index_in_dim(x, j, 1, keepdims=False) for x in grid],
-            )
+        def chunk_loss(params: Any, source: list[Any], j: jax.Array) -> jax.Array:
+            return loss_on(params, [rows_of(x, j) for x in source])
 
         means = jax.lax.map(
-            lambda j: chunk_loss(params, grid, j), jnp.arange(num_chunks)
+            lambda j: chunk_loss(params, source, j), jnp.arange(num_chunks)
         )
         dtype = means.dtype
         # bfloat16 and float16 losses add up in float32, float64 in float64.
