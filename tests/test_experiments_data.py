@@ -133,3 +133,38 @@ def test_mnist5k_has_a_fixed_stratified_split_of_4000_and_1000():
 def test_unknown_dataset_raises():
     with pytest.raises(ValueError, match="digits"):
         data.load("imagenet")
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar100"])
+def test_tfds_runs_evaluate_their_cg_phase_in_chunks(name, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import chex
+    import jax
+
+    from experiments import train
+
+    config = train.Config(
+        model="vit-nomlp-wkewq-wvwo",
+        dataset=name,
+        optimizer="two-phase-fixed",
+        swap_epoch=1,
+        epochs=2,
+        batch_size=16,
+        cg_chunk_size=16,
+        progress=False,
+        out=str(tmp_path),
+    )
+    with tfds.testing.mock_data(num_examples=40):
+        trainer = train.Trainer(config)
+        rows = train.train(config)
+    # The 40 training images in 3 chunks of 13 and one row: the same value
+    # and gradient as in one pass.
+    assert trainer.num_chunks(40) == 3
+    batch = trainer.place(trainer.data.x_train, trainer.data.y_train, chunked=True)
+    chunked = jax.jit(jax.value_and_grad(trainer.cg_loss))(trainer.params, *batch)
+    whole = jax.value_and_grad(trainer.batch_loss)(trainer.params, *batch)
+    chex.assert_trees_all_close(chunked, whole, rtol=2e-5, atol=1e-9)
+    # The run's CG epoch took these steps and descended.
+    assert [r["phase"] for r in rows] == [0, 1]
+    assert rows[1]["linesearch_evaluations"] > 0
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
