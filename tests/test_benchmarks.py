@@ -210,3 +210,30 @@ def test_conv_in_loop_quick_mode_computes_the_same_loss_everywhere(tmp_path, cap
         assert row["ratio"] == row["nnx_conv_seconds"] / row["matmul_seconds"]
     table = capsys.readouterr().out
     assert table.count("\n| in while_loop |") == 1
+
+
+def test_chunked_loss_quick_mode_bounds_the_memory_by_the_chunk(tmp_path, capsys):
+    from experiments.benchmarks import chunked_loss
+
+    out = tmp_path / "chunked.json"
+    result = chunked_loss.main(["--quick", "--datasets", "digits", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    for dataset in ("mnist", "cifar10"):
+        temp = {
+            r["chunk_size"]: r["temp_gib"]
+            for r in result["memory"]
+            if r["dataset"] == dataset
+        }
+        # vgg5's working memory grows with the rows a chunk holds (1024 and
+        # 8192), far below the one pass over 60,000 or 50,000 images.
+        assert 4 < temp[8192] / temp[1024] < 9
+        assert temp[8192] < temp[None] / 4
+    kinds = {(r["evaluation"], r["chunk_size"]): r for r in result["time"]}
+    assert set(kinds) == {
+        (kind, chunk)
+        for kind in ("value", "value and gradient")
+        for chunk in (None, 256)
+    }
+    assert kinds[("value", 256)]["chunks"] == 6  # 1,437 digits in chunks of 240.
+    assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in result["time"])
+    assert "| mnist | vgg5 |" in capsys.readouterr().out

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_names = args.models or (("vgg5",) if args.quick else models.MODEL_NAMES)
     time_models = args.time_models or (("vgg5",) if args.quick else ("vit-mlp", "vgg5"))
     chunks = args.chunks or (
-        (8192,)
+        (1024, 8192)
         if args.quick
         else (512, 1024, train_lib.DEFAULT_CG_CHUNK_SIZE, 4096, 8192)
     )
