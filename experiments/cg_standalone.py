@@ -27,7 +27,7 @@ def rosenbrock(w: jax.Array) -> jax.Array:
 
 
 def run_cg(loss, params, opt, max_steps, target):
-    """The full-batch loop of README's "Using CG on its own"."""
+    """The full-batch loop of docs/cg.md, "Using CG on its own"."""
 
     @jax.jit
     def step(params, state):

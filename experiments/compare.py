@@ -620,8 +620,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--study",
         action="store_true",
-        help="the five optimizers of the Table 1 study (see README), 3 seeds "
-        "unless --seeds says otherwise",
+        help="the five optimizers of the Table 1 study (see docs/experiments.md), "
+        "3 seeds unless --seeds says otherwise",
     )
     parser.add_argument(
         "--swap-epoch",

@@ -355,7 +355,7 @@ class Trainer:
         self.evaluate_batch = jax.jit(self._evaluate_batch)
         self.probe_curvature = jax.jit(self._probe_curvature)
         # Simulated CPU devices share a few cores; steps dispatched ahead of time
-        # can starve the threads an all-reduce waits for (see README).
+        # can starve the threads an all-reduce waits for (see docs/scaling.md).
         self.block_every_step = (
             jax.default_backend() == "cpu" and self.mesh.devices.size > 1
         )
@@ -1090,7 +1090,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--distributed",
         action="store_true",
         help="multi-host: call jax.distributed.initialize() first (one process "
-        "per host; see README)",
+        "per host; see docs/scaling.md)",
     )
     parser.add_argument(
         "--coordinator",

@@ -6,9 +6,10 @@ import re
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks(section: str) -> list[str]:
-    text = README.read_text()
-    body = text.split(f"## {section}\n", 1)[1]
+def python_blocks(section: str, path: pathlib.Path = README) -> list[str]:
+    """The Python code blocks under the heading ``section`` of ``path``."""
+    text = path.read_text()
+    body = text.split(f"# {section}\n", 1)[1]
     body = re.split(r"\n#{1,6} ", body, maxsplit=1)[0]
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 

@@ -1,4 +1,6 @@
-"""README's two-phase recipes run as written and do what they claim."""
+"""The two-phase guide's recipes run as written and do what they claim."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +11,13 @@ from test_readme import python_blocks
 
 import twophase_optax as tpo
 
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "two_phase.md"
+
 
 def run_block(heading: str) -> dict:
-    (code,) = python_blocks(heading)
+    (code,) = python_blocks(heading, GUIDE)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, str(GUIDE), "exec"), namespace)
     return namespace
 
 

@@ -42,10 +42,11 @@ class ConjugateGradientState(NamedTuple):
       dir_prev: the previous search direction, :math:`d_{k-1}`.
       grad_prev_products: where the line search stores the gradient at its
         accepted point (``slope_linesearch(store_grad=True)``, the default)
-        and ``beta`` is one of :data:`twophase_optax.BETA_RULES`, the products
-        of :math:`g_{k-1}` that the next ``beta`` needs, in place of
+        and ``beta`` is one of
+        :data:`twophase_optax.cg_directions.BETA_RULES`, the products of
+        :math:`g_{k-1}` that the next ``beta`` needs, in place of
         :math:`g_{k-1}` itself (one params-sized tree less); ``None`` otherwise.
-        A :class:`PreviousGradientProducts`.
+        A :class:`~twophase_optax.conjugate_gradient.PreviousGradientProducts`.
       linesearch_state: the state of the line search.
       num_failures: how many line searches in a row have failed, 0 after a
         success (int32). The next direction is steepest descent while it is

@@ -67,8 +67,9 @@ PAPER_RULE = {
     "patience": 1,
     "min_rise": 1.0,
 }
-"""Algorithm 1 as printed: the gradient-norm peak, the raw reading, swap on the
-first at or below 0.9 of the maximum. Pass it as ``two_phase(..., **PAPER_RULE)``."""
+"""The paper's Algorithm 1 as printed, the gradient-norm peak read raw, swapping
+on the first reading at or below 0.9 of the maximum. Pass it as
+``two_phase(..., **PAPER_RULE)``."""
 
 
 class GradientNormPeakState(NamedTuple):

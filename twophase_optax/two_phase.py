@@ -16,6 +16,7 @@ from twophase_optax import loss_plateau
 from twophase_optax import swap_detection
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
+from twophase_optax.fitted import FittedState
 
 FALLBACKS = (None, "first")
 SWAP_RULES = (
@@ -26,8 +27,10 @@ SWAP_RULES = (
     "fit-or-plateau",
     "manual",
 )
-# Chosen on the digits sweep's cells (BENCHMARKS.md section 10).
+"""The values of :func:`twophase_optax.two_phase`'s ``swap_rule``."""
 DEFAULT_SWAP_RULE = "fit-or-plateau"
+"""The rule :func:`twophase_optax.two_phase` swaps on by default, chosen on the
+digits sweep's cells (BENCHMARKS.md section 10)."""
 # The branches of the step's lax.switch.
 _FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
 
@@ -237,7 +240,7 @@ class TwoPhaseState(NamedTuple):
     num_fallbacks: jax.Array
     detection: swap_detection.GradientNormPeakState
     plateau: loss_plateau.LossPlateauState
-    fitted: fitted_lib.FittedState
+    fitted: FittedState
     first_state: optax.OptState
     second_state: optax.OptState
 

@@ -44,12 +44,14 @@ def warm_up(trainer: train_lib.Trainer) -> float:
     chunks = np.array_split(
         np.arange(n), data_lib.num_batches(n, trainer.config.batch_size)
     )
-    sizes = {len(c) for c in chunks} | {trainer.cg_batch_size}
+    steps = [(trainer.train_step, len(c), False) for c in chunks]
+    steps.append((trainer.cg_train_step, trainer.cg_batch_size, True))
     grad_sum = trainer.zero_grad_sum()
     start = time.perf_counter()
-    for size in sorted(sizes):
-        batch = trainer.place(trainer.data.x_train[:size], trainer.data.y_train[:size])
-        out = trainer.train_step(trainer.params, trainer.opt_state, grad_sum, *batch)
+    for step, size, cg in dict.fromkeys(steps):
+        x, y = trainer.data.x_train[:size], trainer.data.y_train[:size]
+        batch = trainer.place(x, y, chunked=cg)
+        out = step(trainer.params, trainer.opt_state, grad_sum, *batch)
         jax.block_until_ready(out)
     trainer.evaluate(trainer.data.x_train, trainer.data.y_train)
     return time.perf_counter() - start
