@@ -122,7 +122,7 @@ def test_chunks_take_every_kth_row_and_the_rest_once(n, expected):
 
     value = tpo.chunked_loss(span, 4)(1.0, jnp.arange(float(n)))
     np.testing.assert_allclose(value, expected, rtol=1e-6)
-    assert seen == ([4] if n == 12 else [3, 1])  # Traced once, then the rest.
+    assert set(seen) == ({4} if n == 12 else {3, 1})  # Chunks, and the rest.
 
 
 @pytest.mark.parametrize("linesearch", ["golden", "slope"])
@@ -179,3 +179,34 @@ def test_sharded_chunked_loss_equals_the_single_device_one():
     # Where rows = chunks x devices x m, each device keeps to its own rows.
     local = [c for c in result["cases"] if c["aligned"]]
     assert local and all(not c["all_gather"] for c in local)
+
+
+def test_hessian_vector_products_equal_the_one_pass_ones():
+    # Forward over reverse through the custom derivative: what Lanczos uses.
+    with jax.enable_x64(True):
+        params, x, y = problem(jnp.float64, n=500)
+        vector = jax.tree.map(jnp.ones_like, params)
+
+        def hvp(loss):
+            grad = jax.grad(lambda p: loss(p, x, y))
+            return jax.jvp(grad, (params,), (vector,))[1]
+
+        chunked = hvp(tpo.chunked_loss(mlp_loss, 64))
+        chex.assert_trees_all_close(chunked, hvp(mlp_loss), rtol=1e-11)
+
+
+def test_gradients_with_respect_to_the_batch_raise():
+    params, x, y = problem(jnp.float32, n=100)
+    loss = tpo.chunked_loss(mlp_loss, 30)
+    with pytest.raises(ValueError, match="params only"):
+        jax.grad(loss, argnums=1)(params, x, y)
+
+
+def test_a_value_and_gradient_computes_each_chunk_forward_once():
+    # The derivative runs forward and backward per chunk: the loss is traced
+    # for the value-and-gradient loop and the rest, never re-run under remat.
+    params, x, y = problem(jnp.float32, n=100)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(tpo.chunked_loss(mlp_loss, 30)))(
+        params, x, y
+    )
+    assert "remat" not in str(jaxpr) and "checkpoint" not in str(jaxpr)
