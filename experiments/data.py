@@ -9,6 +9,13 @@
   and 100 of each class). Needs no download: real MNIST offline.
 * ``mnist``, ``cifar10``, ``cifar100``: tensorflow-datasets' ``train`` and
   ``test`` splits (``test`` serves as validation), from ``data_dir``.
+* ``pydoc-text``: the English technical prose every CPython ships in
+  ``pydoc_data.topics`` (the language reference topics ``help()`` shows;
+  465,000 characters in 79 topics on Python 3.11), for next-character
+  prediction: split by topic into about 90% training and 10% validation text,
+  cut into sequences of :data:`TEXT_LENGTH` characters whose labels are the
+  next characters. Needs no download; the text, and so the numbers, can
+  differ between Python versions (:func:`load_pydoc_text` records which).
 
 Images are scaled to [0, 1] and standardised per channel with the training
 set's mean and standard deviation.
@@ -22,8 +29,12 @@ from collections.abc import Iterator
 import numpy as np
 
 TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
-OFFLINE_NAMES = ("digits", "mnist5k")
+TEXT_NAMES = ("pydoc-text",)
+OFFLINE_NAMES = ("digits", "mnist5k", *TEXT_NAMES)
 DATASET_NAMES = (*OFFLINE_NAMES, *TFDS_NAMES)
+TEXT_LENGTH = 64  # characters a sequence sees; it predicts each one's successor
+TEXT_VALIDATION_FRACTION = 0.1  # of the characters, in whole topics
+UNKNOWN = 0  # the id of a character the training text does not contain
 DIGITS_VALIDATION = 360
 MNIST5K_VALIDATION_PER_CLASS = 100
 
@@ -34,7 +45,11 @@ class DatasetUnavailableError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Training and validation images (N, H, W, C) float32 and int32 labels."""
+    """Training and validation inputs and int32 labels.
+
+    Images are (N, H, W, C) float32 with labels (N,); text is (N, L) int32
+    character ids with labels (N, L), the id of each position's next character.
+    """
 
     name: str
     x_train: np.ndarray
@@ -42,10 +57,18 @@ class Dataset:
     x_val: np.ndarray
     y_val: np.ndarray
     num_classes: int
+    # Text: the characters of ids 1, 2, ... (0 is UNKNOWN); and the source.
+    vocabulary: str = ""
+    source: str = ""
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one input: (H, W, C) for images, (L,) for text."""
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_text(self) -> bool:
+        return self.x_train.ndim == 2
 
 
 def _standardise(x_train: np.ndarray, x_val: np.ndarray):
@@ -104,6 +127,82 @@ def load_mnist5k() -> Dataset:
     val = rng.permutation(np.concatenate(val))
     x_train, x_val = _standardise(images[train], images[val])
     return Dataset("mnist5k", x_train, labels[train], x_val, labels[val], 10)
+
+
+def pydoc_topics() -> dict[str, str]:
+    """The language reference topics of this Python's ``help()``, by name."""
+    from pydoc_data.topics import topics
+
+    return dict(topics)
+
+
+def split_topics(
+    topics: dict[str, str], fraction: float = TEXT_VALIDATION_FRACTION
+) -> tuple[list[str], list[str]]:
+    """Topic names for training and for validation, fixed by the names alone.
+
+    The names, sorted and shuffled with a fixed seed, go to validation in that
+    order until it holds ``fraction`` of the characters, passing over any
+    topic that would take it beyond 1.2 times that; the rest train.
+    """
+    names = sorted(topics)
+    order = np.random.default_rng(0).permutation(len(names))
+    total = sum(len(text) for text in topics.values())
+    validation, size = [], 0
+    for index in order:
+        if size >= fraction * total:
+            break
+        if size + len(topics[names[index]]) <= 1.2 * fraction * total:
+            validation.append(names[index])
+            size += len(topics[names[index]])
+    held = set(validation)
+    return [name for name in names if name not in held], sorted(validation)
+
+
+def text_sequences(
+    text: str, vocabulary: str, length: int = TEXT_LENGTH
+) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping sequences of ``length`` character ids and their successors.
+
+    Sequence ``i`` reads characters ``i * length`` to ``(i + 1) * length - 1``;
+    its labels are the characters one further on. Characters outside
+    ``vocabulary`` map to :data:`UNKNOWN`.
+
+    Example:
+      >>> x, y = text_sequences("abcabcab", "abc", length=3)
+      >>> x.tolist(), y.tolist()
+      ([[1, 2, 3], [1, 2, 3]], [[2, 3, 1], [2, 3, 1]])
+    """
+    lookup = {char: index + 1 for index, char in enumerate(vocabulary)}
+    ids = np.array([lookup.get(char, UNKNOWN) for char in text], np.int32)
+    count = (len(ids) - 1) // length
+    x = ids[: count * length].reshape(count, length)
+    y = ids[1 : count * length + 1].reshape(count, length)
+    return x, y
+
+
+def load_pydoc_text() -> Dataset:
+    """``pydoc_data.topics`` as next-character sequences, split by topic."""
+    import platform
+
+    topics = pydoc_topics()
+    train, val = split_topics(topics)
+    # Topics are separated by a blank line, in the order of their names.
+    train_text = "\n\n".join(topics[name] for name in train)
+    val_text = "\n\n".join(topics[name] for name in val)
+    vocabulary = "".join(sorted(set(train_text)))
+    x_train, y_train = text_sequences(train_text, vocabulary)
+    x_val, y_val = text_sequences(val_text, vocabulary)
+    return Dataset(
+        "pydoc-text",
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        len(vocabulary) + 1,
+        vocabulary=vocabulary,
+        source=f"pydoc_data.topics of Python {platform.python_version()}",
+    )
 
 
 def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
@@ -174,6 +273,8 @@ def load(name: str, data_dir: str | None = None, download: bool = True) -> Datas
         return load_digits()
     if name == "mnist5k":
         return load_mnist5k()
+    if name == "pydoc-text":
+        return load_pydoc_text()
     if name in TFDS_NAMES:
         return load_tfds(name, data_dir, download)
     raise ValueError(f"Unknown dataset {name!r}; choose one of {DATASET_NAMES}.")

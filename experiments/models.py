@@ -48,13 +48,27 @@ VIT_VARIANTS = {
     "vit-nomlp-wkewq": (False, True, True),
     "vit-nomlp-wkewq-wvwo": (False, True, False),
 }
-MODEL_NAMES = (*VIT_VARIANTS, "vgg5")
+# Text: the ViT's encoders made causal, on characters (``pydoc-text``).
+TEXT_VARIANTS = {
+    # name: (mlp, shared W_qk, value and output projections)
+    "char-transformer": (True, False, True),
+    "char-transformer-nomlp": (False, False, True),
+}
+IMAGE_MODEL_NAMES = (*VIT_VARIANTS, "vgg5")
+MODEL_NAMES = (*IMAGE_MODEL_NAMES, *TEXT_VARIANTS)
 
 
 class Attention(nnx.Module):
     """Multi-head self-attention with the paper's weight-sharing options."""
 
-    def __init__(self, shared_qk: bool, value_output: bool, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        shared_qk: bool,
+        value_output: bool,
+        causal: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
         dense = lambda: nnx.Linear(EMBED, EMBED, use_bias=False, rngs=rngs)  # noqa: E731
         if shared_qk:
             self.w_qk = dense()
@@ -63,6 +77,7 @@ class Attention(nnx.Module):
         if value_output:
             self.w_v, self.w_o = dense(), dense()
         self.shared_qk, self.value_output = shared_qk, value_output
+        self.causal = causal
 
     def __call__(self, x: jax.Array) -> jax.Array:
         split = lambda t: t.reshape(*t.shape[:-1], HEADS, EMBED // HEADS)  # noqa: E731
@@ -71,7 +86,7 @@ class Attention(nnx.Module):
         else:
             q, k = split(self.w_q(x)), split(self.w_k(x))
         v = split(self.w_v(x) if self.value_output else x)
-        heads = jax.nn.dot_product_attention(q, k, v)
+        heads = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         out = heads.reshape(x.shape)
         return self.w_o(out) if self.value_output else out
 
@@ -79,9 +94,11 @@ class Attention(nnx.Module):
 class Encoder(nnx.Module):
     """Pre-norm transformer encoder block."""
 
-    def __init__(self, mlp: bool, shared_qk: bool, value_output: bool, *, rngs):
+    def __init__(
+        self, mlp: bool, shared_qk: bool, value_output: bool, causal=False, *, rngs
+    ):
         self.norm_attention = nnx.LayerNorm(EMBED, rngs=rngs)
-        self.attention = Attention(shared_qk, value_output, rngs=rngs)
+        self.attention = Attention(shared_qk, value_output, causal, rngs=rngs)
         if mlp:
             self.norm_mlp = nnx.LayerNorm(EMBED, rngs=rngs)
             self.mlp_in = nnx.Linear(EMBED, MLP_UNITS, rngs=rngs)
@@ -132,6 +149,45 @@ class ViT(nnx.Module):
         for encoder in self.encoders:
             x = encoder(x)
         return self.head(self.norm(x).mean(axis=1))
+
+
+class CharTransformer(nnx.Module):
+    """The ViT's encoders, causal, on characters: a next-character model.
+
+    Character and position embeddings, :data:`ENCODERS` pre-norm encoder
+    blocks whose attention sees only the current and earlier positions, a
+    final layer norm and a linear head that gives, at every position, the
+    logits of the next character. The variants with and without the MLP are
+    the paper's ``vit-mlp`` and ``vit-nomlp``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = CharTransformer("char-transformer", 16, 30, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 16), jnp.int32)).shape  # (batch, position, vocab)
+      (2, 16, 30)
+    """
+
+    def __init__(self, variant: str, length: int, vocabulary: int, *, rngs):
+        mlp, shared_qk, value_output = TEXT_VARIANTS[variant]
+        self.embed = nnx.Embed(vocabulary, EMBED, rngs=rngs)
+        self.position = nnx.Param(
+            jax.random.normal(rngs.params(), (length, EMBED)) * 0.02
+        )
+        self.encoders = nnx.List(
+            [
+                Encoder(mlp, shared_qk, value_output, causal=True, rngs=rngs)
+                for _ in range(ENCODERS)
+            ]
+        )
+        self.norm = nnx.LayerNorm(EMBED, rngs=rngs)
+        self.head = nnx.Linear(EMBED, vocabulary, rngs=rngs)
+
+    def __call__(self, characters: jax.Array) -> jax.Array:
+        x = self.embed(characters) + self.position[...][: characters.shape[-1]]
+        for encoder in self.encoders:
+            x = encoder(x)
+        return self.head(self.norm(x))
 
 
 def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -212,8 +268,22 @@ def create_model(
     num_outputs: int,
     seed: int = 0,
 ) -> nnx.Module:
-    """Builds one of :data:`MODEL_NAMES` for a dataset's image shape."""
+    """Builds one of :data:`MODEL_NAMES` for a dataset's input shape.
+
+    Text models take the sequence length as ``image_shape`` ``(L,)`` and the
+    vocabulary size as ``num_outputs``.
+    """
     rngs = nnx.Rngs(seed)
+    text_input = len(image_shape) == 1
+    if (name in TEXT_VARIANTS) != text_input:
+        kind = "text" if text_input else "images"
+        choices = TEXT_VARIANTS if text_input else IMAGE_MODEL_NAMES
+        raise ValueError(
+            f"The model {name!r} does not take {kind} ({dataset}); choose one of "
+            f"{tuple(choices)}."
+        )
+    if name in TEXT_VARIANTS:
+        return CharTransformer(name, image_shape[0], num_outputs, rngs=rngs)
     if name == "vgg5":
         return VGG5(image_shape, num_outputs, rngs=rngs)
     if name in VIT_VARIANTS:

@@ -159,7 +159,9 @@ class Config:
 
     def validate(self) -> None:
         checks = {
-            "model": self.model in models.MODEL_NAMES,
+            "model": self.model in models.MODEL_NAMES
+            and (self.model in models.TEXT_VARIANTS)
+            == (self.dataset in data_lib.TEXT_NAMES),
             "dataset": self.dataset in data_lib.DATASET_NAMES,
             "optimizer": self.optimizer in OPTIMIZERS,
             "loss": self.loss in models.LOSSES,
@@ -271,6 +273,11 @@ def linesearch_forward_passes(linesearch_state: Any) -> jax.Array:
     return VALUE * info.num_evaluations
 
 
+def rows_mask(mask: jax.Array, values: jax.Array) -> jax.Array:
+    """``mask`` (one entry per example) shaped to multiply per-label ``values``."""
+    return mask.reshape(mask.shape + (1,) * (values.ndim - 1))
+
+
 def stores_gradient(opt_state: Any) -> bool:
     """Whether ``optax.value_and_grad_from_state`` can read ``opt_state``."""
     linesearch = tpo.find_linesearch_state(opt_state)
@@ -379,7 +386,7 @@ class Trainer:
         if mask is None:
             return self.loss_fn(outputs, labels), jnp.sum(wrong, dtype=jnp.int32)
         loss = jnp.sum(self._per_example(outputs, labels) * mask) / jnp.sum(mask)
-        return loss, jnp.sum(wrong * mask).astype(jnp.int32)
+        return loss, jnp.sum(wrong * rows_mask(mask, wrong)).astype(jnp.int32)
 
     def _per_example(self, outputs, labels):
         return jax.vmap(lambda o, y: self.loss_fn(o[None], y[None]))(outputs, labels)
@@ -433,7 +440,9 @@ class Trainer:
             images = np.concatenate(
                 [images, np.zeros((pad, *images.shape[1:]), images.dtype)]
             )
-            labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+            labels = np.concatenate(
+                [labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)]
+            )
             mask = (np.arange(n + pad) < n).astype(np.float32)
             mask = sharding.global_batch(self.mesh, mask)
         return (
@@ -528,7 +537,7 @@ class Trainer:
         if mask is None:
             return self.loss_fn(outputs, labels) * len(labels), jnp.sum(hits)
         loss_sum = jnp.sum(self._per_example(outputs, labels) * mask)
-        return loss_sum, jnp.sum(hits * mask)
+        return loss_sum, jnp.sum(hits * rows_mask(mask, hits))
 
     def _probe_curvature(self, params, images, labels, mask):
         extremes = tpo.curvature.hessian_extremes(
@@ -558,7 +567,9 @@ class Trainer:
             batch_loss, batch_correct = self.evaluate_batch(self.params, *batch)
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
-        return loss_sum / len(x), correct / len(x)
+        # The mean loss per example (per character for text, whose sequences
+        # are all as long), and the fraction of labels predicted right.
+        return loss_sum / len(x), correct / y.size
 
     def start_from(self, run: str, epoch: int, counters: dict[str, float]) -> None:
         """Takes the end of epoch ``epoch`` of the Adam run in ``run`` as the
@@ -916,6 +927,10 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
         "compile_time": counters["compile_time"],
         "num_params": trainer.num_params,
     }
+    if trainer.data.is_text and trainer.config.loss == "xent":
+        # Bits per character: the cross-entropy per character in base 2.
+        row["train_bpc"] = train_loss / np.log(2.0)
+        row["val_bpc"] = val_loss / np.log(2.0)
     if jax.process_index() == 0:
         append_metrics(metrics_path, row)
     trainer.rows.append(row)
@@ -1101,12 +1116,24 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--num-processes", type=cli.integer(1), default=None)
     parser.add_argument("--process-id", type=cli.integer(0), default=None)
     args = vars(parser.parse_args(argv))
+    check_model_fits_dataset(parser, args["model"], args["dataset"])
     args["fallback"] = None if args["fallback"] == "none" else args["fallback"]
     if args.pop("paper_rule"):
         args.update(tpo.swap_detection.PAPER_RULE, swap_rule="peak")
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"
     return Config(**args)
+
+
+def check_model_fits_dataset(parser, model: str, dataset: str) -> None:
+    """A text model on images, or an image model on text, is a usage error."""
+    text = dataset in data_lib.TEXT_NAMES
+    if (model in models.TEXT_VARIANTS) != text:
+        choices = models.TEXT_VARIANTS if text else models.IMAGE_MODEL_NAMES
+        parser.error(
+            f"argument --model: {model!r} does not fit --dataset {dataset!r}; "
+            f"choose one of {tuple(choices)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
