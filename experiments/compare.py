@@ -72,7 +72,7 @@ COLOURS = {
     "adam-lbfgs": "tab:orange",
     "adam-cosine": "tab:cyan",
 }
-DEFAULT_MODELS = models.MODEL_NAMES
+DEFAULT_MODELS = models.IMAGE_MODEL_NAMES  # on text: models.TEXT_VARIANTS
 DEFAULT_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase"]
 STUDY_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase", "cg", "adam-lbfgs"]
 
@@ -576,7 +576,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="digits", choices=data_lib.DATASET_NAMES)
     parser.add_argument(
-        "--models", nargs="+", default=list(DEFAULT_MODELS), choices=models.MODEL_NAMES
+        "--models",
+        nargs="+",
+        default=None,
+        choices=models.MODEL_NAMES,
+        help="default: the five image models, or the two text models on text",
     )
     parser.add_argument("--epochs", type=cli.integer(1), default=20)
     parser.add_argument(
@@ -697,6 +701,11 @@ def main(argv: list[str] | None = None) -> None:
             f"argument --optimizers: {', '.join(sorted(bad))} not in a sweep "
             f"(choose from {', '.join(study.VARIANTS)})"
         )
+    if args.models is None:
+        text = args.dataset in data_lib.TEXT_NAMES
+        args.models = list(models.TEXT_VARIANTS if text else DEFAULT_MODELS)
+    for model in args.models:
+        train_lib.check_model_fits_dataset(parser, model, args.dataset, "--models")
     if args.optimizers is None:
         args.optimizers = list(STUDY_OPTIMIZERS if args.study else DEFAULT_OPTIMIZERS)
     if args.fixed and "two-phase-fixed" not in args.optimizers:

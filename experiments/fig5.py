@@ -389,6 +389,15 @@ def main(argv: list[str] | None = None) -> None:
         help="smoke test: vit-mlp on digits for 4 epochs",
     )
     args = parser.parse_args(argv)
+    if not any(
+        (model in models.TEXT_VARIANTS) == (dataset in data_lib.TEXT_NAMES)
+        for model in args.models
+        for dataset in args.datasets
+    ):
+        parser.error(
+            "argument --models: none of them takes the --datasets' input "
+            f"(text models {tuple(models.TEXT_VARIANTS)} take pydoc-text)"
+        )
     if args.quick:
         args.models, args.datasets = ["vit-mlp"], ["digits"]
         args.epochs = {"digits": 4}
@@ -408,8 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         for dataset in args.datasets:
+            text = dataset in data_lib.TEXT_NAMES
+            # Each dataset with the models that take its kind of input.
             for model in args.models:
-                run_one(args, dataset, model)
+                if (model in models.TEXT_VARIANTS) == text:
+                    run_one(args, dataset, model)
     except data_lib.DatasetUnavailableError as error:
         raise SystemExit(str(error)) from None
     print(write_summary(args.out))

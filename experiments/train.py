@@ -1125,13 +1125,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**args)
 
 
-def check_model_fits_dataset(parser, model: str, dataset: str) -> None:
+def check_model_fits_dataset(
+    parser, model: str, dataset: str, flag: str = "--model"
+) -> None:
     """A text model on images, or an image model on text, is a usage error."""
     text = dataset in data_lib.TEXT_NAMES
     if (model in models.TEXT_VARIANTS) != text:
         choices = models.TEXT_VARIANTS if text else models.IMAGE_MODEL_NAMES
         parser.error(
-            f"argument --model: {model!r} does not fit --dataset {dataset!r}; "
+            f"argument {flag}: {model!r} does not fit --dataset {dataset!r}; "
             f"choose one of {tuple(choices)}"
         )
 

@@ -23,7 +23,7 @@ def count(paths, name):
     return sum(f"/{p}".endswith(f"/{name}/kernel") for p in paths)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", models.IMAGE_MODEL_NAMES)
 @pytest.mark.parametrize(
     "dataset, shape, classes",
     [

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flax", reason="the experiments need flax")
+from flax import nnx  # noqa: E402
+
 from experiments import data  # noqa: E402
 from experiments import models  # noqa: E402
 from experiments import train  # noqa: E402
@@ -86,6 +88,16 @@ def test_text_models_and_datasets_do_not_mix(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "argument --model: 'vit-mlp' does not fit --dataset 'pydoc-text'" in error
+    from experiments import compare
+    from experiments import fig5
+
+    with pytest.raises(SystemExit):
+        compare.main(["--dataset", "digits", "--models", "char-transformer"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --models: 'char-transformer' does not fit --dataset" in error
+    with pytest.raises(SystemExit):
+        fig5.main(["--datasets", "pydoc-text", "--models", "vgg5"])
+    assert "none of them takes" in capsys.readouterr().err
 
 
 def test_training_reports_accuracy_and_bits_per_character(tmp_path):
@@ -113,3 +125,21 @@ def test_training_reports_accuracy_and_bits_per_character(tmp_path):
     predicted = np.argmax(np.asarray(trainer.apply(trainer.params, x)), -1)
     assert accuracy == pytest.approx(np.mean(predicted == y), abs=1e-9)
     assert 0.0 < accuracy < 1.0 and np.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", list(models.TEXT_VARIANTS))
+def test_text_models_forward_and_backward_with_finite_gradients(name):
+    model = models.create_model(name, "pydoc-text", (16,), 30)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    characters = jax.random.randint(jax.random.key(0), (3, 16), 0, 30)
+
+    def loss(params):
+        outputs = nnx.merge(graphdef, params, rest)(characters)
+        return models.xent_loss(outputs, jnp.roll(characters, -1, axis=1))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    # An untrained model is near a uniform guess over 30 characters.
+    assert abs(float(value) - np.log(30)) < 1.0
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(g).all() for g in leaves)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in leaves)

@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=("memory", "time", "runs"),
         default=["memory", "time"],
     )
-    parser.add_argument("--models", nargs="+", choices=models.MODEL_NAMES)
+    parser.add_argument("--models", nargs="+", choices=models.IMAGE_MODEL_NAMES)
     parser.add_argument("--chunks", nargs="+", type=int)
     parser.add_argument("--time-chunks", nargs="+", type=int)
-    parser.add_argument("--time-models", nargs="+", choices=models.MODEL_NAMES)
+    parser.add_argument("--time-models", nargs="+", choices=models.IMAGE_MODEL_NAMES)
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--trials", type=int, default=3)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for flag in ("chunks", "time_chunks"):
         if any(c < 1 for c in getattr(args, flag) or ()):
             parser.error(f"argument --{flag.replace('_', '-')}: sizes must be >= 1")
-    model_names = args.models or (("vgg5",) if args.quick else models.MODEL_NAMES)
+    model_names = args.models or (("vgg5",) if args.quick else models.IMAGE_MODEL_NAMES)
     time_models = args.time_models or (("vgg5",) if args.quick else ("vit-mlp", "vgg5"))
     chunks = args.chunks or (
         (1024, 8192)
