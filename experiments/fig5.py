@@ -88,7 +88,12 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
     smoothed = centred_average(readings)
     peak, smooth_peak = int(np.argmax(readings)), int(np.argmax(smoothed))
     swap = algorithm1_swap(readings, gn_factor)
-    default_swap = swap_detection.replay(readings)  # the library's default rule
+    default_swap = swap_detection.replay(readings)  # the peak rule's defaults
+    # two_phase's default rule (fit or plateau), replayed on what the run
+    # recorded; older metrics without batch losses have none.
+    default_rule_swap = None
+    if rows and "batch_loss" in rows[0]:
+        default_rule_swap = train_lib.replayed_swap(train_lib.Config(), rows)
     rise = float(smoothed[smooth_peak] / smoothed[0])
     fall = float(smoothed[-1] / smoothed[smooth_peak])
     mark = lambda i: (
@@ -108,6 +113,7 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
         },
         "algorithm1_swap": mark(swap),
         "default_swap": mark(default_swap),
+        "default_rule_swap": mark(default_rule_swap),
         "gn_factor": gn_factor,
         "rise": rise,
         "fall": fall,
@@ -173,15 +179,17 @@ def plot(
         ("smoothed_peak", "D", "tab:green"),
         ("algorithm1_swap", "*", "tab:red"),
         ("default_swap", "P", "tab:purple"),
+        ("default_rule_swap", "X", "tab:brown"),
     )
     labels = {
         "peak": "peak",
         "smoothed_peak": "smoothed peak",
         "algorithm1_swap": f"Algorithm 1 swap (gn_factor {result['gn_factor']})",
-        "default_swap": "default rule swap",
+        "default_swap": "peak rule swap (defaults)",
+        "default_rule_swap": "default rule swap (fit or plateau)",
     }
     for key, marker, colour in marks:
-        mark = result[key]
+        mark = result.get(key)
         if mark is None:
             continue
         label = f"{labels[key]}: epoch {mark['epoch']}"
@@ -309,14 +317,19 @@ def write_summary(out: pathlib.Path) -> str:
         "| dataset | model | loss | epochs | first reading | "
         "peak: epoch, reading, loss | "
         "smoothed peak: epoch, loss | Algorithm 1 swap: epoch, loss | "
-        "default rule swap: epoch, loss | rise | fall | shape |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak rule swap (defaults): epoch, loss | "
+        "default rule swap (fit or plateau): epoch, loss | rise | fall | shape |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         peak, smooth = r["peak"], r["smoothed_peak"]
         swap_text = " | ".join(
             "none" if swap is None else f"{swap['epoch']}, {swap['train_loss']:.3g}"
-            for swap in (r["algorithm1_swap"], r["default_swap"])
+            for swap in (
+                r["algorithm1_swap"],
+                r["default_swap"],
+                r.get("default_rule_swap"),
+            )
         )
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['loss']} | {r['epochs']} | "

@@ -92,3 +92,20 @@ def test_bad_flags_are_one_line_errors(argv, flag, capsys):
     assert err.startswith("fig5.py: error: argument " + flag) or (
         "error: argument " + flag in err
     )
+
+
+def test_analyse_marks_where_the_default_rule_swaps():
+    # A loss that stops falling: the plateau (5 epochs within 10% of the best)
+    # fires; the errors never reach 0, so the fit rule does not.
+    losses = [1.0, 0.5, 0.3, 0.2] + [0.19] * 30
+    rows = [
+        {"gn_reading": 1.0, "train_loss": v, "batch_loss": v, "batch_errors": 3}
+        for v in losses
+    ]
+    result = fig5.analyse(rows, 0.9)
+    expected = fig5.train_lib.replayed_swap(fig5.train_lib.Config(), rows)
+    assert expected is not None and 4 <= expected < len(rows)
+    assert result["default_rule_swap"]["epoch"] == expected + 1
+    # Metrics written before the rows carried batch losses: no mark.
+    old = fig5.analyse([{"gn_reading": 1.0, "train_loss": 1.0}] * 6, 0.9)
+    assert old["default_rule_swap"] is None
