@@ -20,8 +20,6 @@ from jax.sharding import PartitionSpec
 
 import twophase_optax as tpo
 
-jax.config.update("jax_enable_x64", True)
-
 
 def loss(params, images, labels):
     hidden = jnp.tanh(images @ params["w1"] + params["b1"])
@@ -37,6 +35,8 @@ def relative_error(a, b):
 
 
 def main():
+    # In main, not at import: the test run imports every module for doctests.
+    jax.config.update("jax_enable_x64", True)
     devices = jax.devices()
     mesh = Mesh(np.asarray(devices), ("data",))
     rng = np.random.default_rng(0)
