@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flax", reason="the benchmarks use the experiment models")
@@ -96,8 +97,8 @@ def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
     assert json.loads((tmp_path / "solvers.json").read_text()) == result
     rows = [r for r in result["rows"] if r["installed"]]
     problems = {r["problem"] for r in result["rows"]}
-    assert len(problems) == 4
-    assert len(result["rows"]) == 4 * len(solvers.SOLVER_ORDER)
+    assert len(problems) == 6
+    assert len(result["rows"]) == 6 * len(solvers.SOLVER_ORDER)
     for r in rows:
         assert r["f_evals"] >= 1 and r["g_evals"] >= 1 and r["iterations"] >= 1
         if r["success"]:
@@ -105,30 +106,44 @@ def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
             if r["f_star"] is not None:  # Rosenbrock 0, the quadratic's closed form.
                 assert r["final_f"] == pytest.approx(r["f_star"], rel=1e-8, abs=1e-8)
     ours = [r for r in rows if r["solver"].startswith("ours")]
-    assert len(ours) == 4 * 4
-    # The default (slope, store_grad) and zoom solve all four. The value-only
-    # searches (golden, slope without gradients) solve all but the
+    assert len(ours) == 6 * 5
+    # The default (slope, store_grad), the former one and zoom solve all six.
+    # The value-only searches (golden, slope without gradients) solve all but the
     # ill-conditioned quadratic, where values stop resolving the decrease
     # (BENCHMARKS.md): there they need only make progress.
-    steers_by_slopes = ("ours zoom", "ours slope, store_grad")
+    steers_by_slopes = ("ours zoom", "ours slope, store_grad", "ours former default")
     for r in ours:
         if r["solver"] in steers_by_slopes or not r["problem"].startswith("quadratic"):
             assert r["success"], r
         else:
             assert r["final_f"] - r["f_star"] < 1e-6 * abs(r["f_star"])
-    # The default within 1.5x SciPy's CG evaluations on every problem.
+    # The default within 1.2x SciPy's CG's cost (forward-pass equivalents)
+    # in geometric mean, recomputed from the rows.
     by = {(r["problem"], r["solver"]): r for r in rows}
-    for problem in problems:
-        ours_default = by[(problem, "ours slope, store_grad")]
-        assert ours_default["f_evals"] <= 1.5 * by[(problem, "scipy CG")]["f_evals"]
+    logs = [
+        np.log(
+            solvers.forward_passes(by[(p, "ours slope, store_grad")])
+            / solvers.forward_passes(by[(p, "scipy CG")])
+        )
+        for p in problems
+    ]
+    mean = next(
+        r
+        for r in result["cost_versus_scipy"]
+        if r["problem"] == "geometric mean" and r["solver"] == "ours slope, store_grad"
+    )
+    assert mean["cost_ratio"] == pytest.approx(np.exp(np.mean(logs)), rel=1e-12)
+    assert mean["cost_ratio"] <= 1.2 and mean["success"]
     # The golden section evaluates only f in its search: one gradient a step.
     for r in ours:
         if r["solver"] == "ours golden":
             assert r["g_evals"] == r["iterations"] + 1 < r["f_evals"]
     table = capsys.readouterr().out
     # One row per solver, and one per "ours" in the table of ratios.
-    assert table.count("\n| Rosenbrock n=2 |") == len(solvers.SOLVER_ORDER) + 4
+    # ... and one in the table of costs over SciPy's.
+    assert table.count("\n| Rosenbrock n=2 |") == len(solvers.SOLVER_ORDER) + 5 + 1
     assert "| problem | ours | f evals / best CG peer | time / best CG peer |" in table
+    assert "\n| geometric mean |" in table
 
 
 def test_time_to_loss_quick_mode_repeats_the_same_trajectory(tmp_path, capsys):

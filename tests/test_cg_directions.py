@@ -17,6 +17,11 @@ EXPECTED = {
     "polak_ribiere_plus": max(G @ Y / (G_PREV @ G_PREV), 0.0),
     "hestenes_stiefel": G @ Y / (D_PREV @ Y),
     "dai_yuan": G @ G / (D_PREV @ Y),
+    # Hager & Zhang (2005), eq. (1.2) and their lower bound eta_k (eq. 1.6).
+    "hager_zhang": max(
+        (Y - 2 * D_PREV * (Y @ Y) / (D_PREV @ Y)) @ G / (D_PREV @ Y),
+        -1 / (np.linalg.norm(D_PREV) * min(0.01, np.linalg.norm(G_PREV))),
+    ),
 }
 
 
@@ -45,6 +50,27 @@ def test_polak_ribiere_plus_clips_negative_beta_to_zero():
     g, g_prev = jnp.array([1.0, 0.0]), jnp.array([2.0, 0.0])  # PR = -1/4
     assert float(tpo.polak_ribiere(g, g_prev, g_prev)) == -0.25
     assert float(tpo.polak_ribiere_plus(g, g_prev, g_prev)) == 0.0
+
+
+def test_hager_zhang_is_bounded_below_by_eta():
+    # d_prev.y = -0.001 makes the unbounded beta about -4e6; the bound
+    # eta = -1 / (|d_prev| min(0.01, |g_prev|)) = -1 / (0.01 |d_prev|) binds.
+    g, g_prev = jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])
+    d_prev = jnp.array([1.0, 1.001])
+    y = g - g_prev
+    unbounded = (y - 2 * d_prev * (y @ y) / (d_prev @ y)) @ g / (d_prev @ y)
+    eta = float(-1 / (0.01 * jnp.linalg.norm(d_prev)))
+    assert unbounded < eta
+    assert float(tpo.hager_zhang(g, g_prev, d_prev)) == pytest.approx(eta, rel=1e-6)
+
+
+def test_hager_zhang_directions_descend_under_any_step():
+    # Hager & Zhang's theorem 1.1: g.d <= -7/8 |g|^2 whenever d_prev.y != 0.
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        g, g_prev, d_prev = (jnp.asarray(rng.standard_normal(5)) for _ in range(3))
+        d = -g + tpo.hager_zhang(g, g_prev, d_prev) * d_prev
+        assert float(g @ d) <= -0.875 * float(g @ g) + 1e-5
 
 
 def test_resolve_beta_by_name_and_callable():

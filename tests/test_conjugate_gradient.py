@@ -173,9 +173,10 @@ def test_backtracking_line_search_fits_the_linesearch_slot():
     with jax.enable_x64(True):
         loss, grad_norm, w_star = spd_quadratic(n=10, condition=100.0)
         opt = tpo.conjugate_gradient(
+            beta="polak_ribiere_plus",
             linesearch=optax.scale_by_backtracking_linesearch(
                 30, max_learning_rate=10.0
-            )
+            ),
         )
         w, _, states = minimise(
             loss, jnp.zeros(10), opt, 1500, lambda w: grad_norm(w) < 1e-8

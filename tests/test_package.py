@@ -20,6 +20,7 @@ def test_public_api_is_exported():
         "polak_ribiere_plus",
         "hestenes_stiefel",
         "dai_yuan",
+        "hager_zhang",
     }
 
 

@@ -92,6 +92,43 @@ def test_the_next_first_trial_keeps_alpha_times_slope():
     assert int(state.info.num_evaluations) == 1
 
 
+def test_the_first_trial_keeps_the_scale_of_the_last_good_step_through_a_failure():
+    f = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * w**2)  # noqa: E731
+    w, d = jnp.array([1.0, 1.0]), jnp.array([-1.0, 0.0])
+    _, state = search(f, w, d)  # alpha 1, slope -2: scale -2
+    assert float(state.first_trial_scale) == pytest.approx(-2.0, rel=1e-6)
+    _, state = search(f, w, -d, state=state)  # uphill: fails
+    assert bool(state.info.failed) and float(state.learning_rate) == 0.0
+    assert float(state.first_trial_scale) == pytest.approx(-2.0, rel=1e-6)
+    # Along 2 d the first trial is -2 / -4 = 0.5, the exact minimum; without
+    # the kept scale it would start again from initial_step (1.0).
+    _, state = search(f, w, 2.0 * d, state=state)
+    assert float(state.learning_rate) == pytest.approx(0.5, rel=1e-6)
+    assert int(state.info.num_evaluations) == 1
+
+
+def test_a_failed_search_is_not_repeated_from_the_same_start():
+    # Every point off w = 0 has a NaN loss: no search can succeed.
+    f = lambda w: jnp.where(jnp.all(w == 0.0), 1.0, jnp.nan)  # noqa: E731
+    w, d = jnp.zeros(2), jnp.ones(2)
+    ls = tpo.slope_linesearch(max_evaluations=6, store_grad=True)
+
+    def update(state, value=1.0):
+        return ls.update(d, state, w, value=value, grad=-d, value_fn=f)
+
+    step, state = update(ls.init(w))
+    assert bool(state.info.failed) and int(state.info.num_evaluations) == 6
+    # The same phi(0) and phi'(0) again: the same search would follow, so it
+    # fails without evaluating anything.
+    step, state = update(state)
+    assert bool(state.info.failed) and int(state.info.num_evaluations) == 0
+    np.testing.assert_array_equal(step, jnp.zeros(2))
+    assert float(state.value) == 1.0
+    # Another start (a different value) searches again.
+    _, state = update(state, value=2.0)
+    assert bool(state.info.failed) and int(state.info.num_evaluations) == 6
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_dtypes_and_one_trace(dtype):
     chex.clear_trace_counter()

@@ -14,6 +14,7 @@ from twophase_optax._protocol import find_linesearch_state
 from twophase_optax.cg_directions import BETA_RULES
 from twophase_optax.cg_directions import dai_yuan
 from twophase_optax.cg_directions import fletcher_reeves
+from twophase_optax.cg_directions import hager_zhang
 from twophase_optax.cg_directions import hestenes_stiefel
 from twophase_optax.cg_directions import polak_ribiere
 from twophase_optax.cg_directions import polak_ribiere_plus
@@ -70,6 +71,7 @@ __all__ = [
     "loss_plateau",
     "polak_ribiere",
     "polak_ribiere_plus",
+    "hager_zhang",
     "slope_linesearch",
     "start_second_phase",
     "swap_detection",

@@ -13,9 +13,14 @@ Polak-Ribiere      :math:`g_k^\top y / g_{k-1}^\top g_{k-1}`
 Polak-Ribiere+     :math:`\max(0, \beta^{PR})`
 Hestenes-Stiefel   :math:`g_k^\top y / d_{k-1}^\top y`
 Dai-Yuan           :math:`g_k^\top g_k / d_{k-1}^\top y`
+Hager-Zhang        :math:`\max(\beta^{N}, \eta_k)`, see :func:`hager_zhang`
 =================  ============================================================
 
-On a quadratic with exact line searches all five coincide. A zero denominator
+On a quadratic with exact line searches all six coincide. Hager-Zhang's
+(CG_DESCENT's) rule gives descent directions,
+:math:`g_k^\top d_k \le -\tfrac78 \|g_k\|^2`, whatever the line search, so
+it tolerates inexact searches; it is :func:`twophase_optax.conjugate_gradient`'s
+default. A zero denominator
 gives a non-finite ``beta``, which :func:`twophase_optax.conjugate_gradient`
 treats as a restart. Dot products are accumulated in float32 at least.
 
@@ -68,6 +73,7 @@ class DotProducts(NamedTuple):
     prev_sq: jax.Array
     dir_dot_grad: jax.Array
     dir_dot_prev: jax.Array
+    dir_sq: jax.Array | None = None
 
 
 def dot_products(grad: Any, grad_prev: Any, dir_prev: Any) -> DotProducts:
@@ -78,6 +84,7 @@ def dot_products(grad: Any, grad_prev: Any, dir_prev: Any) -> DotProducts:
         prev_sq=_dot(grad_prev, grad_prev),
         dir_dot_grad=_dot(dir_prev, grad),
         dir_dot_prev=_dot(dir_prev, grad_prev),
+        dir_sq=_dot(dir_prev, dir_prev),
     )
 
 
@@ -105,6 +112,22 @@ def _dai_yuan(p: DotProducts) -> jax.Array:
     return p.grad_sq / (p.dir_dot_grad - p.dir_dot_prev)
 
 
+_HAGER_ZHANG_ETA = 0.01
+
+
+def _hager_zhang(p: DotProducts) -> jax.Array:
+    dir_dot_y = p.dir_dot_grad - p.dir_dot_prev
+    y_sq = p.grad_sq - 2.0 * p.grad_dot_prev + p.prev_sq
+    grad_dot_y = p.grad_sq - p.grad_dot_prev
+    beta = (grad_dot_y - 2.0 * y_sq * p.dir_dot_grad / dir_dot_y) / dir_dot_y
+    # The lower bound eta_k of CG_DESCENT, which keeps beta from growing
+    # too negative where ||g_{k-1}|| is small.
+    eta = -1.0 / (
+        jnp.sqrt(p.dir_sq) * jnp.minimum(_HAGER_ZHANG_ETA, jnp.sqrt(p.prev_sq))
+    )
+    return jnp.maximum(beta, eta)
+
+
 def fletcher_reeves(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     """Fletcher-Reeves: ``g.g / g_prev.g_prev``."""
     return _fletcher_reeves(dot_products(grad, grad_prev, dir_prev))
@@ -130,12 +153,29 @@ def dai_yuan(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
     return _dai_yuan(dot_products(grad, grad_prev, dir_prev))
 
 
+def hager_zhang(grad: Any, grad_prev: Any, dir_prev: Any) -> jax.Array:
+    r"""Hager-Zhang (CG_DESCENT): ``(y - 2 d |y|^2 / d.y) . g / d.y``, bounded below.
+
+    .. math::
+      \beta^{N} = \Big(y - 2 d_{k-1} \frac{\|y\|^2}{d_{k-1}^\top y}\Big)^\top
+      \frac{g_k}{d_{k-1}^\top y}, \qquad
+      \beta = \max\Big(\beta^{N},
+      \frac{-1}{\|d_{k-1}\| \min(0.01, \|g_{k-1}\|)}\Big).
+
+    References:
+      Hager & Zhang, *A new conjugate gradient method with guaranteed descent
+      and an efficient line search*, SIAM J. Optimization 16(1), 2005.
+    """
+    return _hager_zhang(dot_products(grad, grad_prev, dir_prev))
+
+
 BETA_RULES: dict[str, BetaRule] = {
     "fletcher_reeves": fletcher_reeves,
     "polak_ribiere": polak_ribiere,
     "polak_ribiere_plus": polak_ribiere_plus,
     "hestenes_stiefel": hestenes_stiefel,
     "dai_yuan": dai_yuan,
+    "hager_zhang": hager_zhang,
 }
 """The rules by name, for :func:`twophase_optax.conjugate_gradient`."""
 
@@ -159,6 +199,7 @@ _FROM_PRODUCTS = {
     polak_ribiere_plus: _polak_ribiere_plus,
     hestenes_stiefel: _hestenes_stiefel,
     dai_yuan: _dai_yuan,
+    hager_zhang: _hager_zhang,
 }
 
 

@@ -142,8 +142,29 @@ def _check_hyperparameters(
         )
 
 
+DEFAULT_BETA = "hager_zhang"
+"""The ``beta`` rule of :func:`conjugate_gradient` by default."""
+DEFAULT_RTOL = 0.5
+DEFAULT_MAX_EVALUATIONS = 8
+
+
+def default_linesearch() -> optax.GradientTransformationExtraArgs:
+    r"""The line search of :func:`conjugate_gradient` by default.
+
+    ``slope_linesearch(rtol=0.5, max_evaluations=8, store_grad=True)``: a
+    value at the first trial, a value and gradient at the parabola's minimum,
+    accepted once the slope there has fallen to half of :math:`\phi'(0)`.
+    Chosen on the CG-phase and solver benchmarks (BENCHMARKS.md sections 3
+    and 4) together with the Hager-Zhang ``beta``, which keeps its directions
+    descending under such loose searches.
+    """
+    return slope_linesearch(
+        rtol=DEFAULT_RTOL, max_evaluations=DEFAULT_MAX_EVALUATIONS, store_grad=True
+    )
+
+
 def conjugate_gradient(
-    beta: str | cg_directions.BetaRule = "polak_ribiere_plus",
+    beta: str | cg_directions.BetaRule = DEFAULT_BETA,
     linesearch: optax.GradientTransformationExtraArgs | None = None,
     restart_every: int | None = None,
     powell_threshold: float | None = None,
@@ -172,7 +193,8 @@ def conjugate_gradient(
     skipped: the update is zero and the state is left as it was, except for
     ``num_skipped``, so the run continues as if the step had never happened.
 
-    With the default line search, ``slope_linesearch(store_grad=True)``, the
+    With the default line search (``conjugate_gradient.default_linesearch()``, a
+    ``slope_linesearch`` with ``store_grad=True``), the
     gradient at the new params is in the state after each step, and
     ``optax.value_and_grad_from_state(f)(params, state=state)`` hands it over
     instead of computing it (on the first step it computes). A step then costs
@@ -188,13 +210,21 @@ def conjugate_gradient(
     which keeps the previous gradient and needs no gradients at its trials.
 
     Args:
-      beta: the rule for :math:`\beta_k`: one of ``"fletcher_reeves"``,
-        ``"polak_ribiere"``, ``"polak_ribiere_plus"``, ``"hestenes_stiefel"``,
-        ``"dai_yuan"``, or any function ``beta(grad, grad_prev, dir_prev)``
-        (see :mod:`twophase_optax.cg_directions`).
+      beta: the rule for :math:`\beta_k`: one of ``"hager_zhang"`` (the
+        default), ``"fletcher_reeves"``, ``"polak_ribiere"``,
+        ``"polak_ribiere_plus"``, ``"hestenes_stiefel"``, ``"dai_yuan"``, or
+        any function ``beta(grad, grad_prev, dir_prev)`` (see
+        :mod:`twophase_optax.cg_directions`). Hager and Zhang's rule keeps
+        the direction descending under inexact line searches, which lets the
+        default search stop at half the slope; with the former default,
+        ``"polak_ribiere_plus"`` and ``slope_linesearch(store_grad=True)``
+        (slope to a tenth), a step cost 5.0 forward-pass equivalents on the
+        CG-phase benchmark's vit-mlp against 4.4 and reached a loss 5 to 40
+        times higher at 450 and 900 of them (BENCHMARKS.md section 3).
       linesearch: an optax line-search transformation that scales the
-        direction; defaults to ``slope_linesearch(store_grad=True)``
-        (:func:`twophase_optax.slope_linesearch`). The paper's
+        direction; defaults to ``conjugate_gradient.default_linesearch()``
+        (:func:`twophase_optax.slope_linesearch` with ``rtol=0.5``,
+        ``max_evaluations=8``, ``store_grad=True``). The paper's
         :func:`golden_section_linesearch` needs no gradients at its trials but
         about 14 values a step.
         ``optax.scale_by_zoom_linesearch(..., curv_rtol=0.1)`` works too (the
@@ -212,7 +242,8 @@ def conjugate_gradient(
         10% of the steps on vit-mlp and leaves the loss after 900
         forward-pass equivalents 10^5 times higher; it also costs
         evaluations on the extended Rosenbrock function. Polak-Ribiere+
-        restarts on its own where ``beta`` would turn negative.
+        restarts on its own where ``beta`` would turn negative, and the
+        Hager-Zhang rule bounds ``beta`` below.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``, called as
@@ -247,7 +278,7 @@ def conjugate_gradient(
     """
     beta_fn = cg_directions.resolve_beta(beta)
     if linesearch is None:
-        linesearch = slope_linesearch(store_grad=True)
+        linesearch = default_linesearch()
     _check_hyperparameters(linesearch, restart_every, powell_threshold)
     beta_from_products = cg_directions.from_dot_products(beta_fn)
 
@@ -305,6 +336,7 @@ def conjugate_gradient(
                     prev_sq=prev.sq_norm,
                     dir_dot_grad=_protocol.vdot(state.dir_prev, g, dtype),
                     dir_dot_prev=prev.dot_dir,
+                    dir_sq=_protocol.vdot(state.dir_prev, state.dir_prev, dtype),
                 )
                 beta_k = jnp.asarray(beta_from_products(dots), dtype)
             else:

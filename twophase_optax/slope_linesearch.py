@@ -64,7 +64,7 @@ class SlopeLinesearchInfo(NamedTuple):
 
 
 class SlopeLinesearchState(NamedTuple):
-    """State of :func:`slope_linesearch`.
+    r"""State of :func:`slope_linesearch`.
 
     Attributes:
       learning_rate: the accepted step size (zero after a failure).
@@ -73,14 +73,18 @@ class SlopeLinesearchState(NamedTuple):
         that ``optax.value_and_grad_from_state`` computes both.
       grad: with ``store_grad``, the gradient at the accepted point (the
         gradient at ``params`` after a failure); ``None`` otherwise.
-      info: a :class:`SlopeLinesearchInfo`; its ``slope`` also sets the next
-        search's first trial.
+      info: a :class:`SlopeLinesearchInfo`.
+      first_trial_scale: :math:`\alpha \phi'(0)` of the last search that
+        found a step (0 before the first): the next search's first trial is
+        this over its own :math:`\phi'(0)`. Kept through failures, so that a
+        search after one starts at the scale of the last good step.
     """
 
     learning_rate: jax.Array
     value: jax.Array
     grad: optax.Updates | None
     info: SlopeLinesearchInfo
+    first_trial_scale: jax.Array
 
 
 class _Bracket(NamedTuple):
@@ -232,6 +236,7 @@ def slope_linesearch(
                 slope=jnp.zeros((), dtype),
                 failed=jnp.asarray(False),
             ),
+            first_trial_scale=jnp.zeros((), dtype),
         )
 
     def update_fn(
@@ -278,11 +283,19 @@ def slope_linesearch(
         d_dot_d = _protocol.vdot(updates, updates, dtype)
         descends = jnp.isfinite(phi0) & jnp.isfinite(slope) & (slope < 0)
         # Nocedal & Wright (3.60): keep alpha * phi'(0) from the last search.
-        previous = (
-            state.learning_rate * state.info.slope / jnp.where(descends, slope, 1.0)
-        )
-        usable = (state.learning_rate > 0) & jnp.isfinite(previous) & (previous > 0)
+        previous = state.first_trial_scale / jnp.where(descends, slope, 1.0)
+        usable = jnp.isfinite(previous) & (previous > 0)
         first = jnp.where(usable, previous, jnp.asarray(initial_step, dtype))
+        # The last search failed from the same phi(0) and phi'(0), so with the
+        # same first trial this one would repeat it evaluation for evaluation
+        # (a full-batch loss at a point where no lower value can be found):
+        # fail at once.
+        repeat = (
+            state.info.failed
+            & (state.learning_rate == 0)
+            & (state.value == phi0)
+            & (state.info.slope == slope)
+        )
         zero = jnp.zeros((), dtype)
         init_search = _Search(
             trial=first.astype(dtype),
@@ -303,7 +316,7 @@ def slope_linesearch(
             f_best=phi0,
             grad_best=zero_grad,
             best_has_grad=jnp.asarray(False),
-            done=~descends,
+            done=~descends | repeat,
             num_evaluations=jnp.asarray(0, jnp.int32),
             num_gradients=jnp.asarray(0, jnp.int32),
         )
@@ -407,7 +420,7 @@ def slope_linesearch(
 
         search = jax.lax.while_loop(cond_fn, body_fn, init_search)
         # A lower value, or (store_grad) a trial that settled on its slope.
-        settled = descends & search.done
+        settled = descends & search.done & ~repeat
         accepted = descends & ((search.f_best < phi0) | settled) & (search.best > 0)
         alpha = jnp.where(accepted, search.best, zero)
         value_next = jnp.where(accepted, search.f_best, phi0)
@@ -430,6 +443,9 @@ def slope_linesearch(
                 num_gradients=search.num_gradients,
                 slope=jnp.where(descends, slope, zero),
                 failed=~accepted & (d_dot_d != 0),
+            ),
+            first_trial_scale=jnp.where(
+                accepted, alpha * slope, state.first_trial_scale
             ),
         )
         step = optax.tree.where(accepted, scaled(alpha), optax.tree.zeros_like(updates))

@@ -7,8 +7,10 @@ Each model is first trained on digits (softmax + MSE) with mini-batch Adam,
 batch 512, for ``--pretrain`` epochs. From those parameters every setting
 takes full-batch steps, as the second phase of the experiments does, until
 it has spent ``--budget`` forward-pass equivalents and made at least 100
-steps. The references continue from the same point: mini-batch Adam (its
-moments included) and ``optax.lbfgs``.
+steps, or until a step evaluates nothing (a zero gradient, or a line search
+that failed and would repeat itself from the same point), after which every
+step would be the same. The references continue from the same point:
+mini-batch Adam (its moments included) and ``optax.lbfgs``.
 
 Cost is counted honestly in forward-pass equivalents over the training set:
 a value is 1, a value and gradient 3. A step costs the gradient at its start
@@ -42,13 +44,17 @@ from experiments import train as train_lib
 from experiments.benchmarks import timing
 
 BUDGETS = (450, 900)
-DEFAULT = "cg default: slope rtol 0.1, store_grad, no Powell"
+DEFAULT = "cg default: Hager-Zhang, slope rtol 0.5, store_grad, 8 evaluations"
+FORMER_DEFAULT = "cg Polak-Ribiere+, slope rtol 0.1, store_grad (the former default)"
 MIN_STEPS = 100
 
 
 def cg(linesearch, powell: bool = False) -> optax.GradientTransformationExtraArgs:
+    """Polak-Ribiere+ (the former default ``beta``) with ``linesearch``."""
     return tpo.conjugate_gradient(
-        linesearch=linesearch, powell_threshold=0.2 if powell else None
+        beta="polak_ribiere_plus",
+        linesearch=linesearch,
+        powell_threshold=0.2 if powell else None,
     )
 
 
@@ -62,10 +68,25 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "cg slope rtol 0.1, store_grad, Powell": lambda: cg(
         tpo.slope_linesearch(store_grad=True), powell=True
     ),
-    DEFAULT: lambda: tpo.conjugate_gradient(),
-    "cg slope rtol 0.3, store_grad": lambda: cg(
-        tpo.slope_linesearch(rtol=0.3, store_grad=True)
+    FORMER_DEFAULT: lambda: tpo.conjugate_gradient(
+        beta="polak_ribiere_plus", linesearch=tpo.slope_linesearch(store_grad=True)
     ),
+    "cg Polak-Ribiere+, slope rtol 0.3, store_grad": lambda: tpo.conjugate_gradient(
+        beta="polak_ribiere_plus",
+        linesearch=tpo.slope_linesearch(rtol=0.3, store_grad=True),
+    ),
+    "cg Polak-Ribiere+, slope rtol 0.5, store_grad, 8 evaluations": lambda: (
+        tpo.conjugate_gradient(
+            beta="polak_ribiere_plus",
+            linesearch=tpo.slope_linesearch(
+                rtol=0.5, max_evaluations=8, store_grad=True
+            ),
+        )
+    ),
+    "cg Hager-Zhang, slope rtol 0.1, store_grad": lambda: tpo.conjugate_gradient(
+        linesearch=tpo.slope_linesearch(store_grad=True)
+    ),
+    DEFAULT: lambda: tpo.conjugate_gradient(),
     "cg zoom curv_rtol 0.1": lambda: cg(
         optax.scale_by_zoom_linesearch(30, curv_rtol=0.1)
     ),
@@ -148,6 +169,11 @@ def run_setting(trainer, name: str, budget: float) -> dict:
         gradients.append(int(getattr(info, "num_gradients", 0)))
         restarts.append(bool(restarted))
         curve.append([spent, float(loss_fn(params, x, y))])
+        if cost == 0:
+            # Nothing evaluated: a zero gradient, or a line search that
+            # failed from the same point and would fail again. Every later
+            # step would be the same.
+            break
     return {
         "setting": name,
         "median_fpe_per_step": statistics.median(costs),
@@ -155,7 +181,8 @@ def run_setting(trainer, name: str, budget: float) -> dict:
         "median_evaluations": statistics.median(evaluations),
         "mean_evaluations": statistics.fmean(evaluations),
         "restart_fraction": statistics.fmean(restarts),
-        "loss_after_100_steps": curve[MIN_STEPS][1],
+        "steps": len(costs),
+        "loss_after_100_steps": curve[min(MIN_STEPS, len(costs))][1],
         **{f"loss_at_{b}": loss_within(curve, b) for b in BUDGETS},
         "first_step_seconds": seconds[0],
         "median_step_seconds": statistics.median(seconds[1:]),

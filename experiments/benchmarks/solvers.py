@@ -7,18 +7,24 @@ from (-1.2, 1, -1.2, 1, ...); a 1000-dimensional quadratic
 ``0.5 x'Ax - b'x`` whose SPD matrix has eigenvalues spread log-uniformly over
 [1, 1e4] (condition number 1e4) in a random basis; multinomial logistic
 regression on scikit-learn's 8x8 digits (all 1797 images, standardised pixels
-plus a bias, 650 weights, L2 penalty 1e-3 so that the minimum is unique).
+plus a bias, 650 weights, L2 penalty 1e-3 so that the minimum is unique);
+Wood's function from (-3, -1, -3, -1) and the helical valley from (-1, 0, 0)
+(Moré, Garbow & Hillstrom's problems 14 and 7).
 
 Solvers, all run to the same test, ``||grad f||_2 <= 1e-5`` (or their own
 closest equivalent), from the same start:
 
-* ``ours golden``: :func:`twophase_optax.conjugate_gradient` with the
-  paper's golden-section line search (tol 1e-2);
+* ``ours golden``: :func:`twophase_optax.conjugate_gradient` (its default
+  ``beta``, as in every row of ours but the former default) with the paper's
+  golden-section line search (tol 1e-2);
 * ``ours slope``: the same with :func:`twophase_optax.slope_linesearch`
   (values only; the next step computes its value and gradient);
-* ``ours slope, store_grad``: the default, ``slope_linesearch(store_grad=True)``,
-  whose gradient at the accepted point is reused through
-  ``optax.value_and_grad_from_state``;
+* ``ours slope, store_grad``: the default, ``conjugate_gradient()``
+  (Hager-Zhang ``beta``, ``slope_linesearch(rtol=0.5, max_evaluations=8,
+  store_grad=True)``), whose gradient at the accepted point is reused
+  through ``optax.value_and_grad_from_state``;
+* ``ours former default``: Polak-Ribiere+ with ``slope_linesearch(store_grad=True)``
+  (slope to a tenth, 20 evaluations);
 * ``ours zoom``: the same with ``optax.scale_by_zoom_linesearch(curv_rtol=0.1)``
   (the value and gradient it returns are reused, as in optax's L-BFGS loop);
 * ``scipy CG``: ``scipy.optimize.minimize(method="CG", jac=True)`` with
@@ -34,8 +40,10 @@ iterations, function evaluations, gradient evaluations (counted by each solver:
 a value-and-gradient call counts as one of each), wall time after compile
 (median of interleaved repeats after a warm-up), compile time, the final
 ``f``, the final gradient norm and success (``||grad f||_2 <= 1e-5`` at the
-returned point). jaxopt and optimistix are optional: missing ones are listed
-as not installed.
+returned point). A last table gives each solver's cost in forward-pass
+equivalents (a value 1, a value and gradient 3) over SciPy's CG's, per
+problem and in geometric mean. jaxopt and optimistix are optional: missing
+ones are listed as not installed.
 """
 
 from __future__ import annotations
@@ -97,6 +105,30 @@ def digits_logistic_regression(num_images: int | None = None, l2: float = 1e-3):
     return f, jnp.zeros(shape[0] * shape[1], jnp.float64), None
 
 
+def wood(x: jax.Array) -> jax.Array:
+    """Wood's function (Moré, Garbow & Hillstrom's problem 14), minimum 0 at 1."""
+    return (
+        100.0 * (x[1] - x[0] ** 2) ** 2
+        + (1.0 - x[0]) ** 2
+        + 90.0 * (x[3] - x[2] ** 2) ** 2
+        + (1.0 - x[2]) ** 2
+        + 10.0 * (x[1] + x[3] - 2.0) ** 2
+        + 0.1 * (x[1] - x[3]) ** 2
+    )
+
+
+def helical_valley(x: jax.Array) -> jax.Array:
+    """The helical valley (Moré, Garbow & Hillstrom's problem 7), minimum 0 at e1.
+
+    Its angle ``theta`` lies in (-1/4, 3/4], as in the original's
+    ``arctan(x2 / x1) / 2pi`` (+ 1/2 for ``x1 < 0``).
+    """
+    theta = jnp.arctan2(x[1], x[0]) / (2.0 * jnp.pi)
+    theta = jnp.where(theta < -0.25, theta + 1.0, theta)
+    radius = jnp.sqrt(x[0] ** 2 + x[1] ** 2)
+    return 100.0 * (x[2] - 10.0 * theta) ** 2 + 100.0 * (radius - 1.0) ** 2 + x[2] ** 2
+
+
 def problems(quick: bool) -> dict[str, tuple[Callable, jax.Array, float | None]]:
     sizes, quadratic_n, images = (
         ([2, 20], 50, 300) if quick else ([2, 100, 1000], 1000, None)
@@ -104,6 +136,12 @@ def problems(quick: bool) -> dict[str, tuple[Callable, jax.Array, float | None]]
     out = {f"Rosenbrock n={n}": (rosenbrock, rosenbrock_start(n), 0.0) for n in sizes}
     out[f"quadratic n={quadratic_n}, cond 1e4"] = ill_conditioned_quadratic(quadratic_n)
     out["logistic regression, digits"] = digits_logistic_regression(images)
+    out["Wood"] = (wood, jnp.asarray([-3.0, -1.0, -3.0, -1.0], jnp.float64), 0.0)
+    out["helical valley"] = (
+        helical_valley,
+        jnp.asarray([-1.0, 0.0, 0.0], jnp.float64),
+        0.0,
+    )
     return out
 
 
@@ -169,9 +207,16 @@ def ours_zoom(f, max_iter):
     return _optax_loop(f, opt, max_iter, evals, from_state)
 
 
-def ours_slope(f, max_iter, store_grad=False):
-    linesearch = tpo.slope_linesearch(store_grad=store_grad)
-    opt = tpo.conjugate_gradient(linesearch=linesearch)
+def ours_slope(f, max_iter, store_grad=False, former=False):
+    if former:  # Polak-Ribiere+ and the search to a tenth of the slope.
+        opt = tpo.conjugate_gradient(
+            beta="polak_ribiere_plus",
+            linesearch=tpo.slope_linesearch(store_grad=True),
+        )
+    elif store_grad:  # The default.
+        opt = tpo.conjugate_gradient()
+    else:
+        opt = tpo.conjugate_gradient(linesearch=tpo.slope_linesearch())
 
     def evals(state):
         info = state.linesearch_state.info
@@ -180,7 +225,8 @@ def ours_slope(f, max_iter, store_grad=False):
     def from_state(state):
         return state.linesearch_state.value, state.linesearch_state.grad
 
-    return _optax_loop(f, opt, max_iter, evals, from_state if store_grad else None)
+    reuse = store_grad or former
+    return _optax_loop(f, opt, max_iter, evals, from_state if reuse else None)
 
 
 def optax_lbfgs(f, max_iter):
@@ -226,12 +272,19 @@ JAX_SOLVERS = {
     "ours golden": ours_golden,
     "ours slope": ours_slope,
     "ours slope, store_grad": functools.partial(ours_slope, store_grad=True),
+    "ours former default": functools.partial(ours_slope, former=True),
     "ours zoom": ours_zoom,
     "jaxopt.NonlinearCG": jaxopt_cg,
     "optimistix.NonlinearCG": optimistix_cg,
     "optax.lbfgs": optax_lbfgs,
 }
-OURS = ["ours golden", "ours slope", "ours slope, store_grad", "ours zoom"]
+OURS = [
+    "ours golden",
+    "ours slope",
+    "ours slope, store_grad",
+    "ours former default",
+    "ours zoom",
+]
 SOLVER_ORDER = [*OURS, "scipy CG", *[s for s in JAX_SOLVERS if s not in OURS]]
 CG_PEERS = ("scipy CG", "jaxopt.NonlinearCG", "optimistix.NonlinearCG")
 
@@ -311,6 +364,45 @@ def run_problem(name, f, x0, f_star, max_iter, repeats) -> list[dict]:
     return rows
 
 
+def forward_passes(row: dict) -> int:
+    """Cost in forward-pass equivalents: a value 1, a value and gradient 3."""
+    return row["f_evals"] + 2 * row["g_evals"]
+
+
+def versus_scipy(rows: list[dict]) -> list[dict]:
+    """Each solver's cost (forward-pass equivalents) over SciPy's CG's, per problem,
+    and its geometric mean over the problems (``problem`` "geometric mean")."""
+    out, logs = [], {}
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        here = [r for r in rows if r["problem"] == problem and r["installed"]]
+        scipy = next(r for r in here if r["solver"] == "scipy CG")
+        for r in here:
+            ratio = forward_passes(r) / forward_passes(scipy)
+            logs.setdefault(r["solver"], []).append(np.log(ratio))
+            out.append(
+                {
+                    "problem": problem,
+                    "solver": r["solver"],
+                    "cost_ratio": ratio,
+                    "success": r["success"],
+                }
+            )
+    for solver, values in logs.items():
+        out.append(
+            {
+                "problem": "geometric mean",
+                "solver": solver,
+                "cost_ratio": float(np.exp(np.mean(values))),
+                "success": all(
+                    r["success"]
+                    for r in out
+                    if r["solver"] == solver and "success" in r
+                ),
+            }
+        )
+    return out
+
+
 def versus_best_cg_peer(rows: list[dict]) -> list[dict]:
     """Our f evaluations and time as multiples of the best successful CG peer."""
     out = []
@@ -347,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (f, x0, f_star) in problems(args.quick).items():
             rows += run_problem(name, f, x0, f_star, max_iter, repeats)
     ratios = versus_best_cg_peer(rows)
+    cost_ratios = versus_scipy(rows)
     result = {
         **timing.environment(),
         "repeats": repeats,
@@ -354,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_iterations": max_iter,
         "rows": rows,
         "versus_best_cg_peer": ratios,
+        "cost_versus_scipy": cost_ratios,
     }
     print(f"device: {result['device']} ({result['backend']}), jax {jax.__version__}\n")
     print(format_rows(rows))
@@ -372,8 +466,29 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         )
     )
+    print()
+    print(format_cost_ratios(cost_ratios))
     timing.write_json(args.out, result)
     return result
+
+
+def format_cost_ratios(cost_ratios: list[dict]) -> str:
+    """Cost over SciPy's CG's: a row per problem, a column per solver."""
+    solvers = list(dict.fromkeys(r["solver"] for r in cost_ratios))
+    problems_ = list(dict.fromkeys(r["problem"] for r in cost_ratios))
+    cell = {(r["problem"], r["solver"]): r for r in cost_ratios}
+    table = []
+    for problem in problems_:
+        row = [problem]
+        for solver in solvers:
+            r = cell.get((problem, solver))
+            row.append(
+                ""
+                if r is None
+                else f"{r['cost_ratio']:.2f}" + ("" if r["success"] else " (failed)")
+            )
+        table.append(row)
+    return timing.markdown_table(["cost / scipy CG", *solvers], table)
 
 
 def format_rows(rows: list[dict]) -> str:
