@@ -290,12 +290,7 @@ def slope_linesearch(
         # same first trial this one would repeat it evaluation for evaluation
         # (a full-batch loss at a point where no lower value can be found):
         # fail at once.
-        repeat = (
-            state.info.failed
-            & (state.learning_rate == 0)
-            & (state.value == phi0)
-            & (state.info.slope == slope)
-        )
+        repeat = state.info.failed & (state.value == phi0) & (state.info.slope == slope)
         zero = jnp.zeros((), dtype)
         init_search = _Search(
             trial=first.astype(dtype),

@@ -68,20 +68,12 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "cg slope rtol 0.1, store_grad, Powell": lambda: cg(
         tpo.slope_linesearch(store_grad=True), powell=True
     ),
-    FORMER_DEFAULT: lambda: tpo.conjugate_gradient(
-        beta="polak_ribiere_plus", linesearch=tpo.slope_linesearch(store_grad=True)
+    FORMER_DEFAULT: lambda: cg(tpo.slope_linesearch(store_grad=True)),
+    "cg Polak-Ribiere+, slope rtol 0.3, store_grad": lambda: cg(
+        tpo.slope_linesearch(rtol=0.3, store_grad=True)
     ),
-    "cg Polak-Ribiere+, slope rtol 0.3, store_grad": lambda: tpo.conjugate_gradient(
-        beta="polak_ribiere_plus",
-        linesearch=tpo.slope_linesearch(rtol=0.3, store_grad=True),
-    ),
-    "cg Polak-Ribiere+, slope rtol 0.5, store_grad, 8 evaluations": lambda: (
-        tpo.conjugate_gradient(
-            beta="polak_ribiere_plus",
-            linesearch=tpo.slope_linesearch(
-                rtol=0.5, max_evaluations=8, store_grad=True
-            ),
-        )
+    "cg Polak-Ribiere+, slope rtol 0.5, store_grad, 8 evaluations": lambda: cg(
+        tpo.slope_linesearch(rtol=0.5, max_evaluations=8, store_grad=True)
     ),
     "cg Hager-Zhang, slope rtol 0.1, store_grad": lambda: tpo.conjugate_gradient(
         linesearch=tpo.slope_linesearch(store_grad=True)

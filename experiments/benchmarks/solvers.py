@@ -393,11 +393,7 @@ def versus_scipy(rows: list[dict]) -> list[dict]:
                 "problem": "geometric mean",
                 "solver": solver,
                 "cost_ratio": float(np.exp(np.mean(values))),
-                "success": all(
-                    r["success"]
-                    for r in out
-                    if r["solver"] == solver and "success" in r
-                ),
+                "success": all(r["success"] for r in out if r["solver"] == solver),
             }
         )
     return out
