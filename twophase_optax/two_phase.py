@@ -13,10 +13,12 @@ import optax
 from twophase_optax import _protocol
 from twophase_optax import fitted as fitted_lib
 from twophase_optax import loss_plateau
+from twophase_optax import packed_scalars
 from twophase_optax import swap_detection
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
 from twophase_optax.fitted import FittedState
+from twophase_optax.packed_scalars import PackedScalars
 
 FALLBACKS = (None, "first")
 SWAP_RULES = (
@@ -194,8 +196,34 @@ def _combine(first_state: Any, second_state: Any, params: Any) -> dict[str, Any]
     return dict(first_state=first_state, second_state=second_state)
 
 
-class TwoPhaseState(NamedTuple):
+_PACKED_FIELDS = (
+    "count",
+    "in_second_phase",
+    "swap_step",
+    "num_skipped",
+    "num_failures",
+    "num_fallbacks",
+    "detection",
+    "plateau",
+    "fitted",
+)
+
+
+class _TwoPhaseStateLayout(NamedTuple):
+    scalars: PackedScalars
+    first_state: optax.OptState
+    second_state: optax.OptState
+
+
+class TwoPhaseState(_TwoPhaseStateLayout):
     """State of :func:`two_phase`.
+
+    Build one with :meth:`TwoPhaseState.create`; ``state._replace(count=...)``
+    takes the same names. The phase flag, the counters, the detector's, the
+    plateau's and the fit's scalars are stored in ``scalars``, one array per dtype (a
+    :class:`twophase_optax.packed_scalars.PackedScalars`): a jitted step then
+    passes three small arrays for them instead of 26 scalars, each of which
+    costs the call a few microseconds. The attributes below read them back.
 
     Attributes:
       count: the number of updates made so far; the next update is step
@@ -232,17 +260,48 @@ class TwoPhaseState(NamedTuple):
         from ``second.init(params)`` (for CG a steepest-descent step).
     """
 
-    count: jax.Array
-    in_second_phase: jax.Array
-    swap_step: jax.Array
-    num_skipped: jax.Array
-    num_failures: jax.Array
-    num_fallbacks: jax.Array
-    detection: swap_detection.GradientNormPeakState
-    plateau: loss_plateau.LossPlateauState
-    fitted: FittedState
-    first_state: optax.OptState
-    second_state: optax.OptState
+    __slots__ = ()
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        count: jax.Array,
+        in_second_phase: jax.Array,
+        swap_step: jax.Array,
+        num_skipped: jax.Array,
+        num_failures: jax.Array,
+        num_fallbacks: jax.Array,
+        detection: swap_detection.GradientNormPeakState,
+        plateau: loss_plateau.LossPlateauState,
+        fitted: FittedState,
+        first_state: optax.OptState,
+        second_state: optax.OptState,
+    ) -> TwoPhaseState:
+        """The state with these fields, the scalars packed."""
+        scalars = packed_scalars.pack(
+            dict(
+                count=count,
+                in_second_phase=in_second_phase,
+                swap_step=swap_step,
+                num_skipped=num_skipped,
+                num_failures=num_failures,
+                num_fallbacks=num_fallbacks,
+                detection=detection,
+                plateau=plateau,
+                fitted=fitted,
+            )
+        )
+        return cls(scalars, first_state, second_state)
+
+    def _replace(self, **changes: Any) -> TwoPhaseState:
+        """The state with the named fields (packed ones included) changed."""
+        fields = {name: getattr(self, name) for name in _PACKED_FIELDS}
+        fields.update(first_state=self.first_state, second_state=self.second_state)
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"TwoPhaseState has no fields {sorted(unknown)}.")
+        return TwoPhaseState.create(**{**fields, **changes})
 
     def first_phase_state(self) -> optax.OptState:
         """The state of ``first`` with its shared leaves put back.
@@ -251,6 +310,14 @@ class TwoPhaseState(NamedTuple):
         own; after it, the shared leaves hold the second phase's values.
         """
         return _unshare(self.first_state, self.second_state)
+
+
+def _packed_field(name: str) -> property:
+    return property(lambda self: self.scalars.get(name))
+
+
+for _name in _PACKED_FIELDS:
+    setattr(TwoPhaseState, _name, _packed_field(_name))
 
 
 def two_phase(
@@ -439,7 +506,7 @@ def two_phase(
         # optax.lbfgs's scalars are) would come back strong from the first
         # update and make the second call compile again.
         return _strongly_typed(
-            TwoPhaseState(
+            TwoPhaseState.create(
                 count=jnp.asarray(0, jnp.int32),
                 in_second_phase=jnp.asarray(swap_at == 0),
                 swap_step=jnp.asarray(0 if swap_at == 0 else -1, jnp.int32),
@@ -622,7 +689,7 @@ def two_phase(
             swap_now = jnp.where(num_fallbacks > 0, ruled, state.count + 1 == swap_at)
         swap_now &= finite & ~in_second_phase
         swap_step = jnp.where(fall_back_now, -1, state.swap_step)
-        new_state = TwoPhaseState(
+        new_state = TwoPhaseState.create(
             count=state.count + finite.astype(jnp.int32),
             in_second_phase=in_second_phase | swap_now,
             swap_step=jnp.where(swap_now, state.count + 1, swap_step),

@@ -1,0 +1,144 @@
+"""Many scalar leaves stored as one 1-D array per dtype.
+
+A jitted call pays a few microseconds for every array it takes in and gives
+back, whatever its size: on a CPU about 4.5 microseconds a leaf, so that a
+state of forty scalars costs more per call than an Adam update of a million
+parameters spends on the scalars' arithmetic. :class:`PackedScalars` keeps a
+set of named fields (scalars, and trees of them) in one array per dtype, and
+gives each field back on demand, as slices of those arrays: inside ``jit``
+the slices cost nothing, and the call passes two or three arrays instead of
+dozens. Leaves that are not scalars (a gradient sum, say) are kept as they
+are.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from twophase_optax import packed_scalars
+  >>> count = jnp.asarray(3, jnp.int32)
+  >>> best = (jnp.asarray(0.5), jnp.asarray(2.0))
+  >>> packed = packed_scalars.pack({"count": count, "best": best})
+  >>> best = packed.get("best")
+  >>> len(packed.arrays), int(packed.get("count")), float(best[1])
+  (2, 3, 2.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class _Slot:
+    """Where a packed scalar was: a pytree node without leaves, so that the
+    rest of its field (params-shaped trees, ``optax.tree_map_params``'s
+    placeholders) keeps its structure around it."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: int, index: int):
+        self.group, self.index = group, index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Slot) and (self.group, self.index) == (
+            other.group,
+            other.index,
+        )
+
+    def __hash__(self) -> int:
+        return hash((_Slot, self.group, self.index))
+
+    def __repr__(self) -> str:
+        return f"_Slot({self.group}, {self.index})"
+
+
+jax.tree_util.register_pytree_node(
+    _Slot, lambda s: ((), (s.group, s.index)), lambda aux, _: _Slot(*aux)
+)
+
+
+def _is_slot(node: Any) -> bool:
+    return isinstance(node, _Slot)
+
+
+class PackedScalars:
+    """Named fields whose scalar leaves live in one array per dtype.
+
+    Build one with :func:`pack`; read a field with :meth:`get`. As a pytree
+    its children are ``arrays`` (one 1-D array per dtype of the scalars, in the
+    order of their first appearance) and ``rest``, each field with its scalars
+    taken out: what else it holds keeps its place there.
+    """
+
+    __slots__ = ("arrays", "rest", "names")
+
+    def __init__(self, arrays: tuple, rest: tuple, names: tuple[str, ...]):
+        self.arrays = arrays
+        self.rest = rest
+        self.names = names
+
+    def get(self, name: str) -> Any:
+        """The field ``name`` as it was packed: its scalars sliced out again."""
+        return jax.tree.map(
+            lambda x: self.arrays[x.group][x.index] if _is_slot(x) else x,
+            self.rest[self.names.index(name)],
+            is_leaf=_is_slot,
+        )
+
+    def unpack(self) -> dict[str, Any]:
+        """All fields, by name."""
+        return {name: self.get(name) for name in self.names}
+
+    def __eq__(self, other: object) -> bool:
+        # As a NamedTuple of the same leaves would compare.
+        if not isinstance(other, PackedScalars):
+            return NotImplemented
+        return (self.names, self.arrays, self.rest) == (
+            other.names,
+            other.arrays,
+            other.rest,
+        )
+
+    __hash__ = None  # mutable leaves, as a tuple of arrays
+
+    def __repr__(self) -> str:
+        return f"PackedScalars({', '.join(self.names)})"
+
+
+def _flatten(packed: PackedScalars):
+    return (packed.arrays, packed.rest), packed.names
+
+
+def _unflatten(names: tuple[str, ...], children) -> PackedScalars:
+    arrays, rest = children
+    return PackedScalars(arrays, rest, names)
+
+
+jax.tree_util.register_pytree_node(PackedScalars, _flatten, _unflatten)
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
+
+
+def pack(fields: Mapping[str, Any]) -> PackedScalars:
+    """``fields`` (a name per field, each a scalar or a pytree) packed.
+
+    Scalars of one dtype go into one array, in order; any other leaf stays
+    where it is in its field. Works on concrete arrays and inside ``jit``.
+    """
+    groups: dict[Any, list] = {}  # dtype -> its scalars, in order
+
+    def take_out(x):
+        if not _is_scalar(x):
+            return x
+        dtype = jnp.result_type(x)
+        group = groups.setdefault(dtype, [])
+        group.append(jnp.asarray(x, dtype))
+        return _Slot(list(groups).index(dtype), len(group) - 1)
+
+    rest = tuple(jax.tree.map(take_out, fields[name]) for name in fields)
+    arrays = tuple(jnp.stack(scalars) for scalars in groups.values())
+    return PackedScalars(arrays, rest, tuple(fields))
