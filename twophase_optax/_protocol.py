@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from twophase_optax.packed_scalars import PackedScalars
+
 
 def require_value_and_value_fn(
     name: str, value: Any, value_fn: Callable[..., Any] | None
@@ -125,8 +127,17 @@ def find_node(tree: Any, predicate: Callable[[Any], bool]) -> Any | None:
 
     Finds a transformation's state inside a chain or wrapper around it.
     """
-    nodes = jax.tree.leaves(tree, is_leaf=predicate)
-    return next((node for node in nodes if predicate(node)), None)
+    # Packed scalars (two_phase's state) are read back before the search.
+    packed = lambda node: isinstance(node, PackedScalars)  # noqa: E731
+    nodes = jax.tree.leaves(tree, is_leaf=lambda node: predicate(node) or packed(node))
+    for node in nodes:
+        if predicate(node):
+            return node
+        if packed(node):
+            found = find_node(node.unpack(), predicate)
+            if found is not None:
+                return found
+    return None
 
 
 def is_linesearch_state(node: Any) -> bool:

@@ -123,22 +123,30 @@ def _is_scalar(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
 
 
-def pack(fields: Mapping[str, Any]) -> PackedScalars:
+def pack(fields: Mapping[str, Any], keep: tuple[str, ...] = ()) -> PackedScalars:
     """``fields`` (a name per field, each a scalar or a pytree) packed.
 
     Scalars of one dtype go into one array, in order; any other leaf stays
-    where it is in its field. Works on concrete arrays and inside ``jit``.
+    where it is in its field, and so does a scalar that is a field named in
+    ``keep`` of a NamedTuple or a dict inside a field (``optax.tree.get``
+    finds it there by name). Works on concrete arrays and inside ``jit``.
     """
     groups: dict[Any, list] = {}  # dtype -> its scalars, in order
 
-    def take_out(x):
-        if not _is_scalar(x):
+    def take_out(path, x):
+        if not _is_scalar(x) or (path and _key_name(path[-1]) in keep):
             return x
         dtype = jnp.result_type(x)
         group = groups.setdefault(dtype, [])
         group.append(jnp.asarray(x, dtype))
         return _Slot(list(groups).index(dtype), len(group) - 1)
 
-    rest = tuple(jax.tree.map(take_out, fields[name]) for name in fields)
+    rest = tuple(
+        jax.tree_util.tree_map_with_path(take_out, fields[name]) for name in fields
+    )
     arrays = tuple(jnp.stack(scalars) for scalars in groups.values())
     return PackedScalars(arrays, rest, tuple(fields))
+
+
+def _key_name(key: Any) -> Any:
+    return getattr(key, "name", getattr(key, "key", None))

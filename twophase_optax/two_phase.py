@@ -196,7 +196,7 @@ def _combine(first_state: Any, second_state: Any, params: Any) -> dict[str, Any]
     return dict(first_state=first_state, second_state=second_state)
 
 
-_PACKED_FIELDS = (
+_FIELDS = (
     "count",
     "in_second_phase",
     "swap_step",
@@ -206,24 +206,34 @@ _PACKED_FIELDS = (
     "detection",
     "plateau",
     "fitted",
+    "second_state",
 )
+# optax.value_and_grad_from_state looks the stored value up by this name.
+_UNPACKED_NAMES = ("value",)
 
 
 class _TwoPhaseStateLayout(NamedTuple):
-    scalars: PackedScalars
+    fields: PackedScalars
     first_state: optax.OptState
-    second_state: optax.OptState
 
 
 class TwoPhaseState(_TwoPhaseStateLayout):
     """State of :func:`two_phase`.
 
     Build one with :meth:`TwoPhaseState.create`; ``state._replace(count=...)``
-    takes the same names. The phase flag, the counters, the detector's, the
-    plateau's and the fit's scalars are stored in ``scalars``, one array per dtype (a
-    :class:`twophase_optax.packed_scalars.PackedScalars`): a jitted step then
-    passes three small arrays for them instead of 26 scalars, each of which
-    costs the call a few microseconds. The attributes below read them back.
+    takes the same names. Every scalar of the state except ``first_state``'s
+    is stored in ``fields``, one array per dtype (a
+    :class:`twophase_optax.packed_scalars.PackedScalars`), but for a line
+    search's stored ``value``, which ``optax.value_and_grad_from_state`` looks
+    up by name. A jitted step then passes four small arrays for some forty
+    scalars, each of which would cost the call a few microseconds; the
+    params-sized trees keep their places. The attributes below read the
+    fields back, as new trees: change ``second_state`` with ``_replace``, not
+    in place. ``first_state`` is stored as it is, so that
+    ``state.first_state.hyperparams["learning_rate"] = ...`` works as with
+    ``optax.inject_hyperparams`` alone. To find the line search's state, use
+    :func:`twophase_optax.find_linesearch_state`, which reads through the
+    packing.
 
     Attributes:
       count: the number of updates made so far; the next update is step
@@ -279,7 +289,7 @@ class TwoPhaseState(_TwoPhaseStateLayout):
         second_state: optax.OptState,
     ) -> TwoPhaseState:
         """The state with these fields, the scalars packed."""
-        scalars = packed_scalars.pack(
+        fields = packed_scalars.pack(
             dict(
                 count=count,
                 in_second_phase=in_second_phase,
@@ -290,14 +300,15 @@ class TwoPhaseState(_TwoPhaseStateLayout):
                 detection=detection,
                 plateau=plateau,
                 fitted=fitted,
-            )
+                second_state=second_state,
+            ),
+            keep=_UNPACKED_NAMES,
         )
-        return cls(scalars, first_state, second_state)
+        return cls(fields, first_state)
 
     def _replace(self, **changes: Any) -> TwoPhaseState:
         """The state with the named fields (packed ones included) changed."""
-        fields = {name: getattr(self, name) for name in _PACKED_FIELDS}
-        fields.update(first_state=self.first_state, second_state=self.second_state)
+        fields = {**self.fields.unpack(), "first_state": self.first_state}
         unknown = set(changes) - set(fields)
         if unknown:
             raise ValueError(f"TwoPhaseState has no fields {sorted(unknown)}.")
@@ -313,10 +324,10 @@ class TwoPhaseState(_TwoPhaseStateLayout):
 
 
 def _packed_field(name: str) -> property:
-    return property(lambda self: self.scalars.get(name))
+    return property(lambda self: self.fields.get(name))
 
 
-for _name in _PACKED_FIELDS:
+for _name in _FIELDS:
     setattr(TwoPhaseState, _name, _packed_field(_name))
 
 
