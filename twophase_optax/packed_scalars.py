@@ -31,36 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class _Slot:
-    """Where a packed scalar was: a pytree node without leaves, so that the
-    rest of its field (params-shaped trees, ``optax.tree_map_params``'s
-    placeholders) keeps its structure around it."""
-
-    __slots__ = ("group", "index")
-
-    def __init__(self, group: int, index: int):
-        self.group, self.index = group, index
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Slot) and (self.group, self.index) == (
-            other.group,
-            other.index,
-        )
-
-    def __hash__(self) -> int:
-        return hash((_Slot, self.group, self.index))
-
-    def __repr__(self) -> str:
-        return f"_Slot({self.group}, {self.index})"
-
-
-jax.tree_util.register_pytree_node(
-    _Slot, lambda s: ((), (s.group, s.index)), lambda aux, _: _Slot(*aux)
-)
-
-
-def _is_slot(node: Any) -> bool:
-    return isinstance(node, _Slot)
+def _is_none(node: Any) -> bool:
+    return node is None
 
 
 class PackedScalars:
@@ -69,22 +41,32 @@ class PackedScalars:
     Build one with :func:`pack`; read a field with :meth:`get`. As a pytree
     its children are ``arrays`` (one 1-D array per dtype of the scalars, in the
     order of their first appearance) and ``rest``, each field with its scalars
-    taken out: what else it holds keeps its place there.
+    taken out (``None`` in their places): what else it holds keeps its place
+    there. Where each scalar went is static: ``slots`` gives, per field, each
+    scalar's key path in its field, its array and its index.
     """
 
-    __slots__ = ("arrays", "rest", "names")
+    __slots__ = ("arrays", "rest", "names", "slots")
 
-    def __init__(self, arrays: tuple, rest: tuple, names: tuple[str, ...]):
+    def __init__(self, arrays: tuple, rest: tuple, names: tuple, slots: tuple):
         self.arrays = arrays
         self.rest = rest
         self.names = names
+        self.slots = slots
 
     def get(self, name: str) -> Any:
         """The field ``name`` as it was packed: its scalars sliced out again."""
-        return jax.tree.map(
-            lambda x: self.arrays[x.group][x.index] if _is_slot(x) else x,
-            self.rest[self.names.index(name)],
-            is_leaf=_is_slot,
+        field = self.names.index(name)
+        places = {path: (group, index) for path, group, index in self.slots[field]}
+
+        def fill(path, x):
+            if path not in places:
+                return x
+            group, index = places[path]
+            return self.arrays[group][index]
+
+        return jax.tree_util.tree_map_with_path(
+            fill, self.rest[field], is_leaf=_is_none
         )
 
     def unpack(self) -> dict[str, Any]:
@@ -95,8 +77,9 @@ class PackedScalars:
         # As a NamedTuple of the same leaves would compare.
         if not isinstance(other, PackedScalars):
             return NotImplemented
-        return (self.names, self.arrays, self.rest) == (
+        return (self.names, self.slots, self.arrays, self.rest) == (
             other.names,
+            other.slots,
             other.arrays,
             other.rest,
         )
@@ -108,12 +91,14 @@ class PackedScalars:
 
 
 def _flatten(packed: PackedScalars):
-    return (packed.arrays, packed.rest), packed.names
+    # The scalars' places are None in ``rest``, which JAX flattens without
+    # calling back into Python: a jitted call's arguments flatten fast.
+    return (packed.arrays, packed.rest), (packed.names, packed.slots)
 
 
-def _unflatten(names: tuple[str, ...], children) -> PackedScalars:
+def _unflatten(aux: tuple, children) -> PackedScalars:
     arrays, rest = children
-    return PackedScalars(arrays, rest, names)
+    return PackedScalars(arrays, rest, *aux)
 
 
 jax.tree_util.register_pytree_node(PackedScalars, _flatten, _unflatten)
@@ -132,20 +117,23 @@ def pack(fields: Mapping[str, Any], keep: tuple[str, ...] = ()) -> PackedScalars
     finds it there by name). Works on concrete arrays and inside ``jit``.
     """
     groups: dict[Any, list] = {}  # dtype -> its scalars, in order
+    rest, slots = [], []
+    for name in fields:
+        places = []
 
-    def take_out(path, x):
-        if not _is_scalar(x) or (path and _key_name(path[-1]) in keep):
-            return x
-        dtype = jnp.result_type(x)
-        group = groups.setdefault(dtype, [])
-        group.append(jnp.asarray(x, dtype))
-        return _Slot(list(groups).index(dtype), len(group) - 1)
+        def take_out(path, x, places=places):
+            if not _is_scalar(x) or (path and _key_name(path[-1]) in keep):
+                return x
+            dtype = jnp.result_type(x)
+            group = groups.setdefault(dtype, [])
+            group.append(jnp.asarray(x, dtype))
+            places.append((path, list(groups).index(dtype), len(group) - 1))
+            return None
 
-    rest = tuple(
-        jax.tree_util.tree_map_with_path(take_out, fields[name]) for name in fields
-    )
+        rest.append(jax.tree_util.tree_map_with_path(take_out, fields[name]))
+        slots.append(tuple(places))
     arrays = tuple(jnp.stack(scalars) for scalars in groups.values())
-    return PackedScalars(arrays, rest, tuple(fields))
+    return PackedScalars(arrays, tuple(rest), tuple(fields), tuple(slots))
 
 
 def _key_name(key: Any) -> Any:
