@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -542,6 +543,11 @@ def two_phase(
         **extra_args: Any,
     ) -> tuple[optax.Updates, TwoPhaseState]:
         _protocol.require_value_and_value_fn("two_phase", value, value_fn)
+        # Read the packed fields back once; every use below reads these.
+        packed_state = state
+        state = types.SimpleNamespace(
+            **packed_state.fields.unpack(), first_state=packed_state.first_state
+        )
         # The fit rules' count is two_phase's own: value_fn never sees it.
         num_errors = extra_args.pop("num_errors", None)
         if swap_rule == "fit" and num_errors is None:
@@ -713,7 +719,7 @@ def two_phase(
             first_state=first_state,
             second_state=second_state,
         )
-        return new_updates, optax.tree.cast_like(new_state, state)
+        return new_updates, optax.tree.cast_like(new_state, packed_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
