@@ -38,9 +38,30 @@ def test_overhead_quick_mode_writes_well_formed_results(tmp_path, capsys):
     table = capsys.readouterr().out
     assert (
         "| case | optimizer | median ms | ratio to optax.adam | compile s "
-        "| params-sized copies: first phase / all |" in table
+        "| params-sized copies: first phase / all | minor page faults / call |" in table
     )
+    assert all(t["minor_faults_per_call"] >= 0 for t in result["timings"])
     assert table.count("\n| update only") == 8
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "fork"), reason="page faults are counted on Unix"
+)
+def test_page_faults_are_counted_per_call_for_memory_touched_afresh():
+    from experiments.benchmarks import timing
+
+    # 64 MiB is above glibc's largest mmap threshold: every call maps fresh
+    # memory and writes all of it, at least 32 faults even where the kernel
+    # maps 2 MiB huge pages (16,384 with 4 KiB pages); the other candidate
+    # touches none.
+    candidates = {
+        "fresh": (lambda: np.ones(8 * 2**20), ()),
+        "none": (lambda: 0.0, ()),
+    }
+    medians, faults = timing.interleaved_medians_and_faults(candidates, 3, 2)
+    assert set(medians) == set(faults) == {"fresh", "none"}
+    assert faults["fresh"] >= 32
+    assert faults["none"] < 5
 
 
 def test_cg_phase_quick_mode_counts_every_forward_pass(tmp_path, capsys):

@@ -175,6 +175,13 @@ def test_cg_with_it_matches_scipy_on_rosenbrock():
         ({"initial_step": 0.0}, "initial_step"),
         ({"rtol": 1.0}, "rtol"),
         ({"max_evaluations": 0}, "max_evaluations"),
+        ({"first_trial_grad": True}, "store_grad=True"),
+        ({"store_grad": True, "first_rtol": 0.8}, "first_trial_grad=True"),
+        (
+            {"store_grad": True, "first_trial_grad": True, "first_rtol": 1.5},
+            "first_rtol",
+        ),
+        ({"store_grad": True, "first_trial_grad": 1}, "first_trial_grad"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, match):
@@ -289,3 +296,62 @@ def test_cg_reusing_the_gradient_solves_a_quadratic_in_n_steps(dtype):
         np.testing.assert_allclose(w, 1.0 / jnp.diag(a), rtol=1e-3)
         # Only the first step computed the gradient; the others reused it.
         assert computed == [True, False, False]
+
+
+# -- first_trial_grad: the gradient at the first trial too ---------------------
+def test_first_trial_grad_accepts_a_first_trial_within_first_rtol_in_one_evaluation():
+    # phi(a) = 2 a^2 - 10 a + 13: phi'(0) = -10, phi'(1) = -6, minimum at 2.5.
+    f = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * (w - jnp.array([3.0, -1.0])) ** 2)  # noqa: E731
+    w, d = jnp.zeros(2), jnp.array([1.0, -0.5])
+    ls = tpo.slope_linesearch(store_grad=True, first_trial_grad=True, first_rtol=0.8)
+    step, state = search(f, w, d, ls)
+    # |phi'(1)| = 6 <= 0.8 * 10: the first trial is accepted as it is.
+    assert float(state.learning_rate) == 1.0
+    assert int(state.info.num_evaluations) == 1
+    assert int(state.info.num_gradients) == 1
+    value, grad = jax.value_and_grad(f)(optax.apply_updates(w, step))
+    np.testing.assert_allclose(state.grad, grad, rtol=1e-6)
+    assert float(state.value) == pytest.approx(float(value), rel=1e-6)
+
+
+def test_first_trial_grad_moves_on_from_a_first_trial_outside_rtol():
+    f = lambda w: jnp.sum(jnp.array([1.0, 4.0]) * (w - jnp.array([3.0, -1.0])) ** 2)  # noqa: E731
+    w, d = jnp.zeros(2), jnp.array([1.0, -0.5])
+    # first_rtol defaults to rtol = 0.1: |phi'(1)| = 6 > 1. The secant of the
+    # slopes at 0 and 1 is zero at 1 + 6 / 4 = 2.5, the exact minimum.
+    ls = tpo.slope_linesearch(store_grad=True, first_trial_grad=True)
+    _, state = search(f, w, d, ls)
+    assert float(state.learning_rate) == pytest.approx(2.5, rel=1e-6)
+    assert int(state.info.num_evaluations) == 2
+    assert int(state.info.num_gradients) == 2
+    # The gradient there, (-1, -2), is orthogonal to d: a line minimum.
+    np.testing.assert_allclose(state.grad, jnp.array([-1.0, -2.0]), rtol=1e-5)
+    assert abs(float(jnp.vdot(state.grad, d))) <= 1e-5
+
+
+def test_cg_with_a_first_trial_gradient_matches_scipy_on_rosenbrock():
+    with jax.enable_x64(True):
+        f = lambda w: jnp.sum(100.0 * (w[1:] - w[:-1] ** 2) ** 2 + (1 - w[:-1]) ** 2)  # noqa: E731
+        opt = tpo.conjugate_gradient(
+            linesearch=tpo.slope_linesearch(
+                store_grad=True, first_trial_grad=True, first_rtol=0.8
+            )
+        )
+        value_and_grad = optax.value_and_grad_from_state(f)
+        w = jnp.array([-1.2, 1.0])
+        state = opt.init(w)
+
+        @jax.jit
+        def step(w, state):
+            value, grad = value_and_grad(w, state=state)
+            updates, state = opt.update(
+                grad, state, w, value=value, grad=grad, value_fn=f
+            )
+            return optax.apply_updates(w, updates), state
+
+        for _ in range(400):
+            w, state = step(w, state)
+        reference = scipy.optimize.minimize(
+            lambda x: float(f(jnp.asarray(x))), [-1.2, 1.0]
+        )
+        np.testing.assert_allclose(w, reference.x, atol=1e-3)

@@ -168,6 +168,8 @@ def slope_linesearch(
     rtol: float = 0.1,
     max_evaluations: int = 20,
     store_grad: bool = False,
+    first_trial_grad: bool = False,
+    first_rtol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""An interpolating line search from :math:`\phi(0)`, :math:`\phi'(0)` and trials.
 
@@ -186,6 +188,19 @@ def slope_linesearch(
         typical search is then one value and one value-and-gradient, about 4
         forward-pass equivalents in all, where a value-only search of two
         trials plus the next step's gradient costs 5.
+      first_trial_grad: with ``store_grad``, evaluate the gradient at the
+        first trial too, so that a search whose first trial is accepted costs
+        one value and gradient (3 forward-pass equivalents) and one that is
+        not costs at least two (6). Cheaper than the value-first search only
+        where the first trial is accepted more than 2/3 of the time, and the
+        first trial is a guess, not a line minimum: on the CG-phase benchmark
+        (BENCHMARKS.md section 3) it lowers the cost per step but converges
+        far more slowly per forward pass, so it is not the default.
+      first_rtol: with ``first_trial_grad``, the slope tolerance for
+        accepting the first trial, :math:`|\phi'(a)| \le
+        \text{first\_rtol}\,|\phi'(0)|` (Hager & Zhang's approximate Wolfe
+        conditions are about 0.8 to 0.9); ``rtol`` when ``None``. Later trials
+        use ``rtol``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` called as
@@ -223,6 +238,23 @@ def slope_linesearch(
         )
     if not isinstance(store_grad, bool):
         raise ValueError(f"store_grad must be a bool, got {store_grad!r}.")
+    if not isinstance(first_trial_grad, bool):
+        raise ValueError(f"first_trial_grad must be a bool, got {first_trial_grad!r}.")
+    if first_trial_grad and not store_grad:
+        raise ValueError(
+            "first_trial_grad=True needs store_grad=True: the first trial's "
+            "gradient is kept for the next step only with store_grad."
+        )
+    if first_rtol is not None and not first_trial_grad:
+        raise ValueError(
+            "first_rtol applies only with first_trial_grad=True, got "
+            f"first_rtol={first_rtol!r} without it."
+        )
+    if first_rtol is not None and not (
+        isinstance(first_rtol, (int, float)) and 0 < first_rtol < 1
+    ):
+        raise ValueError(f"first_rtol must lie in (0, 1), got {first_rtol!r}.")
+    rtol_first = rtol if first_rtol is None else first_rtol
 
     def init_fn(params: optax.Params) -> SlopeLinesearchState:
         dtype = _protocol.scalar_dtype(params)
@@ -321,8 +353,11 @@ def slope_linesearch(
 
         def body_fn(s):
             a = s.trial
-            # With store_grad every trial after the first computes the gradient.
-            with_grad = jnp.asarray(store_grad) & (s.num_evaluations > 0)
+            # With store_grad every trial after the first computes the gradient
+            # (and the first too with first_trial_grad).
+            with_grad = jnp.asarray(store_grad) & (
+                (s.num_evaluations > 0) | first_trial_grad
+            )
             f, g = evaluate(a, with_grad)
             better = f < s.f_best
             curvature = (f - phi0 - slope * a) / (a * a)
@@ -372,10 +407,11 @@ def slope_linesearch(
                 # value is not above phi(0) beyond rounding (Hager & Zhang's
                 # approximate Wolfe conditions): near a minimum the decrease
                 # can be too small for the values to show, the slope is not.
+                tolerance = jnp.where(s.num_evaluations == 0, rtol_first, rtol)
                 settled = (
                     with_grad
                     & jnp.isfinite(f)
-                    & (jnp.abs(slope_a) <= rtol * jnp.abs(slope))
+                    & (jnp.abs(slope_a) <= tolerance * jnp.abs(slope))
                     & (f <= phi0 + _VALUE_EPSILON * jnp.abs(phi0))
                 )
                 take = better | settled

@@ -46,6 +46,9 @@ from experiments.benchmarks import timing
 BUDGETS = (450, 900)
 DEFAULT = "cg default: Hager-Zhang, slope rtol 0.5, store_grad, 8 evaluations"
 FORMER_DEFAULT = "cg Polak-Ribiere+, slope rtol 0.1, store_grad (the former default)"
+FIRST_TRIAL_GRAD = (
+    "cg Hager-Zhang, slope rtol 0.5, gradient at the first trial, first rtol 0.8"
+)
 MIN_STEPS = 100
 
 
@@ -79,6 +82,15 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
         linesearch=tpo.slope_linesearch(store_grad=True)
     ),
     DEFAULT: lambda: tpo.conjugate_gradient(),
+    FIRST_TRIAL_GRAD: lambda: tpo.conjugate_gradient(
+        linesearch=tpo.slope_linesearch(
+            rtol=0.5,
+            max_evaluations=8,
+            store_grad=True,
+            first_trial_grad=True,
+            first_rtol=0.8,
+        )
+    ),
     "cg zoom curv_rtol 0.1": lambda: cg(
         optax.scale_by_zoom_linesearch(30, curv_rtol=0.1)
     ),

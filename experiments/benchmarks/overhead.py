@@ -8,7 +8,9 @@ Table 1: seconds per call of the jitted update alone (float32 params of 1e4,
 statistic (a reading every 10 steps) and with the default ``window=1`` (where
 both statistics are the step's gradient norm), before the swap. Medians of
 interleaved repeats after a warm-up; compile time is reported separately, and
-so are the params-sized ``copy`` instructions of the optimised HLO.
+so are the params-sized ``copy`` instructions of the optimised HLO and the
+minor page faults per call (memory the host allocator handed back and the
+next call touches again).
 Table 2: optimizer-state bytes as a multiple of the parameters' bytes.
 """
 
@@ -120,7 +122,9 @@ def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
             executable, compiles[name] = timing.compiled(update, *args)
             copies[name] = params_sized_copies(executable.as_text(), params)
             candidates[name] = (jax.jit(update), args)
-        medians = timing.interleaved_medians(candidates, repeats, inner)
+        medians, faults = timing.interleaved_medians_and_faults(
+            candidates, repeats, inner
+        )
         for name in candidates:
             rows.append(
                 {
@@ -130,6 +134,7 @@ def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
                     "ratio": medians[name] / medians["optax.adam"],
                     "compile_seconds": compiles[name],
                     "copies": copies[name],
+                    "minor_faults_per_call": faults[name],
                 }
             )
     return rows
@@ -160,7 +165,7 @@ def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
         executable, compiles[name] = timing.compiled(step, *args)
         copies[name] = params_sized_copies(executable.as_text(), params)
         candidates[name] = (jax.jit(step), args)
-    medians = timing.interleaved_medians(candidates, repeats, inner)
+    medians, faults = timing.interleaved_medians_and_faults(candidates, repeats, inner)
     return [
         {
             "case": f"train step, {model_name} on digits, batch 512",
@@ -169,6 +174,7 @@ def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
             "ratio": medians[name] / medians["optax.adam"],
             "compile_seconds": compiles[name],
             "copies": copies[name],
+            "minor_faults_per_call": faults[name],
         }
         for name in candidates
     ]
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ratio to optax.adam",
                 "compile s",
                 "params-sized copies: first phase / all",
+                "minor page faults / call",
             ],
             [
                 [
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{t['ratio']:.3f}",
                     f"{t['compile_seconds']:.2f}",
                     f"{t['copies']['first_phase']} / {t['copies']['total']}",
+                    f"{t['minor_faults_per_call']:.1f}",
                 ]
                 for t in timings
             ],
