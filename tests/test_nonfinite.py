@@ -143,3 +143,52 @@ def test_skipped_step_does_not_retrace():
         params, state, _ = step(params, state, *batches[0], factor, 1.0)
     assert int(state.num_skipped) == 2 and int(state.count) == 4
     assert np.isfinite(np.asarray(params["w"])).all()
+
+
+# -- all_finite: one float reduction per leaf ---------------------------------
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_all_finite_finds_one_non_finite_element_anywhere(dtype, bad):
+    from twophase_optax import _protocol
+
+    finite = jnp.linspace(-3.0, 3.0, 1001).astype(dtype)
+    tree = {"a": finite, "b": jnp.arange(5), "c": None}
+    check = jax.jit(_protocol.all_finite)
+    assert bool(check(tree))
+    for where in (0, 500, 1000):
+        assert not bool(check({**tree, "a": finite.at[where].set(bad)}))
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        # A non-finite imaginary part alone.
+        assert not bool(check({**tree, "a": finite.at[7].set(1.0 + 1j * bad)}))
+
+
+def test_all_finite_keeps_the_largest_finite_numbers_and_empty_leaves():
+    from twophase_optax import _protocol
+
+    largest = jnp.finfo(jnp.float32).max
+    big = jnp.array([largest, -largest], jnp.float32)
+    # A complex number whose magnitude overflows is still finite.
+    huge = jnp.array([largest + 1j * largest], jnp.complex64)
+    assert bool(_protocol.all_finite(big, huge, jnp.zeros((0,)), 3.0))
+    assert not bool(_protocol.all_finite(big, jnp.float32(jnp.nan)))
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="XLA's CPU buffer assignment is measured"
+)
+def test_the_cg_branch_needs_at_most_one_params_sized_scratch_array():
+    # Scratch memory of the whole two_phase update (both phases compiled):
+    # the line search's trial gradient. The finiteness masks of
+    # jnp.all(jnp.isfinite(.)) made it 2.25 params-sized arrays.
+    n = 100_000
+    params = {"w": jnp.zeros(n, jnp.float32)}
+    loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
+    for tx in (tpo.two_phase(optax.adam(1e-3)), tpo.conjugate_gradient()):
+        update = jax.jit(
+            lambda g, s, p, tx=tx: tx.update(
+                g, s, p, value=jnp.zeros(()), value_fn=loss
+            )
+        )
+        compiled = update.lower(params, tx.init(params), params).compile()
+        scratch = compiled.memory_analysis().temp_size_in_bytes
+        assert scratch <= 1.1 * 4 * n, scratch

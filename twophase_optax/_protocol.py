@@ -112,13 +112,23 @@ def all_finite(*trees: Any) -> jax.Array:
 
     One boolean for the step: a loss value and its gradient, say. Integer
     leaves are always finite.
+
+    Each leaf is checked through its largest magnitude, which is finite only
+    if every element is (a NaN or an infinity carries through ``max``): one
+    float reduction. ``jnp.all(jnp.isfinite(x))`` gives the same answer, but
+    XLA's CPU backend writes its params-sized mask of booleans to memory
+    first; inside CG's line search that mask and the buffers it kept apart
+    were 1.25 params-sized arrays of scratch memory (BENCHMARKS.md section 1).
     """
     leaves = [x for tree in trees if tree is not None for x in jax.tree.leaves(tree)]
-    checks = [
-        jnp.all(jnp.isfinite(x))
-        for x in leaves
-        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-    ]
+    parts = []
+    for x in leaves:
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            parts += [x.real, x.imag]
+        elif jnp.issubdtype(x.dtype, jnp.inexact):
+            parts.append(x)
+    checks = [jnp.isfinite(jnp.max(jnp.abs(part), initial=0)) for part in parts]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
