@@ -226,11 +226,12 @@ class TwoPhaseState(_TwoPhaseStateLayout):
     is stored in ``fields``, one array per dtype (a
     :class:`twophase_optax.packed_scalars.PackedScalars`), but for a line
     search's stored ``value``, which ``optax.value_and_grad_from_state`` looks
-    up by name. A jitted step then passes four small arrays for some forty
-    scalars, each of which would cost the call a few microseconds; the
-    params-sized trees keep their places. The attributes below read the
-    fields back, as new trees: change ``second_state`` with ``_replace``, not
-    in place. ``first_state`` is stored as it is, so that
+    up by name. A jitted step then passes one small array per dtype (three
+    for Adam and CG) for some forty scalars, each of which would cost the
+    call a few microseconds; the params-sized trees keep their places. The
+    attributes below read the fields back, as new trees: change
+    ``second_state`` with ``_replace``, not in place. ``first_state`` is
+    stored as it is, so that
     ``state.first_state.hyperparams["learning_rate"] = ...`` works as with
     ``optax.inject_hyperparams`` alone. To find the line search's state, use
     :func:`twophase_optax.find_linesearch_state`, which reads through the

@@ -42,6 +42,8 @@ import optax
 import twophase_optax as tpo
 from experiments import train as train_lib
 from experiments.benchmarks import timing
+from twophase_optax.conjugate_gradient import DEFAULT_MAX_EVALUATIONS
+from twophase_optax.conjugate_gradient import DEFAULT_RTOL
 
 BUDGETS = (450, 900)
 DEFAULT = "cg default: Hager-Zhang, slope rtol 0.5, store_grad, 8 evaluations"
@@ -84,8 +86,8 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
     DEFAULT: lambda: tpo.conjugate_gradient(),
     FIRST_TRIAL_GRAD: lambda: tpo.conjugate_gradient(
         linesearch=tpo.slope_linesearch(
-            rtol=0.5,
-            max_evaluations=8,
+            rtol=DEFAULT_RTOL,
+            max_evaluations=DEFAULT_MAX_EVALUATIONS,
             store_grad=True,
             first_trial_grad=True,
             first_rtol=0.8,
