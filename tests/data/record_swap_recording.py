@@ -10,14 +10,15 @@ import sys
 
 import numpy as np
 import optax
-from _swap_recording import WINDOW
-from _swap_recording import run
 
 import twophase_optax as tpo
 
 
 def main():
     sys.path.insert(0, "tests")
+    from _swap_recording import WINDOW
+    from _swap_recording import run
+
     adam = optax.adam(0.05)
     FAILING = tpo.golden_section_linesearch(initial_step=100.0, max_evaluations=1)
     W = WINDOW
@@ -122,7 +123,8 @@ def main():
         u, s, p = run(opt, start=tpo.start_second_phase, **c)
         first = [i for i in range(len(s)) if i == 0 or s[i] != s[i - 1]]
         print(
-            f"{name:30s} swaps {[(i, int(s[i])) for i in first]}  second-phase steps {int(p.sum())}"
+            f"{name:30s} swaps {[(i, int(s[i])) for i in first]}",
+            f"second-phase steps {int(p.sum())}",
         )
         out[f"{name}/updates"] = u
         out[f"{name}/swap_step"] = s
