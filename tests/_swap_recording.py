@@ -74,12 +74,6 @@ def run(opt, *, manual_at=None, pass_errors=True, start=None):
         params, state, updates = step(params, state, xb, yb)
         flat, _ = jax.flatten_util.ravel_pytree(updates)
         all_updates.append(np.asarray(flat))
-        swap_steps.append(
-            int(
-                optax.tree.get(state, "swap_step")
-                if hasattr(state, "_fields") and "fields" not in state._fields
-                else state.swap_step
-            )
-        )
+        swap_steps.append(int(state.swap_step))
         phases.append(bool(state.in_second_phase))
     return np.stack(all_updates), np.asarray(swap_steps), np.asarray(phases)

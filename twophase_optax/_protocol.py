@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from twophase_optax.packed_scalars import PackedScalars
-
 
 def require_value_and_value_fn(
     name: str, value: Any, value_fn: Callable[..., Any] | None
@@ -137,16 +135,9 @@ def find_node(tree: Any, predicate: Callable[[Any], bool]) -> Any | None:
 
     Finds a transformation's state inside a chain or wrapper around it.
     """
-    # Packed scalars (two_phase's state) are read back before the search.
-    packed = lambda node: isinstance(node, PackedScalars)  # noqa: E731
-    nodes = jax.tree.leaves(tree, is_leaf=lambda node: predicate(node) or packed(node))
-    for node in nodes:
+    for node in jax.tree.leaves(tree, is_leaf=predicate):
         if predicate(node):
             return node
-        if packed(node):
-            found = find_node(node.unpack(), predicate)
-            if found is not None:
-                return found
     return None
 
 
@@ -181,15 +172,22 @@ def find_linesearch_state(opt_state: Any) -> Any | None:
     return find_node(opt_state, is_linesearch_state)
 
 
-def replay_windows(update: Callable, state: Any, values: jax.Array) -> list[bool]:
-    """Runs one recorded value per window through a swap rule's ``update``
-    (called as ``update(state, value, step)``, with ``window=1`` bound);
-    returns, per window, whether the rule holds there."""
+def linesearch_evaluations(linesearch_state: Any) -> tuple[jax.Array, jax.Array]:
+    """How many trials a line search evaluated, and how many with the gradient.
 
-    def read(state, step_and_value):
-        step, value = step_and_value
-        return update(state, value, step)
-
-    steps = jnp.arange(values.shape[0], dtype=jnp.int32)
-    _, flags = jax.lax.scan(read, state, (steps, values))
-    return [bool(f) for f in flags]
+    Reads this package's searches (``info.num_evaluations``, and the slope
+    search's ``info.num_gradients``) and optax's zoom search, which evaluates
+    both at every trial; ``(0, 0)`` for ``None`` or a search it does not know.
+    """
+    zero = jnp.asarray(0, jnp.int32)
+    info = getattr(linesearch_state, "info", None)
+    if hasattr(info, "num_linesearch_steps"):  # optax's zoom search
+        steps = jnp.asarray(info.num_linesearch_steps, jnp.int32)
+        return steps, steps
+    if hasattr(info, "num_evaluations"):
+        gradients = getattr(info, "num_gradients", zero)
+        return (
+            jnp.asarray(info.num_evaluations, jnp.int32),
+            jnp.asarray(gradients, jnp.int32),
+        )
+    return zero, zero

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 
 from twophase_optax import _protocol
+from twophase_optax import swap
 from twophase_optax.two_phase import TwoPhaseState
 
 
@@ -17,23 +18,26 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
     around it, and returns Python scalars, so the dict can go straight to a
     JSON file, TensorBoard or any other logger. Call it outside ``jit``.
 
-    Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` and
-    ``detect_step`` (-1 until they happen), ``gn_max``, ``gn_last``,
-    ``gn_smoothed``, ``num_readings``; the loss plateau's ``plateau_step``
-    (-1 until it holds), ``plateau_best``, ``plateau_smoothed`` and
-    ``plateau_windows`` (windows without progress); the fit rule's
-    ``fitted_step`` and ``fitted_windows`` (fitted windows in a row);
-    ``num_skipped`` (non-finite steps),
-    ``num_failures`` (failed second-phase steps in a row), ``num_fallbacks``;
-    and, once the second phase has a line search, ``linesearch_learning_rate``,
-    ``linesearch_value`` if recorded, and one ``linesearch_<field>`` per field
-    of its info (for the default slope search: ``num_evaluations``,
-    ``num_gradients``, ``slope``, ``failed``).
+    Keys: ``phase`` (0 first, 1 second), ``step``, ``swap_step`` (-1 until
+    the swap), ``swap_reason`` (the rule that made it, a name of
+    :data:`twophase_optax.swap.SWAP_REASONS`), ``num_skipped`` (non-finite
+    steps), ``num_failures`` (failed second-phase steps in a row),
+    ``num_fallbacks``, ``num_evaluations`` and ``num_gradients`` (the second
+    phase's line-search evaluations so far, and those with a gradient); the
+    swap rule's readings where its parts exist: the peak's ``detect_step``,
+    ``gn_max``, ``gn_last``, ``gn_smoothed`` and ``num_readings``; the
+    plateau's ``plateau_step`` (-1 until it holds), ``plateau_best``,
+    ``plateau_smoothed`` and ``plateau_windows`` (windows without progress);
+    the fit rule's ``fitted_step`` and ``fitted_windows`` (fitted windows in
+    a row); and, once the second phase has a line search,
+    ``linesearch_learning_rate``, ``linesearch_value`` if recorded, and one
+    ``linesearch_<field>`` per field of its info (for the default slope
+    search: ``num_evaluations``, ``num_gradients``, ``slope``, ``failed``).
 
     Example:
       >>> import jax.numpy as jnp
       >>> import twophase_optax as tpo
-      >>> opt = tpo.two_phase()
+      >>> opt = tpo.two_phase(swap=tpo.swap.per_window(tpo.swap.peak(), steps=4))
       >>> metrics = tpo.two_phase_metrics(opt.init(jnp.zeros(3)))
       >>> metrics["phase"], metrics["swap_step"], metrics["gn_max"]
       (0, -1, 0.0)
@@ -44,26 +48,37 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
             "two_phase_metrics found no TwoPhaseState in the optimizer state; "
             "pass the state of an optimizer built with twophase_optax.two_phase."
         )
-    detection = state.detection
     scalars = {
         "phase": state.in_second_phase.astype(int),
         "step": state.count,
         "swap_step": state.swap_step,
-        "detect_step": detection.detect_step,
-        "gn_max": detection.gn_max,
-        "gn_last": detection.gn_last,
-        "gn_smoothed": detection.gn_smoothed,
-        "num_readings": detection.num_readings,
-        "plateau_step": state.plateau.plateau_step,
-        "plateau_best": state.plateau.best,
-        "plateau_smoothed": state.plateau.smoothed,
-        "plateau_windows": state.plateau.num_bad,
-        "fitted_step": state.fitted.fitted_step,
-        "fitted_windows": state.fitted.num_fitted,
         "num_skipped": state.num_skipped,
         "num_failures": state.num_failures,
         "num_fallbacks": state.num_fallbacks,
+        "num_evaluations": state.num_evaluations,
+        "num_gradients": state.num_gradients,
     }
+    rule = state.swap
+    peak = _protocol.find_node(rule, lambda n: isinstance(n, swap.PeakState))
+    if peak is not None:
+        scalars.update(
+            detect_step=peak.detect_step,
+            gn_max=peak.gn_max,
+            gn_last=peak.gn_last,
+            gn_smoothed=peak.gn_smoothed,
+            num_readings=peak.num_readings,
+        )
+    plateau = _protocol.find_node(rule, lambda n: isinstance(n, swap.PlateauState))
+    if plateau is not None:
+        scalars.update(
+            plateau_step=plateau.plateau_step,
+            plateau_best=plateau.loss_best,
+            plateau_smoothed=plateau.loss_smoothed,
+            plateau_windows=plateau.num_flat,
+        )
+    fit = _protocol.find_node(rule, lambda n: isinstance(n, swap.FittedState))
+    if fit is not None:
+        scalars.update(fitted_step=fit.fitted_step, fitted_windows=fit.num_fitted)
     linesearch = _protocol.find_linesearch_state(state.second_state)
     if linesearch is not None:
         scalars["linesearch_learning_rate"] = linesearch.learning_rate
@@ -71,4 +86,6 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
             scalars["linesearch_value"] = linesearch.value
         for field, x in linesearch.info._asdict().items():
             scalars[f"linesearch_{field}"] = x
-    return {key: jax.device_get(x).item() for key, x in scalars.items()}
+    metrics = {key: jax.device_get(x).item() for key, x in scalars.items()}
+    metrics["swap_reason"] = swap.SWAP_REASONS[int(state.swap_reason)]
+    return metrics
