@@ -53,7 +53,9 @@ def run(devices, axes, steps, block, dtype):
     mesh = sharding.make_mesh(axes, devices)
     # The paper's rule: this MLP's gradient norm falls from the start, so it
     # swaps within the first steps, where the runs are compared.
-    tx = tpo.two_phase(optax.adam(1e-2), **tpo.swap_detection.PAPER_RULE)
+    tx = tpo.two_phase(
+        optax.adam(1e-2), swap=tpo.swap.per_window(tpo.swap.PAPER, steps=1)
+    )
     params_shardings = sharding.params_shardings(mesh, params)
     state_shardings = sharding.state_shardings(mesh, tx, params)
     params = jax.device_put(params, params_shardings)

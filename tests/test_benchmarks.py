@@ -193,7 +193,7 @@ def test_time_to_loss_quick_mode_repeats_the_same_trajectory(tmp_path, capsys):
 
 def test_detector_quick_mode_replays_the_recorded_readings(tmp_path, capsys):
     from experiments.benchmarks import detector
-    from twophase_optax import swap_detection
+    from twophase_optax import swap
 
     out = tmp_path / "detector.json"
     result = detector.main(
@@ -215,8 +215,8 @@ def test_detector_quick_mode_replays_the_recorded_readings(tmp_path, capsys):
     assert run["readings"] == readings and run["epochs"] == 6
     (cell,) = run["cells"]
     # The swap epochs are the library's detector on these readings, 1-based.
-    paper = swap_detection.replay(readings, **swap_detection.PAPER_RULE)
-    default = swap_detection.replay(readings, gn_factor=0.9)
+    paper = swap.replay(swap.PAPER, grad_norm=readings)
+    default = swap.replay(swap.peak(0.9), grad_norm=readings)
     assert cell["paper"] == (None if paper is None else paper + 1)
     assert cell["default"] == (None if default is None else default + 1)
     smoothed = [

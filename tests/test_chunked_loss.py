@@ -135,7 +135,9 @@ def test_two_phase_with_value_and_grad_from_state_takes_the_same_steps(linesearc
             else tpo.slope_linesearch(store_grad=True)
         )
         opt = tpo.two_phase(
-            optax.adam(1e-2), tpo.conjugate_gradient(linesearch=search), swap_at=3
+            optax.adam(1e-2),
+            tpo.conjugate_gradient(linesearch=search),
+            swap=tpo.swap.at_step(3),
         )
 
         def run(value_fn):

@@ -115,7 +115,7 @@ def test_two_phase_with_lbfgs_compiles_once_across_the_swap():
     # optax.lbfgs's init state has weakly typed scalars; two_phase makes them
     # strong, or the state coming back from the first call would not match
     # the one it was traced with and the second call would compile again.
-    opt = tpo.two_phase(optax.adam(0.1), optax.lbfgs(), swap_at=2)
+    opt = tpo.two_phase(optax.adam(0.1), optax.lbfgs(), swap=tpo.swap.at_step(2))
     params = {"w": jnp.zeros(3)}
     state = opt.init(params)
     assert not any(leaf.weak_type for leaf in jax.tree.leaves(state))

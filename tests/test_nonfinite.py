@@ -84,19 +84,22 @@ def check_skipped_as_if_never_seen(opt, bad_at, poison, steps=30):
 
 @pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
 def test_first_phase_skips_the_step_mid_window(poison):
-    # window=4 with "mean_grad" keeps a gradient sum; step 6 is mid-window.
-    opt = tpo.two_phase(optax.adam(1e-2), window=4, swap_at=20)
+    # A window of 4 read by "mean_grad" keeps a gradient sum; step 6 is
+    # mid-window.
+    window = tpo.swap.per_window(tpo.swap.peak(min_windows=10**6), steps=4)
+    swap = tpo.swap.any_of(tpo.swap.at_step(20), window)
+    opt = tpo.two_phase(optax.adam(1e-2), swap=swap)
     ours, _ = check_skipped_as_if_never_seen(opt, bad_at=6, poison=poison)
     state = ours[6][2]
     assert not bool(state.in_second_phase)
     assert int(state.count) == 6 and int(state.first_state[0].count) == 6
-    assert int(state.detection.window_count) == 2
+    assert int(state.swap[1].window_count) == 2
     assert int(ours[-1][2].swap_step) == 20  # The step count did not advance.
 
 
 @pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
 def test_second_phase_skips_the_step_and_keeps_the_cg_direction(poison):
-    opt = tpo.two_phase(optax.adam(1e-2), swap_at=5)
+    opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(5))
     ours, _ = check_skipped_as_if_never_seen(opt, bad_at=9, poison=poison)
     state = ours[9][2]
     assert bool(state.in_second_phase)
@@ -113,7 +116,7 @@ def test_conjugate_gradient_alone_skips_the_step():
 def test_composes_with_optax_apply_if_finite():
     """apply_if_finite checks the gradient; two_phase also checks the loss."""
     loss, batches, params = regression_problem()
-    inner = tpo.two_phase(optax.adam(1e-2), swap_at=4)
+    inner = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(4))
     opt = optax.apply_if_finite(inner, max_consecutive_errors=5)
     clean = [k % len(batches) for k in range(12)]
     reference = run(inner, loss, batches, params, clean)
@@ -135,7 +138,7 @@ def test_composes_with_optax_apply_if_finite():
 
 def test_skipped_step_does_not_retrace():
     loss, batches, params = regression_problem()
-    opt = tpo.two_phase(optax.adam(1e-2), swap_at=2)
+    opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(2))
     chex.clear_trace_counter()
     step = jax.jit(chex.assert_max_traces(poisoned_step(opt, loss), n=1))
     state = opt.init(params)
@@ -183,7 +186,10 @@ def test_the_cg_branch_needs_at_most_one_params_sized_scratch_array():
     n = 100_000
     params = {"w": jnp.zeros(n, jnp.float32)}
     loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
-    for tx in (tpo.two_phase(optax.adam(1e-3)), tpo.conjugate_gradient()):
+    for tx in (
+        tpo.two_phase(optax.adam(1e-3), swap=tpo.swap.manual()),
+        tpo.conjugate_gradient(),
+    ):
         update = jax.jit(
             lambda g, s, p, tx=tx: tx.update(
                 g, s, p, value=jnp.zeros(()), value_fn=loss

@@ -153,7 +153,7 @@ def test_two_phase_before_the_swap_equals_first(spec_tree, seed, swap_at):
         params = materialise(spec_tree, seed)
         gradients = [materialise(spec_tree, seed + 1 + k) for k in range(swap_at)]
         first = optax.adam(1e-2)
-        ours = tpo.two_phase(first, swap_at=swap_at)
+        ours = tpo.two_phase(first, swap=tpo.swap.at_step(swap_at))
 
         def loss(p):
             return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(p))

@@ -72,7 +72,7 @@ def test_flax_nnx_recipe_equals_the_same_optimiser_on_a_plain_pytree():
         state = nnx.State(params)
         return jnp.mean((nnx.merge(graphdef, state, rest)(x) - y) ** 2)
 
-    opt = tpo.two_phase(optax.adam(1e-2), swap_at=100)
+    opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(100))
     state = opt.init(params)
 
     @jax.jit

@@ -14,6 +14,8 @@ import optax
 import pytest
 
 import twophase_optax as tpo
+
+MANUAL = tpo.swap.manual()
 from experiments.benchmarks import overhead
 
 PARAMS = {"a": jnp.zeros(1000), "b": jnp.zeros((20, 30))}
@@ -31,14 +33,27 @@ def own_polak_ribiere_plus(grad, grad_prev, dir_prev):
 @pytest.mark.parametrize(
     "tx, multiple",
     [
-        (tpo.two_phase(), 2),
-        (tpo.two_phase(statistic="mean_norm", window=10), 2),
-        (tpo.two_phase(statistic="mean_grad", window=10), 3),  # the window's sum
+        (tpo.two_phase(swap=MANUAL), 2),
+        (
+            tpo.two_phase(
+                swap=tpo.swap.per_window(tpo.swap.peak(statistic="mean_norm"), steps=10)
+            ),
+            2,
+        ),
+        (
+            tpo.two_phase(swap=tpo.swap.per_window(tpo.swap.peak(), steps=10)),
+            3,
+        ),  # the window's sum
         (tpo.conjugate_gradient(), 2),  # direction, stored gradient
         (tpo.conjugate_gradient(linesearch=tpo.golden_section_linesearch()), 2),
         # The general path: a beta function needs g_{k-1} as a tree, which
         # Adam's two moments leave no buffer for.
-        (tpo.two_phase(second=tpo.conjugate_gradient(beta=own_polak_ribiere_plus)), 3),
+        (
+            tpo.two_phase(
+                swap=MANUAL, second=tpo.conjugate_gradient(beta=own_polak_ribiere_plus)
+            ),
+            3,
+        ),
     ],
 )
 def test_state_is_a_small_multiple_of_the_params(tx, multiple):
@@ -52,10 +67,15 @@ def test_state_is_a_small_multiple_of_the_params(tx, multiple):
 @pytest.mark.parametrize(
     "tx, copies",
     [
-        (tpo.two_phase(), 0),
-        (tpo.two_phase(statistic="mean_grad", window=10), 0),
+        (tpo.two_phase(swap=MANUAL), 0),
+        (tpo.two_phase(swap=tpo.swap.per_window(tpo.swap.peak(), steps=10)), 0),
         # The general path passes CG's third tree (two leaves here) through.
-        (tpo.two_phase(second=tpo.conjugate_gradient(beta=own_polak_ribiere_plus)), 2),
+        (
+            tpo.two_phase(
+                swap=MANUAL, second=tpo.conjugate_gradient(beta=own_polak_ribiere_plus)
+            ),
+            2,
+        ),
     ],
 )
 def test_first_phase_branch_copies_nothing_params_sized(tx, copies):
@@ -95,7 +115,7 @@ def test_copy_counter_sees_a_params_sized_pass_through():
 def test_the_buffers_hold_adam_before_the_swap_and_cg_after():
     w = {"a": jnp.array([1.0, -2.0, 0.5])}
     f = lambda p: jnp.sum((p["a"] - 1.0) ** 2 * jnp.array([1.0, 4.0, 9.0]))  # noqa: E731
-    opt = tpo.two_phase(optax.adam(0.1), swap_at=3)
+    opt = tpo.two_phase(optax.adam(0.1), swap=tpo.swap.at_step(3))
     adam = optax.adam(0.1)
     state, adam_state = opt.init(w), adam.init(w)
     value_and_grad = optax.value_and_grad_from_state(f)
@@ -114,12 +134,12 @@ def test_the_buffers_hold_adam_before_the_swap_and_cg_after():
     # the gradient at the new params, which the next step reuses.
     cg = state.second_state
     chex.assert_trees_all_close(cg.linesearch_state.grad, jax.grad(f)(w), rtol=1e-6)
-    assert isinstance(state.first_state[0].mu, tpo.SharedBuffer)
+    assert type(state.first_state[0].mu).__name__ == "_SharedBuffer"
 
 
 def test_tree_map_params_sees_the_params_shaped_trees():
     # optax's convention for shardings and the like must keep working.
-    tx = tpo.two_phase()
+    tx = tpo.two_phase(swap=MANUAL)
     state = tx.init(PARAMS)
     marked = optax.tree_utils.tree_map_params(
         tx, lambda x: x + 1.0, state, transform_non_params=lambda x: x

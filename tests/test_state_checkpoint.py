@@ -17,8 +17,11 @@ SWAP_AT = 10
 
 
 def make_opt(**kwargs):
-    # window=2 with "mean_grad": the state holds a gradient sum mid-window.
-    return tpo.two_phase(optax.adam(1e-2), window=2, swap_at=SWAP_AT, **kwargs)
+    # A window of 2 read by "mean_grad": the state holds a gradient sum
+    # mid-window.
+    window = tpo.swap.per_window(tpo.swap.peak(min_windows=10**6), steps=2)
+    swap = tpo.swap.any_of(tpo.swap.at_step(SWAP_AT), window)
+    return tpo.two_phase(optax.adam(1e-2), swap=swap, **kwargs)
 
 
 def trajectory(opt, loss, batches, params, state, first, last):

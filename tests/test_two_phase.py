@@ -10,13 +10,22 @@ import pytest
 import twophase_optax as tpo
 
 E1 = jnp.array([1.0, 0.0])
+
+
 # Algorithm 1's one-way swap, for the tests of the detector. The scripted
 # gradients below point away from the minimum of value_fn, so every CG search
 # fails, and the mini-batch CG runs fail three in a row too; with the default
 # fallback those runs would return to Adam.
 # Algorithm 1 as printed, one-way: these tests pin its exact swap steps (the
-# default rule's are pinned in test_swap_detection.py).
-ONE_WAY = {"fallback": None, "swap_rule": "peak", **tpo.swap_detection.PAPER_RULE}
+# default rule's are pinned in test_swap.py).
+def one_way(window=1, **peak):
+    rule = tpo.swap.peak(**{**PAPER, **peak})
+    return dict(fallback=None, swap=tpo.swap.per_window(rule, steps=window))
+
+
+PAPER = dict(gn_factor=0.9, smoothing=1.0, patience=1, min_rise=1.0)
+ONE_WAY = one_way()
+get = optax.tree.get
 
 
 def value_fn(params):
@@ -47,9 +56,9 @@ NORMS = [1.0, 2.0, 3.0, 4.0, 5.0, 4.8, 4.6, 4.4, 4.2, 4.0]
 def test_window_1_swaps_after_the_step_whose_reading_falls_below_gn_factor_peak():
     states = feed(tpo.two_phase(**ONE_WAY), scripted(NORMS))
     final = states[-1]
-    assert int(final.detection.detect_step) == 7
+    assert int(get(final, "detect_step")) == 7
     assert int(final.swap_step) == 8
-    assert float(final.detection.gn_max) == 5.0
+    assert float(get(final, "gn_max")) == 5.0
     # Step 7 itself was still Adam; CG ran from step 8 on (steps 8 and 9).
     assert not bool(states[7 - 1].in_second_phase)
     assert bool(states[7].in_second_phase)
@@ -61,11 +70,11 @@ def test_window_1_swaps_after_the_step_whose_reading_falls_below_gn_factor_peak(
 def test_window_3_swaps_at_the_first_step_of_the_next_window():
     # Readings (mean gradient norm per window of 3): 1, 2, 3, 2.5 <= 0.9 * 3.
     norms = [1.0] * 3 + [2.0] * 3 + [3.0] * 3 + [2.5] * 3 + [1.0] * 3
-    final = feed(tpo.two_phase(window=3, **ONE_WAY), scripted(norms))[-1]
-    assert int(final.detection.detect_step) == 11
+    final = feed(tpo.two_phase(**one_way(3)), scripted(norms))[-1]
+    assert int(get(final, "detect_step")) == 11
     assert int(final.swap_step) == 12
-    assert int(final.detection.num_readings) == 5
-    assert float(final.detection.gn_max) == 3.0
+    assert int(get(final, "num_readings")) == 5
+    assert float(get(final, "gn_max")) == 3.0
 
 
 @pytest.mark.parametrize(
@@ -79,51 +88,50 @@ def test_window_3_swaps_at_the_first_step_of_the_next_window():
 )
 def test_statistics_read_the_window_differently(statistic, detect_step, gn_max):
     signed = [2.0, 2.0, 4.0, 4.0, 5.0, -3.0, 3.0, 3.0, 1.0, 1.0]
-    opt = tpo.two_phase(window=2, statistic=statistic, **ONE_WAY)
+    opt = tpo.two_phase(**one_way(2, statistic=statistic))
     final = feed(opt, scripted(signed))[-1]
-    assert int(final.detection.detect_step) == detect_step
+    assert int(get(final, "detect_step")) == detect_step
     assert int(final.swap_step) == detect_step + 1
-    assert float(final.detection.gn_max) == gn_max
+    assert float(get(final, "gn_max")) == gn_max
     if statistic == "mean_norm":
-        assert final.detection.window_grad_sum is None  # Scalar state only.
+        assert final.swap.window_grad_sum is None  # Scalar state only.
     else:
-        assert final.detection.window_grad_sum.shape == (2,)
+        assert final.swap.window_grad_sum.shape == (2,)
 
 
 def test_window_1_keeps_no_gradient_sum_and_both_statistics_agree():
     # One step per window: both statistics are the step's gradient norm.
     signed = [2.0, -2.0, 4.0, -4.0, 5.0, -3.0, 3.0, 3.0, 1.0, 1.0]
     runs = {
-        statistic: feed(tpo.two_phase(statistic=statistic, **ONE_WAY), scripted(signed))
+        statistic: feed(tpo.two_phase(**one_way(statistic=statistic)), scripted(signed))
         for statistic in ("mean_grad", "mean_norm")
     }
     for by_grad, by_norm in zip(runs["mean_grad"], runs["mean_norm"], strict=True):
-        assert by_grad.detection.window_grad_sum is None
-        chex.assert_trees_all_equal(by_grad, by_norm)
-    assert int(runs["mean_grad"][-1].detection.detect_step) == 5  # 3 <= 0.9 * 5.
+        assert by_grad.swap.window_grad_sum is None
+        chex.assert_trees_all_equal(by_grad.count, by_norm.count)
+        chex.assert_trees_all_equal(by_grad.swap.rule_state, by_norm.swap.rule_state)
+    assert int(get(runs["mean_grad"][-1], "detect_step")) == 5  # 3 <= 0.9 * 5.
 
 
 def test_min_windows_delays_the_swap():
     norms = [5.0, 1.0, 1.0, 1.0]
     assert int(feed(tpo.two_phase(**ONE_WAY), scripted(norms))[-1].swap_step) == 2
-    final = feed(tpo.two_phase(min_windows=3, **ONE_WAY), scripted(norms))[-1]
-    assert int(final.detection.detect_step) == 2
+    final = feed(tpo.two_phase(**one_way(min_windows=3)), scripted(norms))[-1]
+    assert int(get(final, "detect_step")) == 2
     assert int(final.swap_step) == 3
 
 
-def test_swap_at_forces_the_split_and_only_records_detection():
-    final = feed(tpo.two_phase(swap_at=9, **ONE_WAY), scripted(NORMS))[-1]
+def test_at_step_forces_the_split():
+    final = feed(tpo.two_phase(swap=tpo.swap.at_step(9)), scripted(NORMS))[-1]
     assert int(final.swap_step) == 9
-    assert int(final.detection.detect_step) == 7  # Recorded, not acted on.
     assert int(final.second_state.count) == 1
-    # Detection is armed only while the first phase runs.
-    early = feed(tpo.two_phase(swap_at=3, **ONE_WAY), scripted(NORMS))[-1]
+    early = feed(tpo.two_phase(swap=tpo.swap.at_step(3)), scripted(NORMS))[-1]
     assert int(early.swap_step) == 3
-    assert int(early.detection.detect_step) == -1
+    assert int(early.second_state.count) == len(NORMS) - 3
 
 
 def test_swap_at_zero_runs_the_second_phase_from_the_start():
-    final = feed(tpo.two_phase(swap_at=0, **ONE_WAY), scripted(NORMS[:3]))[-1]
+    final = feed(tpo.two_phase(swap=tpo.swap.at_step(0)), scripted(NORMS[:3]))[-1]
     assert int(final.swap_step) == 0
     assert int(final.second_state.count) == 3
     assert int(final.first_state[0].count) == 0
@@ -199,7 +207,13 @@ def assert_bit_identical(history, reference, steps, fused_in_front=False):
 def test_before_the_swap_updates_are_bit_identical_to_adam():
     loss, batches, params = regression_problem()
     adam = run(optax.adam(1e-2), loss, batches, params, 200)
-    ours = run(tpo.two_phase(optax.adam(1e-2), swap_at=150), loss, batches, params, 200)
+    ours = run(
+        tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(150)),
+        loss,
+        batches,
+        params,
+        200,
+    )
     assert_bit_identical(ours, adam, 150)
     assert not np.array_equal(ours[150][0]["w"], adam[150][0]["w"])  # CG from 150.
 
@@ -207,7 +221,7 @@ def test_before_the_swap_updates_are_bit_identical_to_adam():
 def test_detected_swap_keeps_adam_bit_identical_until_it():
     loss, batches, params = regression_problem()
     adam = run(optax.adam(1e-2), loss, batches, params, 300)
-    opt = tpo.two_phase(optax.adam(1e-2), window=4, **ONE_WAY)
+    opt = tpo.two_phase(optax.adam(1e-2), **one_way(4))
     ours = run(opt, loss, batches, params, 300)
     swap_step = int(ours[-1][2].swap_step)
     assert 0 < swap_step < 300, "the problem should swap within 300 steps"
@@ -224,7 +238,11 @@ def test_after_the_swap_updates_equal_conjugate_gradient_run_alone():
         )
     ]
     ours = run(
-        tpo.two_phase(optax.adam(1e-2), swap_at=20), loss, full_batch, params, 40
+        tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(20)),
+        loss,
+        full_batch,
+        params,
+        40,
     )
     cg_alone = run(tpo.conjugate_gradient(), loss, full_batch, ours[19][1], 20)
     # Bit for bit on the CPU; on a GPU the reduction order of the dot products
@@ -246,7 +264,7 @@ def test_value_and_grad_from_state_computes_before_and_reuses_after_the_swap():
     second = tpo.conjugate_gradient(
         linesearch=tpo.slope_linesearch(store_grad=True), powell_threshold=None
     )
-    opt = tpo.two_phase(optax.adam(0.1), second, swap_at=3)
+    opt = tpo.two_phase(optax.adam(0.1), second, swap=tpo.swap.at_step(3))
     value_and_grad = optax.value_and_grad_from_state(f)
 
     @jax.jit
@@ -271,7 +289,7 @@ def test_value_and_grad_from_state_computes_before_and_reuses_after_the_swap():
 
 def test_no_retrace_across_the_swap():
     loss, batches, params = regression_problem()
-    opt = tpo.two_phase(optax.adam(1e-2), swap_at=3)
+    opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(3))
     chex.clear_trace_counter()
     step = jax.jit(chex.assert_max_traces(train_step(opt, loss), n=1))
     state = opt.init(params)
@@ -283,7 +301,7 @@ def test_no_retrace_across_the_swap():
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_state_dtypes_are_stable_across_the_swap(dtype):
     with jax.enable_x64(dtype == "float64"):
-        opt = tpo.two_phase(swap_at=2)
+        opt = tpo.two_phase(swap=tpo.swap.at_step(2))
         params = jnp.zeros(3, dtype)
         loss = lambda p: jnp.sum((p.astype(jnp.float32) - 1.0) ** 2)
         state = opt.init(params)
@@ -301,7 +319,7 @@ def test_works_behind_gradient_clipping_in_a_chain():
     clip = lambda: optax.clip_by_global_norm(0.05)
     reference = run(optax.chain(clip(), optax.adam(1e-2)), loss, batches, params, 300)
     ours = run(
-        optax.chain(clip(), tpo.two_phase(optax.adam(1e-2), window=4, **ONE_WAY)),
+        optax.chain(clip(), tpo.two_phase(optax.adam(1e-2), **one_way(4))),
         loss,
         batches,
         params,
@@ -313,13 +331,13 @@ def test_works_behind_gradient_clipping_in_a_chain():
     assert 0 < swap_step < 300
     assert_bit_identical(ours, reference, swap_step, fused_in_front=True)
     # Readings use the raw gradient passed as grad=, not the clipped updates.
-    assert float(two_phase_state.detection.gn_max) > 0.05
+    assert float(get(two_phase_state, "gn_max")) > 0.05
 
 
 def test_inject_hyperparams_around_first_learning_rate():
     loss, batches, params = regression_problem()
     make_adam = lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
-    opt = tpo.two_phase(make_adam(), swap_at=100)
+    opt = tpo.two_phase(make_adam(), swap=tpo.swap.at_step(100))
     reference_opt = make_adam()
 
     def halve_every_10_steps(get_hyperparams):
@@ -373,7 +391,8 @@ def test_metrics_helper_gives_flat_python_scalars():
         "linesearch_num_gradients",
         "linesearch_failed",
     }
-    assert all(isinstance(v, (int, float, bool)) for v in metrics.values())
+    assert metrics["swap_reason"] == "peak"
+    assert all(isinstance(v, (int, float, bool, str)) for v in metrics.values())
 
 
 def test_metrics_helper_rejects_a_state_without_two_phase():
@@ -384,23 +403,20 @@ def test_metrics_helper_rejects_a_state_without_two_phase():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"gn_factor": 0.0}, "gn_factor"),
-        ({"gn_factor": 1.0}, "gn_factor"),
-        ({"window": 0}, "window"),
-        ({"window": 2.0}, "window"),
-        ({"statistic": "median"}, "statistic"),
-        ({"min_windows": 0}, "min_windows"),
-        ({"swap_at": -1}, "swap_at"),
         ({"first": "adam"}, "first"),
+        ({"second": "cg"}, "second"),
+        ({"fallback": "adam"}, "fallback"),
+        ({"max_failures": 0}, "max_failures"),
+        ({"max_failures": True}, "max_failures"),
     ],
 )
 def test_invalid_hyperparameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tpo.two_phase(**kwargs)
+        tpo.two_phase(**{"swap": tpo.swap.manual(), **kwargs})
 
 
 def test_update_without_value_fn_shows_the_right_call():
-    opt = tpo.two_phase()
+    opt = tpo.two_phase(swap=tpo.swap.manual())
     params = jnp.zeros(2)
     with pytest.raises(TypeError, match="value_fn=loss_fn") as error:
         opt.update(jnp.ones(2), opt.init(params), params, value=1.0)

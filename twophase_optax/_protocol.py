@@ -164,7 +164,7 @@ def find_linesearch_state(opt_state: Any) -> Any | None:
       >>> import jax.numpy as jnp
       >>> import optax
       >>> import twophase_optax as tpo
-      >>> opt = optax.chain(optax.clip(1.0), tpo.two_phase())
+      >>> opt = optax.chain(optax.clip(1.0), tpo.two_phase(swap=tpo.swap.manual()))
       >>> state = tpo.find_linesearch_state(opt.init(jnp.zeros(2)))
       >>> type(state).__name__, float(state.value)  # inf: nothing stored yet
       ('SlopeLinesearchState', inf)

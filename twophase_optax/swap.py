@@ -785,7 +785,7 @@ def any_of(*rules: SwapRule) -> SwapRule:
       >>> import twophase_optax as tpo
       >>> rule = tpo.swap.any_of(tpo.swap.fitted(patience=2),
       ...                        tpo.swap.plateau(0.1, patience=3, smoothing=1.0))
-      >>> tpo.swap.replay(rule, value=[1.0, 0.5, 0.45, 0.44, 0.43, 0.42],
+      >>> tpo.swap.replay(rule, value=[1.0, 0.5, 0.48, 0.47, 0.46, 0.45],
       ...                 num_errors=[9, 5, 3, 2, 1, 1])
       4
     """
