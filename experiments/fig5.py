@@ -14,7 +14,7 @@ gradient), the training loss and the validation accuracy. It then marks
 * the **swap**: the epoch whose reading Algorithm 1 (``gn_factor`` 0.9, one
   reading per epoch, no smoothing) would swap on, found by replaying the
   readings through the library's own detector
-  (:func:`twophase_optax.swap_detection.update`).
+  (:func:`twophase_optax.swap.peak`).
 
 and writes ``<out>/<dataset>-<model>.png`` (reading against the loss and
 against the epoch), ``<out>/<dataset>-<model>.json`` (every epoch's numbers
@@ -39,11 +39,11 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import twophase_optax as tpo  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
-from twophase_optax import swap_detection  # noqa: E402
 
 SMOOTHING = 5  # epochs in the centred moving average
 RISE = 1.5  # the peak must be at least this multiple of the first reading ...
@@ -68,17 +68,16 @@ def algorithm1_swap(readings: np.ndarray, gn_factor: float) -> int | None:
     """Index of the reading on which Algorithm 1 as printed signals the swap.
 
     Replays the readings through the library's detector
-    (:func:`twophase_optax.swap_detection.replay` with ``PAPER_RULE``), the
-    code that :func:`twophase_optax.two_phase` runs in training. ``None``: no
-    swap.
+    (:func:`twophase_optax.swap.replay` of :data:`twophase_optax.swap.PAPER`
+    at ``gn_factor``), the code that :func:`twophase_optax.two_phase` runs in
+    training. ``None``: no swap.
 
     Example:
       >>> algorithm1_swap(np.array([1.0, 2.0, 3.0, 2.8, 2.6]), 0.9)
       4
     """
-    return swap_detection.replay(
-        readings, **{**swap_detection.PAPER_RULE, "gn_factor": gn_factor}
-    )
+    rule = tpo.swap.peak(gn_factor, smoothing=1.0, patience=1, min_rise=1.0)
+    return tpo.swap.replay(rule, grad_norm=readings)
 
 
 def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
@@ -88,7 +87,8 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
     smoothed = centred_average(readings)
     peak, smooth_peak = int(np.argmax(readings)), int(np.argmax(smoothed))
     swap = algorithm1_swap(readings, gn_factor)
-    default_swap = swap_detection.replay(readings)  # the peak rule's defaults
+    # The peak rule's defaults.
+    default_swap = tpo.swap.replay(tpo.swap.peak(), grad_norm=readings)
     # two_phase's default rule (fit or plateau), replayed on what the run
     # recorded; older metrics without batch losses have none.
     default_rule_swap = None

@@ -14,7 +14,7 @@ it reuses (see ``Config.prefix_run`` in :mod:`experiments.train`):
   budget with Adam, then CG or ``optax.lbfgs`` on the full batch; one tail per
   budget;
 * ``two-phase``: the detected swap. The epoch comes from
-  :func:`twophase_optax.swap_detection.replay` on the Adam run's readings,
+  :func:`twophase_optax.swap.replay` on the Adam run's readings,
   the detector ``two_phase`` runs live; its checkpoint is kept as the run
   passes it, and one tail, read at each budget, runs from there.
 
@@ -96,7 +96,7 @@ class Sweep:
     later_budgets: list[int] = dataclasses.field(default_factory=list)
     # The swap rule and its settings (swap_rule, gn_factor, smoothing,
     # patience, min_rise, plateau_*), as Config takes them; empty: the
-    # defaults. **swap_detection.PAPER_RULE: Algorithm 1.
+    # defaults. **train.PAPER_RULE: Algorithm 1.
     detector: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):

@@ -89,8 +89,15 @@ OPTIMIZERS = (
 ADAM_OPTIMIZERS = ("adam", "adam-cosine")  # No second phase.
 SPLIT_OPTIMIZERS = ("two-phase", "two-phase-fixed", "adam-lbfgs")  # two_phase
 EVAL_BATCH = 2048
-# two_phase's swap rules but "manual" (--optimizer two-phase-fixed is that).
-SWAP_RULES = tuple(rule for rule in tpo.SWAP_RULES if rule != "manual")
+# --swap-rule: the tpo.swap rules and combinations the runs use, mapped onto
+# tpo.swap objects by swap_rule() (--optimizer two-phase-fixed is
+# tpo.swap.at_step).
+SWAP_RULES = ("peak", "plateau", "peak-then-plateau", "fit", "fit-or-plateau")
+DEFAULT_SWAP_RULE = "fit-or-plateau"  # tpo.swap.default
+# --paper-rule: the peak settings of tpo.swap.PAPER, Algorithm 1 as printed.
+PAPER_RULE = dict(
+    swap_rule="peak", gn_factor=0.9, smoothing=1.0, patience=1, min_rise=1.0
+)
 VALUE, VALUE_AND_GRAD = 1.0, 3.0  # forward-pass equivalents
 # Full-batch CG and L-BFGS evaluate the training set in chunks of at most this
 # many images (twophase_optax.chunked_loss): chosen so that one full-batch value
@@ -114,19 +121,21 @@ class Config:
     cg_chunk_size: int = DEFAULT_CG_CHUNK_SIZE
     lr: float = 1e-3
     loss: str = models.DEFAULT_LOSS
-    gn_factor: float = tpo.swap_detection.DEFAULT_GN_FACTOR
-    smoothing: float = tpo.swap_detection.DEFAULT_SMOOTHING
-    patience: int = tpo.swap_detection.DEFAULT_PATIENCE
-    min_rise: float = tpo.swap_detection.DEFAULT_MIN_RISE
-    # two-phase: what decides the swap, one of two_phase's SWAP_RULES.
-    swap_rule: str = tpo.DEFAULT_SWAP_RULE
-    plateau_rtol: float = tpo.loss_plateau.DEFAULT_RTOL
-    plateau_patience: int = tpo.loss_plateau.DEFAULT_PATIENCE
-    plateau_smoothing: float = tpo.loss_plateau.DEFAULT_SMOOTHING
-    # The fit rules: the most training examples an epoch's steps may get
+    # two-phase: what decides the swap, one of SWAP_RULES, and the settings of
+    # its tpo.swap parts (see swap_rule): the peak's,
+    gn_factor: float = tpo.swap.DEFAULT_GN_FACTOR
+    smoothing: float = tpo.swap.DEFAULT_SMOOTHING
+    patience: int = tpo.swap.DEFAULT_PATIENCE
+    min_rise: float = tpo.swap.DEFAULT_MIN_RISE
+    swap_rule: str = DEFAULT_SWAP_RULE
+    # the plateau's,
+    plateau_rtol: float = tpo.swap.DEFAULT_RTOL
+    plateau_patience: int = tpo.swap.DEFAULT_PLATEAU_PATIENCE
+    plateau_smoothing: float = tpo.swap.DEFAULT_PLATEAU_SMOOTHING
+    # and the fit rule's: the most training examples an epoch's steps may get
     # wrong, and such epochs in a row before the swap.
-    fit_errors: int = tpo.fitted.DEFAULT_FIT_ERRORS
-    fit_patience: int = tpo.fitted.DEFAULT_FIT_PATIENCE
+    fit_errors: int = tpo.swap.DEFAULT_MAX_ERRORS
+    fit_patience: int = tpo.swap.DEFAULT_FIT_PATIENCE
     swap_epoch: int = 30
     fallback: str | None = None  # two_phase's fallback: None or "first".
     max_failures: int = 3
@@ -149,7 +158,7 @@ class Config:
     keep_epochs: tuple[int, ...] = ()
     # Adam only: also keep the checkpoint of the epoch whose gradient-norm
     # reading makes the swap detector (gn_factor, smoothing, patience,
-    # min_rise) fire, found by swap_detection.replay on the readings so far.
+    # min_rise) fire, found by tpo.swap.replay on the readings so far.
     keep_detected: bool = False
     # Start from another run's kept checkpoint instead of from scratch: the
     # Adam run's directory and the epoch whose end state is taken; this run's
@@ -173,16 +182,7 @@ class Config:
             "swap_epoch": self.swap_epoch >= 0,
             "fallback": self.fallback in FALLBACKS,
             "max_failures": self.max_failures >= 1,
-            "gn_factor": 0 < self.gn_factor < 1,
-            "smoothing": 0 < self.smoothing <= 1,
-            "patience": self.patience >= 1,
-            "min_rise": self.min_rise >= 1,
             "swap_rule": self.swap_rule in SWAP_RULES,
-            "plateau_rtol": 0 <= self.plateau_rtol < 1,
-            "plateau_patience": self.plateau_patience >= 1,
-            "plateau_smoothing": 0 < self.plateau_smoothing <= 1,
-            "fit_errors": self.fit_errors >= 0,
-            "fit_patience": self.fit_patience >= 1,
             "curvature_every": self.curvature_every >= 0,
             "curvature_iterations": self.curvature_iterations >= 1,
             "curvature_batch": self.curvature_batch >= 1,
@@ -201,6 +201,7 @@ class Config:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"Invalid setting(s) {bad} in {self}.")
+        swap_rule(self)  # The rule's settings: tpo.swap's factories check them.
 
 
 def make_optimizer(
@@ -223,30 +224,59 @@ def make_optimizer(
     )
     if config.optimizer == "cg":
         return cg
-    swap_at = None
     if config.optimizer in ("two-phase-fixed", "adam-lbfgs") and not config.prefix_run:
-        # A tail (prefix_run) starts in the second phase, where the swap step
-        # plays no part: without it the tails of every budget and the
-        # detected swap's are one program, compiled once.
-        swap_at = config.swap_epoch * adam_steps_per_epoch
+        rule = tpo.swap.at_step(config.swap_epoch * adam_steps_per_epoch)
+    else:
+        # A tail (prefix_run) starts in the second phase, where the rule plays
+        # no part: with the detected swap's rule the tails of every budget
+        # and the detected swap's are one program, compiled once.
+        rule = swap_rule(config, adam_steps_per_epoch)
     return tpo.two_phase(
         adam,
         optax.lbfgs() if config.optimizer == "adam-lbfgs" else cg,
-        window=adam_steps_per_epoch,
-        gn_factor=config.gn_factor,
-        smoothing=config.smoothing,
-        patience=config.patience,
-        min_rise=config.min_rise,
-        swap_rule=config.swap_rule,
-        plateau_rtol=config.plateau_rtol,
-        plateau_patience=config.plateau_patience,
-        plateau_smoothing=config.plateau_smoothing,
-        fit_errors=config.fit_errors,
-        fit_patience=config.fit_patience,
-        swap_at=swap_at,
+        swap=rule,
         fallback=config.fallback,
         max_failures=config.max_failures,
     )
+
+
+def swap_rule(config: Config, steps_per_epoch: int | None = None) -> tpo.swap.SwapRule:
+    """``config.swap_rule`` and its settings as a ``tpo.swap`` rule.
+
+    Read once per epoch of ``steps_per_epoch`` steps; ``None``: the rule
+    without its window, for :func:`tpo.swap.replay` on per-epoch rows. The
+    one place where the command line's rules become ``tpo.swap`` objects.
+    """
+    return _swap_rule(
+        config.swap_rule,
+        (config.gn_factor, config.smoothing, config.patience, config.min_rise),
+        (config.plateau_rtol, config.plateau_patience, config.plateau_smoothing),
+        (config.fit_errors, config.fit_patience),
+        steps_per_epoch,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _swap_rule(name, peak, plateau, fitted, steps_per_epoch) -> tpo.swap.SwapRule:
+    # Cached: the same settings give the same rule object, whose replay
+    # compiles once.
+    gn_factor, smoothing, patience, min_rise = peak
+    peak = tpo.swap.peak(
+        gn_factor, smoothing=smoothing, patience=patience, min_rise=min_rise
+    )
+    rtol, patience, smoothing = plateau
+    plateau = tpo.swap.plateau(rtol, patience=patience, smoothing=smoothing)
+    fitted = tpo.swap.fitted(fitted[0], patience=fitted[1])
+    rule = {
+        "peak": lambda: peak,
+        "plateau": lambda: plateau,
+        "peak-then-plateau": lambda: tpo.swap.after(peak, plateau),
+        "fit": lambda: fitted,
+        "fit-or-plateau": lambda: tpo.swap.any_of(fitted, plateau),
+    }[name]()
+    if steps_per_epoch is None:
+        return rule
+    return tpo.swap.per_window(rule, steps=steps_per_epoch)
 
 
 def linesearch_evaluations(linesearch_state: Any) -> tuple[jax.Array, jax.Array]:
@@ -815,23 +845,12 @@ def _kept_epochs(run: str) -> list[int]:
     return sorted(int(p.name) for p in (pathlib.Path(run) / KEPT).glob("[0-9]*"))
 
 
-def detector_settings(config: Config) -> dict[str, Any]:
-    """The swap detector's settings in ``config``, as ``replay`` takes them."""
-    return dict(
-        gn_factor=config.gn_factor,
-        smoothing=config.smoothing,
-        patience=config.patience,
-        min_rise=config.min_rise,
-    )
-
-
-def plateau_settings(config: Config) -> dict[str, Any]:
-    """The loss-plateau rule's settings in ``config``, as ``replay`` takes them."""
-    return dict(
-        rtol=config.plateau_rtol,
-        patience=config.plateau_patience,
-        smoothing=config.plateau_smoothing,
-    )
+# What tpo.swap.replay reads, and the metrics field that records it per epoch.
+RECORDS = {
+    "value": "batch_loss",
+    "grad_norm": "gn_reading",
+    "num_errors": "batch_errors",
+}
 
 
 def replayed_swap(
@@ -841,50 +860,27 @@ def replayed_swap(
     replayed on an Adam run's metrics ``rows``; ``None`` if not within them.
 
     Before its swap a two-phase run is the Adam run, so its rule sees what
-    the Adam run recorded: the gradient-norm readings (``"peak"``), the mean
-    batch losses (``"plateau"``), both (``"peak-then-plateau"``), or the
-    training examples the steps got wrong (``"fit"``). ``length`` pads the
-    rows (with the last) to a fixed length, so the replay compiles once.
+    the Adam run recorded: the gradient-norm readings, the mean batch losses
+    and the training examples the steps got wrong, which
+    :func:`tpo.swap.replay` runs through the rule's own code. ``length``
+    pads the rows (with the last) to a fixed length, so the replay compiles
+    once.
     """
     if length is not None:
         rows = rows + rows[-1:] * (length - len(rows))
-    rule = config.swap_rule
-    needs = {
-        "peak": ["gn_reading"],
-        "plateau": ["batch_loss"],
-        "fit": ["batch_errors"],
-    }.get(rule, ["batch_errors", "gn_reading", "batch_loss"])
-    if rule == "peak-then-plateau":
-        needs = ["gn_reading", "batch_loss"]
-    if rows and (missing := [k for k in needs if k not in rows[0]]):
+    return tpo.swap.replay(swap_rule(config), **records(swap_rule(config), rows))
+
+
+def records(rule: tpo.swap.SwapRule, rows: list[dict[str, Any]]) -> dict[str, list]:
+    """What ``rule`` reads, per epoch of metrics ``rows``, as
+    :func:`tpo.swap.replay` takes it."""
+    reads = sorted({"grad_norm" if r == "mean_grad" else r for r in rule.reads})
+    if rows and (missing := [RECORDS[r] for r in reads if RECORDS[r] not in rows[0]]):
         raise RunOutputError(
-            f"The metrics have no {missing[0]!r}, which the {rule!r} rule reads: "
-            "they were written by an older version. Train the Adam run again."
+            f"The metrics have no {missing[0]!r}, which the swap rule reads: they "
+            "were written by an older version. Train the Adam run again."
         )
-    swaps = []
-    if "fit" in rule:
-        flags = tpo.fitted.replay(
-            [r["batch_errors"] for r in rows],
-            fit_errors=config.fit_errors,
-            fit_patience=config.fit_patience,
-        )
-        swaps.append(next((i for i, f in enumerate(flags) if f), None))
-    if rule != "fit":
-        peak = tpo.swap_detection.replay(
-            [r["gn_reading"] for r in rows], **detector_settings(config)
-        )
-        if rule == "peak":
-            return peak
-        start = peak if rule == "peak-then-plateau" else 0
-        flags = tpo.loss_plateau.replay(
-            [r["batch_loss"] for r in rows], **plateau_settings(config)
-        )
-        if start is not None:
-            swaps.append(
-                next((i for i, f in enumerate(flags) if f and i >= start), None)
-            )
-    found = [i for i in swaps if i is not None]
-    return min(found) if found else None
+    return {r: [row[RECORDS[r]] for row in rows] for r in reads}
 
 
 def detected_at(trainer: Trainer, epoch: int) -> bool:
@@ -1119,7 +1115,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     check_model_fits_dataset(parser, args["model"], args["dataset"])
     args["fallback"] = None if args["fallback"] == "none" else args["fallback"]
     if args.pop("paper_rule"):
-        args.update(tpo.swap_detection.PAPER_RULE, swap_rule="peak")
+        args.update(PAPER_RULE)
     if args["out"] is None:
         args["out"] = f"runs/{args['dataset']}/{args['model']}/{args['optimizer']}"
     return Config(**args)

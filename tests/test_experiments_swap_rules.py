@@ -16,6 +16,7 @@ pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 from test_experiments_study import SMALL  # noqa: E402
 from test_experiments_study import without_timers  # noqa: E402
 
+import twophase_optax as tpo  # noqa: E402
 from experiments import compare  # noqa: E402
 from experiments import study  # noqa: E402
 from experiments import train  # noqa: E402
@@ -139,8 +140,32 @@ def test_swap_rule_flags_are_checked():
     assert (config.swap_rule, config.fit_errors) == ("fit", 3)
     with pytest.raises(SystemExit):
         train.parse_args(["--plateau-rtol", "1.5"])
-    with pytest.raises(ValueError, match="plateau_patience"):
+    with pytest.raises(ValueError, match="tpo.swap.plateau: patience"):
         train.Config(plateau_patience=0).validate()
+
+
+def test_each_swap_rule_flag_maps_onto_its_tpo_swap_rule():
+    readings = [1.0, 2.0, 3.0, 2.6, 2.8, 2.0, 1.5, 1.0, 0.5, 0.4, 0.3]
+    paper = train.parse_args(["--paper-rule"])
+    assert tpo.swap.replay(train.swap_rule(paper), grad_norm=readings) == 3
+    assert tpo.swap.replay(tpo.swap.PAPER, grad_norm=readings) == 3
+    rule = train.swap_rule(train.Config(), steps_per_epoch=7)
+    assert (rule.kind, rule.window, rule.children[0].kind) == (
+        "per_window",
+        7,
+        "any_of",
+    )
+    kinds = {
+        name: train.swap_rule(train.Config(swap_rule=name)).kind
+        for name in train.SWAP_RULES
+    }
+    assert kinds == {
+        "peak": "peak",
+        "plateau": "plateau",
+        "peak-then-plateau": "after",
+        "fit": "fitted",
+        "fit-or-plateau": "any_of",
+    }
 
 
 # -- the benchmark's rules on constructed rows ------------------------------
@@ -162,8 +187,12 @@ def rows_from(losses, errors=None, fwd_per_epoch=3.0):
 
 def test_fit_rules_swap_after_the_first_fitted_epochs():
     rows = rows_from([1.0] * 8, errors=[9, 3, 0, 1, 0, 0, 0, 2])
-    assert swap_rules.fit_rule()(rows, None).after == 2
-    assert swap_rules.fit_rule(3)(rows, None).after == 6
+    assert swap_rules.RULES["fit"](rows, None).after == 2
+    assert (
+        swap_rules.RULES["fit 10, or plateau (the default)"](rows, None).after is None
+    )
+    fit3 = swap_rules.replayed(tpo.swap.fitted(patience=3))
+    assert fit3(rows, None).after == 6
 
 
 def test_the_probe_swaps_where_cg_falls_faster_per_forward_pass():

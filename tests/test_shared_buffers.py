@@ -14,9 +14,9 @@ import optax
 import pytest
 
 import twophase_optax as tpo
+from experiments.benchmarks import overhead
 
 MANUAL = tpo.swap.manual()
-from experiments.benchmarks import overhead
 
 PARAMS = {"a": jnp.zeros(1000), "b": jnp.zeros((20, 30))}
 

@@ -29,7 +29,8 @@ for a step. Combinators keep the tuple of their children's states, as
 :func:`default` is the rule that :func:`twophase_optax.two_phase` is meant
 to be used with, fit or plateau read per epoch; :data:`PAPER` is
 Algorithm 1 as printed. :func:`replay` runs recorded readings (one per epoch
-of a metrics file, say) through a rule's own code.
+of a metrics file, say) through a rule's own code, and :func:`holds`
+gives, per reading, whether it holds.
 
 Example:
   >>> import twophase_optax as tpo
@@ -44,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -896,6 +898,7 @@ def default(steps_per_epoch: int) -> SwapRule:
 # -- replay ----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
 def _without_windows(rule: SwapRule) -> SwapRule:
     if rule.kind == "per_window":
         return _without_windows(rule.children[0])
@@ -906,43 +909,36 @@ def _without_windows(rule: SwapRule) -> SwapRule:
     return rule
 
 
-def replay(
+@functools.lru_cache(maxsize=64)
+def _replayer(rule: SwapRule) -> Callable[[Reading], jax.Array]:
+    # One compiled scan per rule (rules are hashable), so that replaying the
+    # same rule on records of the same length compiles once.
+    def read(state, reading):
+        reason, state = rule.update(reading, state)
+        return state, reason
+
+    def run(readings: Reading) -> jax.Array:
+        state = rule.init(jnp.zeros((), jnp.float32))
+        return jax.lax.scan(read, state, readings)[1]
+
+    return jax.jit(run)
+
+
+def holds(
     rule: SwapRule,
     *,
     value: Sequence[float] | None = None,
     grad_norm: Sequence[float] | None = None,
     num_errors: Sequence[int] | None = None,
-) -> int | None:
-    """The index of the reading on which ``rule`` first holds, or ``None``.
-
-    Runs recorded readings, one per window (the ``batch_loss``,
-    ``gn_reading`` and ``batch_errors`` of each epoch in a metrics file, say),
-    through the rule's own ``update``, in float32, so that a rule can be
-    tried on a recorded run without training again. Each record is a whole
-    reading: the rule's :func:`per_window` is read through, and
-    :func:`at_step` counts readings. A gradient-norm record stands for both
-    statistics of :func:`peak`.
-
-    Args:
-      rule: a :class:`SwapRule`.
-      value: the readings' mean losses, where the rule reads them.
-      grad_norm: the gradient-norm readings, where the rule reads them.
-      num_errors: the readings' misclassified examples, where the rule reads
-        them.
-
-    Returns:
-      The index (a window's, counting from 0) or ``None`` if the rule never
-      holds.
+) -> list[bool]:
+    """Per recorded reading, whether ``rule`` holds there (see :func:`replay`).
 
     Example:
       >>> import twophase_optax as tpo
-      >>> tpo.swap.replay(tpo.swap.default(steps_per_epoch=10),
-      ...                 value=[2.0, 1.0, 0.5, 0.25, 0.2],
-      ...                 num_errors=[50, 9, 0, 0, 0])
-      >>> tpo.swap.replay(tpo.swap.at_step(3), value=[2.0, 1.0, 0.5, 0.25])
-      2
+      >>> tpo.swap.holds(tpo.swap.fitted(patience=2), num_errors=[3, 0, 0, 1, 0])
+      [False, False, True, False, False]
     """
-    _check_rule(rule, "tpo.swap.replay")
+    _check_rule(rule, "tpo.swap.holds")
     rule = _without_windows(rule)
     given = {"value": value, "grad_norm": grad_norm, "num_errors": num_errors}
     lengths = {len(x) for x in given.values() if x is not None}
@@ -964,7 +960,7 @@ def replay(
         )
     (length,) = lengths
     if length == 0:
-        return None
+        return []
 
     def record(x, dtype):
         return jnp.zeros(length, dtype) if x is None else jnp.asarray(x, dtype)
@@ -978,11 +974,45 @@ def replay(
         mean_grad_norm=norms,
         num_errors=record(num_errors, jnp.int32),
     )
+    return [bool(r > 0) for r in np.asarray(_replayer(rule)(readings))]
 
-    def read(state, reading):
-        reason, state = rule.update(reading, state)
-        return state, reason
 
-    _, reasons = jax.lax.scan(read, rule.init(jnp.zeros((), jnp.float32)), readings)
-    fired = np.flatnonzero(np.asarray(reasons) > 0)
-    return int(fired[0]) if fired.size else None
+def replay(
+    rule: SwapRule,
+    *,
+    value: Sequence[float] | None = None,
+    grad_norm: Sequence[float] | None = None,
+    num_errors: Sequence[int] | None = None,
+) -> int | None:
+    """The index of the reading on which ``rule`` first holds, or ``None``.
+
+    Runs recorded readings, one per window (the ``batch_loss``,
+    ``gn_reading`` and ``batch_errors`` of each epoch in a metrics file, say),
+    through the rule's own ``update``, in float32, so that a rule can be
+    tried on a recorded run without training again. Each record is a whole
+    reading: the rule's :func:`per_window` is read through, and
+    :func:`at_step` counts readings. A gradient-norm record stands for both
+    statistics of :func:`peak`. Before its swap a two-phase run is its first
+    phase, so the index is the reading after which that run swaps.
+
+    Args:
+      rule: a :class:`SwapRule`.
+      value: the readings' mean losses, where the rule reads them.
+      grad_norm: the gradient-norm readings, where the rule reads them.
+      num_errors: the readings' misclassified examples, where the rule reads
+        them.
+
+    Returns:
+      The index (a window's, counting from 0) or ``None`` if the rule never
+      holds.
+
+    Example:
+      >>> import twophase_optax as tpo
+      >>> tpo.swap.replay(tpo.swap.default(steps_per_epoch=10),
+      ...                 value=[2.0, 1.0, 0.5, 0.25, 0.2],
+      ...                 num_errors=[50, 9, 0, 0, 0])
+      >>> tpo.swap.replay(tpo.swap.at_step(3), value=[2.0, 1.0, 0.5, 0.25])
+      2
+    """
+    flags = holds(rule, value=value, grad_norm=grad_norm, num_errors=num_errors)
+    return flags.index(True) if any(flags) else None

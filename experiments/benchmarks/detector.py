@@ -6,9 +6,10 @@ Trains Adam (the softmax + MSE head) for each model, batch size and seed, and
 records the gradient-norm reading of every epoch, the statistic that
 :func:`twophase_optax.two_phase` reads. Before its swap a two-phase run is bit
 for bit this Adam run, so replaying the readings through the library's
-detector (:func:`twophase_optax.swap_detection.replay`) gives the epoch on
-which a two-phase run would swap, for any rule and ``gn_factor``, without
-training it. For each run and ``gn_factor`` the table gives
+gradient-norm peak (:func:`twophase_optax.swap.replay` of
+:func:`twophase_optax.swap.peak`) gives the epoch on which a two-phase run
+would swap, for any rule and ``gn_factor``, without training it. For each run
+and ``gn_factor`` the table gives
 
 * the epoch of the peak of a centred 5-epoch moving average of the readings;
 * the swap epoch of Algorithm 1 as printed (``PAPER_RULE``) and of the
@@ -29,15 +30,16 @@ import json
 import pathlib
 from typing import Any
 
+import twophase_optax as tpo
 from experiments import train as train_lib
 from experiments.fig5 import centred_average
-from twophase_optax import swap_detection
 
 GN_FACTORS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 # Each rule's settings; the paper's brings its own gn_factor (0.9).
-RULES = {"paper": swap_detection.PAPER_RULE, "default": {}}
+PAPER = {k: v for k, v in train_lib.PAPER_RULE.items() if k != "swap_rule"}
+RULES = {"paper": PAPER, "default": {}}
 
 
 def run(args, model: str, batch: int, seed: int, swap: int | None = None):
@@ -66,7 +68,8 @@ def run(args, model: str, batch: int, seed: int, swap: int | None = None):
 
 def swap_epoch(readings: list[float], rule: str, **settings) -> int | None:
     """The 1-based epoch on which ``rule`` swaps (``None``: never)."""
-    index = swap_detection.replay(readings, **{**RULES[rule], **settings})
+    peak = tpo.swap.peak(**{**RULES[rule], **settings})
+    index = tpo.swap.replay(peak, grad_norm=readings)
     return None if index is None else index + 1
 
 
@@ -121,10 +124,10 @@ def study(args) -> dict[str, Any]:
         "dataset": args.dataset,
         "loss": train_lib.Config().loss,
         "default_rule": {
-            "gn_factor": swap_detection.DEFAULT_GN_FACTOR,
-            "smoothing": swap_detection.DEFAULT_SMOOTHING,
-            "patience": swap_detection.DEFAULT_PATIENCE,
-            "min_rise": swap_detection.DEFAULT_MIN_RISE,
+            "gn_factor": tpo.swap.DEFAULT_GN_FACTOR,
+            "smoothing": tpo.swap.DEFAULT_SMOOTHING,
+            "patience": tpo.swap.DEFAULT_PATIENCE,
+            "min_rise": tpo.swap.DEFAULT_MIN_RISE,
         },
         "runs": results,
     }

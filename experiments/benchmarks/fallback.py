@@ -18,7 +18,9 @@ where the searches fail for different reasons:
 * the same float32 MLP with CG on mini-batches of 128, a different batch each
   step.
 
-The first phase is Adam (learning rate 1e-2) until the fixed ``swap_at``. For
+The first phase is Adam (learning rate 1e-2) for ``swap_at`` steps
+(``tpo.swap.at_step``, which after a fallback swaps again ``swap_at`` steps
+later). For
 each run the table gives the final and the best full-batch training loss, the
 steps spent in the second phase, the failed searches, the fallbacks and the
 compute in full-batch forward-pass equivalents (a gradient counts 3, a
@@ -128,7 +130,7 @@ def problems(quick: bool):
 def run(loss, params, data, swap_at, steps, cg_batch, setting):
     """``steps`` steps; returns per-step full-batch loss, phase and failures."""
     x, y = data
-    opt = tpo.two_phase(optax.adam(1e-2), swap_at=swap_at, **setting)
+    opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(swap_at), **setting)
     batch = len(y) if cg_batch is None else cg_batch
     num_batches = len(y) // batch
 

@@ -3,10 +3,14 @@
     python -m experiments.benchmarks.overhead [--quick] [--out FILE.json]
 
 Table 1: seconds per call of the jitted update alone (float32 params of 1e4,
-1e6 and 1e7 elements) and of a full jitted train step of vit-mlp on digits
-(batch 512), for ``optax.adam`` and ``two_phase(optax.adam)`` with each
-statistic (a reading every 10 steps) and with the default ``window=1`` (where
-both statistics are the step's gradient norm), before the swap. Medians of
+1e6 and 1e7 elements) and of full jitted train steps (vit-mlp and vgg5 on
+digits, batch 512, and an MLP of 1.07e6 params on 784 inputs, batch 256,
+where the optimizer is a visible share of the step), for ``optax.adam`` and
+``two_phase(optax.adam)`` before the swap with the default rule
+(``tpo.swap.default``, fit or plateau), the fixed split (``at_step``, the
+least a rule can do), and the gradient-norm peak with each statistic; the
+rules read once every 10 steps, as for a 10-step epoch. Every step passes
+``num_errors``, computed from the same forward pass. Medians of
 interleaved repeats after a warm-up; compile time is reported separately, and
 so are the params-sized ``copy`` instructions of the optimised HLO and the
 minor page faults per call (memory the host allocator handed back and the
@@ -35,16 +39,21 @@ WINDOW = 10  # Steps per gradient-norm reading, as for a 10-step epoch.
 
 def optimizers() -> dict[str, optax.GradientTransformation]:
     adam = optax.adam(1e-3)
+    peak = lambda statistic: tpo.swap.per_window(  # noqa: E731
+        tpo.swap.peak(statistic=statistic), steps=WINDOW
+    )
     return {
         "optax.adam": adam,
-        "two_phase mean_grad": tpo.two_phase(
-            adam, window=WINDOW, statistic="mean_grad"
+        "two_phase default": tpo.two_phase(
+            adam, swap=tpo.swap.default(steps_per_epoch=WINDOW)
         ),
-        "two_phase mean_norm": tpo.two_phase(
-            adam, window=WINDOW, statistic="mean_norm"
-        ),
-        "two_phase window 1": tpo.two_phase(adam),
+        "two_phase at_step": tpo.two_phase(adam, swap=tpo.swap.at_step(10**9)),
+        "two_phase peak mean_grad": tpo.two_phase(adam, swap=peak("mean_grad")),
+        "two_phase peak mean_norm": tpo.two_phase(adam, swap=peak("mean_norm")),
     }
+
+
+NO_ERRORS = jnp.zeros((), jnp.int32)
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
@@ -116,7 +125,14 @@ def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
         for name, tx in optimizers().items():
 
             def update(g, s, p, tx=tx):
-                return tx.update(g, s, p, value=jnp.zeros(()), value_fn=value_fn)
+                return tx.update(
+                    g,
+                    s,
+                    p,
+                    value=jnp.zeros(()),
+                    value_fn=value_fn,
+                    num_errors=NO_ERRORS,
+                )
 
             args = (grads, tx.init(params), params)
             executable, compiles[name] = timing.compiled(update, *args)
@@ -140,24 +156,73 @@ def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
     return rows
 
 
-def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
+def model_problem(model_name: str):
+    """A model of ``experiments.models`` on a digits batch of 512."""
     dataset = data_lib.load("digits")
     model = models.create_model(model_name, "digits", dataset.image_shape, 10)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    images, labels = dataset.x_train[:512], dataset.y_train[:512]
+    apply = lambda p, images: nnx.merge(graphdef, nnx.State(p), rest)(images)  # noqa: E731
+    case = f"train step, {model_name} on digits, batch 512"
+    return case, apply, params, (dataset.x_train[:512], dataset.y_train[:512])
+
+
+def mlp_problem():
+    """A ReLU MLP 784-1024-256-10 (1.07e6 params) on a random batch of 256."""
+    sizes = (784, 1024, 256, 10)
+    keys = jax.random.split(jax.random.key(0), len(sizes))
+    params = {
+        f"layer{i}": {
+            "w": jax.random.normal(k, (m, n)) / jnp.sqrt(m),
+            "b": jnp.zeros(n),
+        }
+        for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=False))
+    }
+
+    def apply(p, x):
+        for i in range(len(sizes) - 1):
+            x = x @ p[f"layer{i}"]["w"] + p[f"layer{i}"]["b"]
+            x = jax.nn.relu(x) if i < len(sizes) - 2 else x
+        return x
+
+    x = jax.random.normal(keys[-1], (256, 784))
+    labels = jax.random.randint(keys[-1], (256,), 0, 10)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    return (
+        f"train step, MLP of {count:.2e} params, batch 256",
+        apply,
+        params,
+        (x, labels),
+    )
+
+
+def train_step(problem, repeats: int, inner: int) -> list[dict]:
+    case, apply, params, (images, labels) = problem
+
+    def loss_and_errors(p, images, labels):
+        outputs = apply(p, images)
+        errors = jnp.sum(jnp.argmax(outputs, -1) != labels, dtype=jnp.int32)
+        return models.mse_loss(outputs, labels), errors
 
     def loss(p, images, labels):
-        outputs = nnx.merge(graphdef, nnx.State(p), rest)(images)
-        return models.mse_loss(outputs, labels)
+        return loss_and_errors(p, images, labels)[0]
 
     candidates, compiles, copies = {}, {}, {}
     for name, tx in optimizers().items():
 
         def step(p, s, images, labels, tx=tx):
-            value, grad = jax.value_and_grad(loss)(p, images, labels)
+            (value, errors), grad = jax.value_and_grad(loss_and_errors, has_aux=True)(
+                p, images, labels
+            )
             updates, s = tx.update(
-                grad, s, p, value=value, value_fn=loss, images=images, labels=labels
+                grad,
+                s,
+                p,
+                value=value,
+                value_fn=loss,
+                num_errors=errors,
+                images=images,
+                labels=labels,
             )
             return optax.apply_updates(p, updates), s
 
@@ -168,7 +233,7 @@ def train_step(model_name: str, repeats: int, inner: int) -> list[dict]:
     medians, faults = timing.interleaved_medians_and_faults(candidates, repeats, inner)
     return [
         {
-            "case": f"train step, {model_name} on digits, batch 512",
+            "case": case,
             "optimizer": name,
             "seconds": medians[name],
             "ratio": medians[name] / medians["optax.adam"],
@@ -194,8 +259,9 @@ def state_memory(model_name: str) -> list[dict]:
         "conjugate_gradient": tpo.conjugate_gradient(),
         # A beta function of the trees needs CG's previous gradient too: the
         # general path, with one params-sized tree that Adam cannot share.
-        "two_phase window 1, CG with a beta function": tpo.two_phase(
-            second=tpo.conjugate_gradient(beta=_own_polak_ribiere_plus)
+        "two_phase default, CG with a beta function": tpo.two_phase(
+            second=tpo.conjugate_gradient(beta=_own_polak_ribiere_plus),
+            swap=tpo.swap.default(steps_per_epoch=WINDOW),
         ),
         "optax.lbfgs (memory 10)": optax.lbfgs(memory_size=10),
     }
@@ -216,12 +282,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        sizes, model, repeats, inner = [10_000, 100_000], "vit-nomlp-wkewq-wvwo", 5, 2
+        sizes, steps, repeats, inner = [10_000, 100_000], ["vit-nomlp-wkewq-wvwo"], 5, 2
+        problems = [model_problem(name) for name in steps]
     else:
-        sizes, model, repeats, inner = [10_000, 1_000_000, 10_000_000], "vit-mlp", 7, 20
+        sizes, steps, repeats, inner = (
+            [10_000, 1_000_000, 10_000_000],
+            ["vit-mlp", "vgg5"],
+            5,
+            20,
+        )
+        problems = [model_problem(name) for name in steps] + [mlp_problem()]
+    model = steps[0]
     # The update alone is cheap and, on a shared machine, noisy: three times
     # the repeats.
-    timings = update_only(sizes, 3 * repeats, inner) + train_step(model, repeats, inner)
+    timings = update_only(sizes, 3 * repeats, inner)
+    for problem in problems:
+        timings += train_step(problem, repeats, inner)
     memory = state_memory(model)
     result = {
         **timing.environment(),

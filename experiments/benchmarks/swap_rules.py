@@ -8,7 +8,7 @@ keeps the checkpoint of every epoch and records what a rule may read each
 epoch for free: the gradient-norm reading, the mean of the batch losses the
 steps saw (the ``value``s that ``two_phase`` receives) and the training
 examples those forward passes got wrong. Every rule is replayed on these rows
-(:mod:`twophase_optax.swap_rules`, the code ``two_phase`` runs), which gives
+(:func:`twophase_optax.swap.replay`, the code ``two_phase`` runs), which gives
 the epoch after which a two-phase run with that rule swaps; one tail per
 distinct swap epoch runs CG from that epoch's checkpoint to the longest budget
 and is read at each budget (CG has no schedule, so a tail does not depend on
@@ -105,52 +105,11 @@ class Swap:
     probes: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
 
 
-def gn_readings(rows):
-    return [r["gn_reading"] for r in rows]
-
-
-def first(flags, start: int = 0) -> int | None:
-    return next((i for i, f in enumerate(flags) if f and i >= start), None)
-
-
-def peak_rule(**settings):
-    """The gradient-norm peak (``two_phase``'s detector with ``settings``)."""
+def replayed(rule: tpo.swap.SwapRule):
+    """A ``tpo.swap`` rule, replayed on the Adam run's rows (no probes)."""
     return lambda rows, probe: Swap(
-        tpo.swap_detection.replay(gn_readings(rows), **settings)
+        tpo.swap.replay(rule, **train_lib.records(rule, rows))
     )
-
-
-def plateau_flags(rows, **settings) -> list[bool]:
-    return tpo.loss_plateau.replay([r["batch_loss"] for r in rows], **settings)
-
-
-def plateau_rule(armed_by_peak: bool = False, **settings):
-    """The loss plateau, from the first epoch or once the peak has fired."""
-
-    def rule(rows, probe):
-        start = 0
-        if armed_by_peak:
-            start = tpo.swap_detection.replay(gn_readings(rows))
-            if start is None:
-                return Swap(None)
-        return Swap(first(plateau_flags(rows, **settings), start))
-
-    return rule
-
-
-def fit_rule(patience: int = 1):
-    """No training example wrong in ``patience`` epochs in a row (counted by
-    the steps' own forward passes)."""
-
-    def rule(rows, probe):
-        run = 0
-        for i, r in enumerate(rows):
-            run = run + 1 if r["batch_errors"] == 0 else 0
-            if run >= patience:
-                return Swap(i)
-        return Swap(None)
-
-    return rule
 
 
 def adam_rate(rows, epoch: int, window: int) -> float:
@@ -168,13 +127,13 @@ def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plat
     loss per forward pass beats Adam's over its last ``window`` epochs."""
 
     def rule(rows, probe):
-        if arm == "plateau":
-            armed = plateau_flags(rows)
-        elif arm == "start":
+        if arm == "start":
             armed = [True] * len(rows)
         else:
-            peak = tpo.swap_detection.replay(gn_readings(rows))
-            armed = [peak is not None and i >= peak for i in range(len(rows))]
+            trigger = tpo.swap.plateau() if arm == "plateau" else tpo.swap.peak()
+            armed = tpo.swap.holds(trigger, **train_lib.records(trigger, rows))
+            if arm == "peak":  # From the peak on.
+                armed = [any(armed[: i + 1]) for i in range(len(rows))]
         probes, last = [], -every
         for epoch, ready in enumerate(armed):
             if not ready or epoch - last < every or epoch < window:
@@ -194,33 +153,27 @@ def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plat
     return rule
 
 
-def earliest(*rules):
-    """The earliest swap of several rules (probes: none of these probe)."""
-
-    def rule(rows, probe):
-        found = [r(rows, probe).after for r in rules]
-        found = [a for a in found if a is not None]
-        return Swap(min(found) if found else None)
-
-    return rule
-
-
+PEAK_THEN_PLATEAU = tpo.swap.after(tpo.swap.peak(), tpo.swap.plateau())
 RULES = {
-    "peak (the former default)": peak_rule(),
-    "paper": peak_rule(**tpo.swap_detection.PAPER_RULE),
-    "plateau": plateau_rule(),
-    "plateau, patience 10": plateau_rule(patience=10),
-    "peak, then plateau": plateau_rule(armed_by_peak=True),
-    "peak, then plateau 10": plateau_rule(armed_by_peak=True, patience=10),
-    "fit": fit_rule(),
-    "fit, or peak then plateau": earliest(fit_rule(), plateau_rule(armed_by_peak=True)),
-    "fit 5, or peak then plateau": earliest(
-        fit_rule(5), plateau_rule(armed_by_peak=True)
+    "peak (the former default)": replayed(tpo.swap.peak()),
+    "paper": replayed(tpo.swap.PAPER),
+    "plateau": replayed(tpo.swap.plateau()),
+    "plateau, patience 10": replayed(tpo.swap.plateau(patience=10)),
+    "peak, then plateau": replayed(PEAK_THEN_PLATEAU),
+    "peak, then plateau 10": replayed(
+        tpo.swap.after(tpo.swap.peak(), tpo.swap.plateau(patience=10))
     ),
-    "fit 10, or peak then plateau": earliest(
-        fit_rule(10), plateau_rule(armed_by_peak=True)
+    "fit": replayed(tpo.swap.fitted(patience=1)),
+    "fit, or peak then plateau": replayed(
+        tpo.swap.any_of(tpo.swap.fitted(patience=1), PEAK_THEN_PLATEAU)
     ),
-    "fit 10, or plateau (the default)": earliest(fit_rule(10), plateau_rule()),
+    "fit 5, or peak then plateau": replayed(
+        tpo.swap.any_of(tpo.swap.fitted(patience=5), PEAK_THEN_PLATEAU)
+    ),
+    "fit 10, or peak then plateau": replayed(
+        tpo.swap.any_of(tpo.swap.fitted(patience=10), PEAK_THEN_PLATEAU)
+    ),
+    "fit 10, or plateau (the default)": replayed(tpo.swap.default(steps_per_epoch=1)),
     "probe on plateau": probe_rule(),
 }
 

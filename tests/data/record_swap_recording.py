@@ -2,9 +2,10 @@
 
 Kept for the record: it spells each case with the keywords ``two_phase`` took
 before the swap rules became objects (``tpo.swap``), so it runs only on that
-commit: ``git checkout e189cd7``, then
-``XLA_FLAGS=--xla_cpu_max_isa=AVX PYTHONPATH=. python tests/data/record_swap_recording.py``
-(no fused multiply-adds, as in the tests: see ``tests/conftest.py``).
+commit: ``git checkout e189cd7``, then, with no fused multiply-adds as in
+the tests (see ``tests/conftest.py``),
+``XLA_FLAGS=--xla_cpu_max_isa=AVX PYTHONPATH=. python \
+tests/data/record_swap_recording.py``.
 ``tests/test_swap_recording.py`` holds the new spellings.
 """
 
