@@ -49,7 +49,5 @@ nitpick_ignore_regex = [
 ]
 # Annotations that name our classes through a module alias.
 autodoc_type_aliases = {
-    "loss_plateau.LossPlateauState": "twophase_optax.LossPlateauState",
-    "swap_detection.GradientNormPeakState": "twophase_optax.GradientNormPeakState",
 }
 napoleon_use_ivar = True  # NamedTuple fields are documented once, as fields.

@@ -107,7 +107,8 @@ class SwapRule(NamedTuple):
       update: ``(reading, state) -> (reason, state)``; ``reason`` is an
         int32, 0 while the rule does not hold, else its :data:`SWAP_REASONS`
         code. Jittable.
-      reads: which of :data:`READS` the rule reads.
+      reads: what the rule reads, of ``"value"``, ``"mean_grad"``,
+        ``"grad_norm"`` and ``"num_errors"``.
       window: steps per reading where the rule is a :func:`per_window`,
         else ``None``.
       needs_window: whether a rule below it reads windows that nothing
@@ -333,8 +334,8 @@ def peak(
 
 
 PAPER = peak(0.9, smoothing=1.0, patience=1, min_rise=1.0)
-"""Algorithm 1 as printed: swap on the first raw reading at or below 0.9 of
-the maximum. It reads one reading per epoch:
+"""The rule of Algorithm 1 as printed, which swaps on the first raw reading at
+or below 0.9 of the maximum. It reads one reading per epoch:
 ``tpo.swap.per_window(tpo.swap.PAPER, steps=steps_per_epoch)``."""
 
 

@@ -14,6 +14,7 @@ from twophase_optax import _protocol
 from twophase_optax import swap as swap_lib
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
+from twophase_optax.swap import SwapRule
 
 FALLBACKS = (None, "first")
 # The branches of the step's lax.switch.
@@ -267,7 +268,7 @@ def two_phase(
     first: optax.GradientTransformation | None = None,
     second: optax.GradientTransformation | None = None,
     *,
-    swap: swap_lib.SwapRule | None = None,
+    swap: SwapRule | None = None,
     fallback: str | None = None,
     max_failures: int = 3,
 ) -> optax.GradientTransformationExtraArgs:
@@ -387,7 +388,7 @@ def two_phase(
             raise ValueError(f"{name} must be an optax transformation, got {tx!r}.")
     if swap is None:
         raise ValueError(_NO_SWAP_RULE)
-    if not isinstance(swap, swap_lib.SwapRule):
+    if not isinstance(swap, SwapRule):
         raise ValueError(
             "two_phase: swap must be a rule of tpo.swap, e.g. "
             f"swap=tpo.swap.default(steps_per_epoch=N); got {swap!r}."
