@@ -268,23 +268,15 @@ def _swap_rule(name, peak, plateau, fitted, steps_per_epoch) -> tpo.swap.SwapRul
     plateau = tpo.swap.plateau(rtol, patience=patience, smoothing=smoothing)
     fitted = tpo.swap.fitted(fitted[0], patience=fitted[1])
     rule = {
-        "peak": lambda: peak,
-        "plateau": lambda: plateau,
-        "peak-then-plateau": lambda: tpo.swap.after(peak, plateau),
-        "fit": lambda: fitted,
-        "fit-or-plateau": lambda: tpo.swap.any_of(fitted, plateau),
-    }[name]()
+        "peak": peak,
+        "plateau": plateau,
+        "peak-then-plateau": tpo.swap.after(peak, plateau),
+        "fit": fitted,
+        "fit-or-plateau": tpo.swap.any_of(fitted, plateau),
+    }[name]
     if steps_per_epoch is None:
         return rule
     return tpo.swap.per_window(rule, steps=steps_per_epoch)
-
-
-def linesearch_evaluations(linesearch_state: Any) -> tuple[jax.Array, jax.Array]:
-    """How many trials a line search evaluated, and how many with the gradient."""
-    info = linesearch_state.info
-    if hasattr(info, "num_linesearch_steps"):  # optax's zoom search: both
-        return info.num_linesearch_steps, info.num_linesearch_steps
-    return info.num_evaluations, getattr(info, "num_gradients", 0)
 
 
 def linesearch_forward_passes(linesearch_state: Any) -> jax.Array:
@@ -539,7 +531,7 @@ class Trainer:
             gradients = jnp.zeros((), jnp.int32)
             cost = start_cost
         else:
-            searched, with_grad = linesearch_evaluations(linesearch)
+            searched, with_grad = tpo.linesearch_evaluations(linesearch)
             evaluations = jnp.where(ran_cg, searched, 0)
             step_size = jnp.where(ran_cg, linesearch.learning_rate, self.config.lr)
             # After a fallback the fresh CG state reads "not failed": right, as

@@ -10,6 +10,7 @@ from twophase_optax import cg_directions
 from twophase_optax import curvature
 from twophase_optax import swap
 from twophase_optax._protocol import find_linesearch_state
+from twophase_optax._protocol import linesearch_evaluations
 from twophase_optax.cg_directions import BETA_RULES
 from twophase_optax.cg_directions import dai_yuan
 from twophase_optax.cg_directions import fletcher_reeves
@@ -53,6 +54,7 @@ __all__ = [
     "fletcher_reeves",
     "golden_section_linesearch",
     "hestenes_stiefel",
+    "linesearch_evaluations",
     "linesearch_failed",
     "polak_ribiere",
     "polak_ribiere_plus",

@@ -178,6 +178,18 @@ def linesearch_evaluations(linesearch_state: Any) -> tuple[jax.Array, jax.Array]
     Reads this package's searches (``info.num_evaluations``, and the slope
     search's ``info.num_gradients``) and optax's zoom search, which evaluates
     both at every trial; ``(0, 0)`` for ``None`` or a search it does not know.
+    Jittable; :func:`twophase_optax.two_phase` sums them in its state.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import twophase_optax as tpo
+      >>> f = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> opt = tpo.conjugate_gradient()
+      >>> w = jnp.zeros(2)
+      >>> _, state = opt.update(2 * (w - 1.0), opt.init(w), w, value=f(w), value_fn=f)
+      >>> [int(n) for n in tpo.linesearch_evaluations(tpo.find_linesearch_state(state))]
+      [2, 1]
     """
     zero = jnp.asarray(0, jnp.int32)
     info = getattr(linesearch_state, "info", None)

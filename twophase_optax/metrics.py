@@ -10,6 +10,24 @@ from twophase_optax import _protocol
 from twophase_optax import swap
 from twophase_optax.two_phase import TwoPhaseState
 
+# Each rule's readings, where the rule has the part: metric -> state field.
+_RULE_METRICS = {
+    swap.PeakState: dict(
+        detect_step="detect_step",
+        gn_max="gn_max",
+        gn_last="gn_last",
+        gn_smoothed="gn_smoothed",
+        num_readings="num_readings",
+    ),
+    swap.PlateauState: dict(
+        plateau_step="plateau_step",
+        plateau_best="loss_best",
+        plateau_smoothed="loss_smoothed",
+        plateau_windows="num_flat",
+    ),
+    swap.FittedState: dict(fitted_step="fitted_step", fitted_windows="num_fitted"),
+}
+
 
 def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
     """Reads a :func:`two_phase` state, wherever it sits in ``opt_state``.
@@ -58,27 +76,10 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "num_evaluations": state.num_evaluations,
         "num_gradients": state.num_gradients,
     }
-    rule = state.swap
-    peak = _protocol.find_node(rule, lambda n: isinstance(n, swap.PeakState))
-    if peak is not None:
-        scalars.update(
-            detect_step=peak.detect_step,
-            gn_max=peak.gn_max,
-            gn_last=peak.gn_last,
-            gn_smoothed=peak.gn_smoothed,
-            num_readings=peak.num_readings,
-        )
-    plateau = _protocol.find_node(rule, lambda n: isinstance(n, swap.PlateauState))
-    if plateau is not None:
-        scalars.update(
-            plateau_step=plateau.plateau_step,
-            plateau_best=plateau.loss_best,
-            plateau_smoothed=plateau.loss_smoothed,
-            plateau_windows=plateau.num_flat,
-        )
-    fit = _protocol.find_node(rule, lambda n: isinstance(n, swap.FittedState))
-    if fit is not None:
-        scalars.update(fitted_step=fit.fitted_step, fitted_windows=fit.num_fitted)
+    for state_type, fields in _RULE_METRICS.items():
+        rule = _protocol.find_node(state.swap, lambda n, t=state_type: isinstance(n, t))
+        if rule is not None:
+            scalars.update({key: getattr(rule, f) for key, f in fields.items()})
     linesearch = _protocol.find_linesearch_state(state.second_state)
     if linesearch is not None:
         scalars["linesearch_learning_rate"] = linesearch.learning_rate

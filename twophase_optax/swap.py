@@ -9,22 +9,17 @@ pair of pure functions, ``init(params) -> state`` and
 that the factory has checked; ``reason`` is 0 while the rule does not hold
 and the rule's code in :data:`SWAP_REASONS` when it does.
 
-Base rules:
-
-* :func:`peak`: the gradient-norm peak of Algorithm 1, read smoothed;
-* :func:`plateau`: the loss has stopped falling;
-* :func:`fitted`: the training examples are fitted (classifiers);
-* :func:`at_step`: a fixed number of first-phase steps;
-* :func:`manual`: never; only :func:`twophase_optax.start_second_phase`.
-
-The peak, plateau and fit rules read one *reading* per window of steps (the
-paper reads once per epoch). The window is one explicit choice,
-:func:`per_window`, which accumulates the steps' values once for every rule
-below it; a rule that needs a window and has none is an error in
-:func:`twophase_optax.two_phase`, so that an epoch is never silently taken
-for a step. Combinators keep the tuple of their children's states, as
-``optax.chain`` does: :func:`any_of` (whichever holds first) and
-:func:`after` (a rule counted once a trigger has held).
+The base rules are :func:`peak` (the gradient-norm peak of Algorithm 1),
+:func:`plateau` (the loss has stopped falling), :func:`fitted` (the training
+examples are fitted), :func:`at_step` (a fixed split) and :func:`manual`
+(only :func:`twophase_optax.start_second_phase`). The first three read one
+*reading* per window of steps (the paper reads once per epoch). The window is
+one explicit choice, :func:`per_window`, which sums the steps' values once for
+every rule below it; a rule that needs a window and has none is an error in
+:func:`twophase_optax.two_phase`, so that an epoch is never silently taken for
+a step. Combinators keep the tuple of their children's states, as
+``optax.chain`` does: :func:`any_of` (whichever holds first) and :func:`after`
+(a rule counted once a trigger has held).
 
 :func:`default` is the rule that :func:`twophase_optax.two_phase` is meant
 to be used with, fit or plateau read per epoch; :data:`PAPER` is
@@ -65,10 +60,6 @@ MANUAL_REASON = _MANUAL
 """The code :func:`twophase_optax.start_second_phase` records."""
 
 STATISTICS = ("mean_grad", "mean_norm")
-# What a rule may read: the loss, the norm of the window's mean gradient (a
-# params-sized sum where the window has more than one step), the mean of the
-# steps' gradient norms, and the misclassified examples.
-READS = ("value", "mean_grad", "grad_norm", "num_errors")
 
 
 class Reading(NamedTuple):
@@ -141,9 +132,17 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _check(ok: bool, rule: str, name: str, what: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"tpo.swap.{rule}: {name} must be {what}, got {value!r}.")
+# What a setting must be: a test and the words for it.
+_COUNT = (lambda x: _is_int(x) and x >= 1, "an integer >= 1")
+_FRACTION = (lambda x: _is_real(x) and 0 < x < 1, "a number in (0, 1)")
+_WEIGHT = (lambda x: _is_real(x) and 0 < x <= 1, "a number in (0, 1] (1: raw)")
+
+
+def _check(rule: str, **settings: tuple[Any, tuple[Callable, str]]) -> None:
+    """Raises ``ValueError`` for the first setting that fails its test."""
+    for name, (value, (ok, what)) in settings.items():
+        if not ok(value):
+            raise ValueError(f"tpo.swap.{rule}: {name} must be {what}, got {value!r}.")
 
 
 def _check_rule(rule: Any, where: str) -> None:
@@ -248,42 +247,13 @@ def peak(
       9
     """
     _check(
-        _is_real(gn_factor) and 0 < gn_factor < 1,
         "peak",
-        "gn_factor",
-        "a number in (0, 1) (the paper uses 0.9)",
-        gn_factor,
-    )
-    _check(
-        _is_real(smoothing) and 0 < smoothing <= 1,
-        "peak",
-        "smoothing",
-        "a number in (0, 1] (1: no smoothing)",
-        smoothing,
-    )
-    _check(
-        _is_int(patience) and patience >= 1,
-        "peak",
-        "patience",
-        "an integer >= 1",
-        patience,
-    )
-    _check(
-        _is_real(min_rise) and min_rise >= 1,
-        "peak",
-        "min_rise",
-        "a number >= 1 (1: the paper's rule)",
-        min_rise,
-    )
-    _check(
-        _is_int(min_windows) and min_windows >= 1,
-        "peak",
-        "min_windows",
-        "an integer >= 1",
-        min_windows,
-    )
-    _check(
-        statistic in STATISTICS, "peak", "statistic", f"one of {STATISTICS}", statistic
+        gn_factor=(gn_factor, _FRACTION),
+        smoothing=(smoothing, _WEIGHT),
+        patience=(patience, _COUNT),
+        min_rise=(min_rise, (lambda x: _is_real(x) and x >= 1, "a number >= 1")),
+        min_windows=(min_windows, _COUNT),
+        statistic=(statistic, (STATISTICS.__contains__, f"one of {STATISTICS}")),
     )
     use_mean_grad = statistic == "mean_grad"
 
@@ -412,32 +382,11 @@ def plateau(
       6
     """
     _check(
-        _is_real(rtol) and 0 <= rtol < 1,
         "plateau",
-        "rtol",
-        "a number in [0, 1) (the relative fall per window that counts as progress)",
-        rtol,
-    )
-    _check(
-        _is_int(patience) and patience >= 1,
-        "plateau",
-        "patience",
-        "an integer >= 1 (windows without progress before the swap)",
-        patience,
-    )
-    _check(
-        _is_real(smoothing) and 0 < smoothing <= 1,
-        "plateau",
-        "smoothing",
-        "a number in (0, 1] (1: no smoothing)",
-        smoothing,
-    )
-    _check(
-        _is_int(min_windows) and min_windows >= 1,
-        "plateau",
-        "min_windows",
-        "an integer >= 1",
-        min_windows,
+        rtol=(rtol, (lambda x: _is_real(x) and 0 <= x < 1, "a number in [0, 1)")),
+        patience=(patience, _COUNT),
+        smoothing=(smoothing, _WEIGHT),
+        min_windows=(min_windows, _COUNT),
     )
 
     def init(params: Any) -> PlateauState:
@@ -529,19 +478,9 @@ def fitted(
       5
     """
     _check(
-        _is_int(max_errors) and max_errors >= 0,
         "fitted",
-        "max_errors",
-        "an integer >= 0 (the most misclassified training examples in a "
-        "window that count as fitted)",
-        max_errors,
-    )
-    _check(
-        _is_int(patience) and patience >= 1,
-        "fitted",
-        "patience",
-        "an integer >= 1 (fitted windows in a row before the swap)",
-        patience,
+        max_errors=(max_errors, (lambda x: _is_int(x) and x >= 0, "an integer >= 0")),
+        patience=(patience, _COUNT),
     )
 
     def init(params: Any) -> FittedState:
@@ -598,7 +537,7 @@ def at_step(n: int) -> SwapRule:
       >>> int(state.swap_step), tpo.swap.SWAP_REASONS[int(state.swap_reason)]
       (2, 'at_step')
     """
-    _check(_is_int(n) and n >= 0, "at_step", "n", "an integer >= 0", n)
+    _check("at_step", n=(n, (lambda x: _is_int(x) and x >= 0, "an integer >= 0")))
 
     def init(params: Any) -> AtStepState:
         del params
@@ -677,14 +616,8 @@ def per_window(rule: SwapRule, *, steps: int) -> SwapRule:
       True
     """
     _check_rule(rule, "tpo.swap.per_window")
-    _check(
-        _is_int(steps) and steps >= 1,
-        "per_window",
-        "steps",
-        "an integer >= 1 (steps per reading, e.g. steps per epoch)",
-        steps,
-    )
-    if rule.window is not None or _has_window(rule):
+    _check("per_window", steps=(steps, _COUNT))
+    if _has_window(rule):
         raise ValueError(
             "tpo.swap.per_window: the rule already reads windows; wrap the "
             "combination once: per_window(any_of(a, b), steps=N)."
@@ -709,53 +642,43 @@ def per_window(rule: SwapRule, *, steps: int) -> SwapRule:
     def update(reading: Reading, state: WindowState) -> tuple[jax.Array, WindowState]:
         count = state.window_count + 1
         complete = count == steps
-        value_sum = norm_sum = errors = grad_sum = None
-        mean_value = mean_norm = mean_grad_norm = num_errors = jnp.zeros(())
-        if state.window_value_sum is not None:
-            dtype = state.window_value_sum.dtype
-            value_sum = state.window_value_sum + jnp.asarray(reading.value).astype(
-                dtype
-            )
-            mean_value = value_sum / steps
-        if state.window_norm_sum is not None:
-            dtype = state.window_norm_sum.dtype
-            norm_sum = state.window_norm_sum + jnp.asarray(reading.grad_norm).astype(
-                dtype
-            )
-            mean_norm = mean_grad_norm = norm_sum / steps
+
+        def add(total, x):  # A sum that the rules below do not read stays None.
+            return None if total is None else total + jnp.asarray(x).astype(total.dtype)
+
+        def mean(total):
+            return jnp.zeros(()) if total is None else total / steps
+
+        value_sum = add(state.window_value_sum, reading.value)
+        norm_sum = add(state.window_norm_sum, reading.grad_norm)
+        errors = add(state.window_errors, reading.num_errors)
+        mean_grad_norm = mean(norm_sum)  # One step's gradient: its norm.
+        grad_sum = None
         if keep_grad_sum:
-            dtype = state.window_norm_sum.dtype
-            grad_sum = optax.tree.add(
-                state.window_grad_sum, optax.tree.cast(reading.grad, dtype)
-            )
+            grad = optax.tree.cast(reading.grad, state.window_norm_sum.dtype)
+            grad_sum = optax.tree.add(state.window_grad_sum, grad)
             mean_grad_norm = optax.tree.norm(grad_sum) / steps
-        if state.window_errors is not None:
-            errors = state.window_errors + jnp.asarray(reading.num_errors).astype(
-                jnp.int32
-            )
-            num_errors = errors
         window_reading = Reading(
             step=reading.step,
             complete=reading.complete & complete,
-            value=mean_value,
-            grad_norm=mean_norm,
+            value=mean(value_sum),
+            grad_norm=mean(norm_sum),
             mean_grad_norm=mean_grad_norm,
-            num_errors=num_errors,
+            num_errors=jnp.zeros((), jnp.int32) if errors is None else errors,
         )
         reason, rule_state = rule.update(window_reading, state.rule_state)
-        restart = lambda x: None if x is None else jnp.where(complete, 0, x)  # noqa: E731
+
+        def restart(total):
+            if total is None:
+                return None
+            return optax.tree.where(complete, optax.tree.zeros_like(total), total)
+
         new = WindowState(
             window_count=jnp.where(complete, 0, count).astype(jnp.int32),
             window_value_sum=restart(value_sum),
             window_norm_sum=restart(norm_sum),
             window_errors=restart(errors),
-            window_grad_sum=(
-                None
-                if grad_sum is None
-                else optax.tree.where(
-                    complete, optax.tree.zeros_like(grad_sum), grad_sum
-                )
-            ),
+            window_grad_sum=restart(grad_sum),
             rule_state=rule_state,
         )
         return reason, optax.tree.cast_like(new, state)
@@ -886,13 +809,7 @@ def default(steps_per_epoch: int) -> SwapRule:
       >>> tpo.swap.default(steps_per_epoch=23).window
       23
     """
-    _check(
-        _is_int(steps_per_epoch) and steps_per_epoch >= 1,
-        "default",
-        "steps_per_epoch",
-        "an integer >= 1 (the first phase's steps per epoch)",
-        steps_per_epoch,
-    )
+    _check("default", steps_per_epoch=(steps_per_epoch, _COUNT))
     return per_window(any_of(fitted(), plateau()), steps=steps_per_epoch)
 
 
