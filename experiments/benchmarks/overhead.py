@@ -115,44 +115,47 @@ def params_sized_copies(hlo_text: str, params) -> dict[str, int]:
     }
 
 
+def timed(case: str, make_call, params, repeats: int, inner: int) -> list[dict]:
+    """One row per optimizer: ``make_call(tx)`` gives a function and its
+    arguments, timed round-robin against every other optimizer's."""
+    candidates, compiles, copies = {}, {}, {}
+    for name, tx in optimizers().items():
+        call, args = make_call(tx)
+        executable, compiles[name] = timing.compiled(call, *args)
+        copies[name] = params_sized_copies(executable.as_text(), params)
+        candidates[name] = (jax.jit(call), args)
+    medians, faults = timing.interleaved_medians_and_faults(candidates, repeats, inner)
+    return [
+        {
+            "case": case,
+            "optimizer": name,
+            "seconds": medians[name],
+            "ratio": medians[name] / medians["optax.adam"],
+            "compile_seconds": compiles[name],
+            "copies": copies[name],
+            "minor_faults_per_call": faults[name],
+        }
+        for name in candidates
+    ]
+
+
 def update_only(sizes: list[int], repeats: int, inner: int) -> list[dict]:
     rows = []
     value_fn = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
     for n in sizes:
         params = {"w": jnp.zeros(n, jnp.float32)}
         grads = {"w": jax.random.normal(jax.random.key(0), (n,), jnp.float32)}
-        candidates, compiles, copies = {}, {}, {}
-        for name, tx in optimizers().items():
 
-            def update(g, s, p, tx=tx):
-                return tx.update(
-                    g,
-                    s,
-                    p,
-                    value=jnp.zeros(()),
-                    value_fn=value_fn,
-                    num_errors=NO_ERRORS,
-                )
+        def make_call(tx, grads=grads, params=params):
+            def update(g, s, p):
+                zero = jnp.zeros(())
+                kwargs = dict(value=zero, value_fn=value_fn, num_errors=NO_ERRORS)
+                return tx.update(g, s, p, **kwargs)
 
-            args = (grads, tx.init(params), params)
-            executable, compiles[name] = timing.compiled(update, *args)
-            copies[name] = params_sized_copies(executable.as_text(), params)
-            candidates[name] = (jax.jit(update), args)
-        medians, faults = timing.interleaved_medians_and_faults(
-            candidates, repeats, inner
-        )
-        for name in candidates:
-            rows.append(
-                {
-                    "case": f"update only, {n:.0e} params",
-                    "optimizer": name,
-                    "seconds": medians[name],
-                    "ratio": medians[name] / medians["optax.adam"],
-                    "compile_seconds": compiles[name],
-                    "copies": copies[name],
-                    "minor_faults_per_call": faults[name],
-                }
-            )
+            return update, (grads, tx.init(params), params)
+
+        case = f"update only, {n:.0e} params"
+        rows += timed(case, make_call, params, repeats, inner)
     return rows
 
 
@@ -207,42 +210,18 @@ def train_step(problem, repeats: int, inner: int) -> list[dict]:
     def loss(p, images, labels):
         return loss_and_errors(p, images, labels)[0]
 
-    candidates, compiles, copies = {}, {}, {}
-    for name, tx in optimizers().items():
-
-        def step(p, s, images, labels, tx=tx):
+    def make_call(tx):
+        def step(p, s, images, labels):
             (value, errors), grad = jax.value_and_grad(loss_and_errors, has_aux=True)(
                 p, images, labels
             )
-            updates, s = tx.update(
-                grad,
-                s,
-                p,
-                value=value,
-                value_fn=loss,
-                num_errors=errors,
-                images=images,
-                labels=labels,
-            )
+            extra = dict(num_errors=errors, images=images, labels=labels)
+            updates, s = tx.update(grad, s, p, value=value, value_fn=loss, **extra)
             return optax.apply_updates(p, updates), s
 
-        args = (params, tx.init(params), images, labels)
-        executable, compiles[name] = timing.compiled(step, *args)
-        copies[name] = params_sized_copies(executable.as_text(), params)
-        candidates[name] = (jax.jit(step), args)
-    medians, faults = timing.interleaved_medians_and_faults(candidates, repeats, inner)
-    return [
-        {
-            "case": case,
-            "optimizer": name,
-            "seconds": medians[name],
-            "ratio": medians[name] / medians["optax.adam"],
-            "compile_seconds": compiles[name],
-            "copies": copies[name],
-            "minor_faults_per_call": faults[name],
-        }
-        for name in candidates
-    ]
+        return step, (params, tx.init(params), images, labels)
+
+    return timed(case, make_call, params, repeats, inner)
 
 
 def _own_polak_ribiere_plus(grad, grad_prev, dir_prev):
