@@ -5,28 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from twophase_optax import _protocol
 from twophase_optax import swap
 from twophase_optax.two_phase import TwoPhaseState
-
-# Each rule's readings, where the rule has the part: metric -> state field.
-_RULE_METRICS = {
-    swap.PeakState: dict(
-        detect_step="detect_step",
-        gn_max="gn_max",
-        gn_last="gn_last",
-        gn_smoothed="gn_smoothed",
-        num_readings="num_readings",
-    ),
-    swap.PlateauState: dict(
-        plateau_step="plateau_step",
-        plateau_best="loss_best",
-        plateau_smoothed="loss_smoothed",
-        plateau_windows="num_flat",
-    ),
-    swap.FittedState: dict(fitted_step="fitted_step", fitted_windows="num_fitted"),
-}
 
 
 def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
@@ -41,13 +24,12 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
     :data:`twophase_optax.swap.SWAP_REASONS`), ``num_skipped`` (non-finite
     steps), ``num_failures`` (failed second-phase steps in a row),
     ``num_fallbacks``, ``num_evaluations`` and ``num_gradients`` (the second
-    phase's line-search evaluations so far, and those with a gradient); the
-    swap rule's readings where its parts exist: the peak's ``detect_step``,
-    ``gn_max``, ``gn_last``, ``gn_smoothed`` and ``num_readings``; the
-    plateau's ``plateau_step`` (-1 until it holds), ``plateau_best``,
-    ``plateau_smoothed`` and ``plateau_windows`` (windows without progress);
-    the fit rule's ``fitted_step`` and ``fitted_windows`` (fitted windows in
-    a row); and, once the second phase has a line search,
+    phase's line-search evaluations so far, and those with a gradient); every
+    scalar of the swap rule's state by its field's name (the peak's
+    ``detect_step``, ``gn_max``, ``gn_last``, ...; the plateau's
+    ``plateau_step``, ``loss_best``, ``num_flat``, ...; the fit rule's
+    ``fitted_step`` and ``num_fitted``; see :mod:`twophase_optax.swap`); and,
+    once the second phase has a line search,
     ``linesearch_learning_rate``, ``linesearch_value`` if recorded, and one
     ``linesearch_<field>`` per field of its info (for the default slope
     search: ``num_evaluations``, ``num_gradients``, ``slope``, ``failed``).
@@ -76,10 +58,11 @@ def two_phase_metrics(opt_state: Any) -> dict[str, float | int | bool]:
         "num_evaluations": state.num_evaluations,
         "num_gradients": state.num_gradients,
     }
-    for state_type, fields in _RULE_METRICS.items():
-        rule = _protocol.find_node(state.swap, lambda n, t=state_type: isinstance(n, t))
-        if rule is not None:
-            scalars.update({key: getattr(rule, f) for key, f in fields.items()})
+    # The rule's scalars, each by its field's name (the first where two parts
+    # of a combination share one).
+    for path, x in jax.tree_util.tree_flatten_with_path(state.swap)[0]:
+        if jnp.ndim(x) == 0 and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            scalars.setdefault(path[-1].name, x)
     linesearch = _protocol.find_linesearch_state(state.second_state)
     if linesearch is not None:
         scalars["linesearch_learning_rate"] = linesearch.learning_rate

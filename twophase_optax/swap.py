@@ -161,6 +161,16 @@ def _code(holds: jax.Array, code: int) -> jax.Array:
     return jnp.where(holds, code, 0).astype(jnp.int32)
 
 
+def _moving_average(first: jax.Array, average: jax.Array, new: jax.Array, weight):
+    """The exponential moving average with ``new``; ``new`` itself at first."""
+    return jnp.where(first, new, average + weight * (new - average))
+
+
+def _first_step(holds: jax.Array, step: jax.Array, recorded: jax.Array) -> jax.Array:
+    """The step at which a rule first held: ``recorded`` once set (-1: not)."""
+    return jnp.where(holds & (recorded < 0), step, recorded).astype(jnp.int32)
+
+
 # -- the gradient-norm peak ----------------------------------------------------
 
 DEFAULT_GN_FACTOR = 0.5
@@ -274,9 +284,7 @@ def peak(
         norm = reading.mean_grad_norm if use_mean_grad else reading.grad_norm
         norm = jnp.asarray(norm).astype(dtype)
         first = state.num_readings == 0
-        smoothed = jnp.where(
-            first, norm, state.gn_smoothed + smoothing * (norm - state.gn_smoothed)
-        )
+        smoothed = _moving_average(first, state.gn_smoothed, norm, smoothing)
         gn_first = jnp.where(first, smoothed, state.gn_first)
         gn_max = jnp.maximum(state.gn_max, smoothed)
         risen = gn_max >= min_rise * gn_first
@@ -293,9 +301,7 @@ def peak(
             gn_first=gn_first,
             num_below=num_below,
             num_readings=num_readings,
-            detect_step=jnp.where(
-                holds & (state.detect_step < 0), reading.step, state.detect_step
-            ).astype(jnp.int32),
+            detect_step=_first_step(holds, reading.step, state.detect_step),
         )
         return _code(holds, _PEAK), _on_complete(reading.complete, new, state)
 
@@ -402,9 +408,7 @@ def plateau(
     def update(reading: Reading, state: PlateauState) -> tuple[jax.Array, PlateauState]:
         mean = jnp.asarray(reading.value).astype(state.loss_best.dtype)
         first = state.num_windows == 0
-        smoothed = jnp.where(
-            first, mean, state.loss_smoothed + smoothing * (mean - state.loss_smoothed)
-        )
+        smoothed = _moving_average(first, state.loss_smoothed, mean, smoothing)
         improved = smoothed < (1 - rtol) * state.loss_best
         spike = smoothed * (1 - rtol) > state.loss_best
         num_flat = jnp.where(improved | spike, 0, state.num_flat + 1)
@@ -415,9 +419,7 @@ def plateau(
             loss_smoothed=smoothed,
             num_flat=num_flat,
             num_windows=num_windows,
-            plateau_step=jnp.where(
-                holds & (state.plateau_step < 0), reading.step, state.plateau_step
-            ).astype(jnp.int32),
+            plateau_step=_first_step(holds, reading.step, state.plateau_step),
         )
         return _code(holds, _PLATEAU), _on_complete(reading.complete, new, state)
 
@@ -493,9 +495,7 @@ def fitted(
         holds = reading.complete & (num_fitted >= patience)
         new = FittedState(
             num_fitted=num_fitted,
-            fitted_step=jnp.where(
-                holds & (state.fitted_step < 0), reading.step, state.fitted_step
-            ).astype(jnp.int32),
+            fitted_step=_first_step(holds, reading.step, state.fitted_step),
         )
         return _code(holds, _FITTED), _on_complete(reading.complete, new, state)
 

@@ -330,12 +330,8 @@ def two_phase(
         ``first`` with a fresh state (new moments) and a fresh swap rule
         state; the rule then decides the next swap as from the start
         (``at_step(n)``: ``n`` steps after the fallback; ``manual()``: the
-        next :func:`start_second_phase`). Measured
-        (``experiments/benchmarks/fallback.py``): where CG stalls away from a
-        minimum (bfloat16 params, a loss without a minimum) falling back
-        reaches far lower losses at half the compute; at a minimum that CG
-        has resolved to float precision its searches fail too, and each
-        fallback throws the params off it by about the learning rate.
+        next :func:`start_second_phase`). When falling back pays and when it
+        throws a converged run off its minimum: BENCHMARKS.md section 7.
       max_failures: failed line searches in a row that count as stuck (>= 1).
 
     Returns:
