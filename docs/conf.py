@@ -47,7 +47,4 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|optax|chex|numpy|collections|typing|types|builtins)\..*"),
 ]
-# Annotations that name our classes through a module alias.
-autodoc_type_aliases = {
-}
 napoleon_use_ivar = True  # NamedTuple fields are documented once, as fields.

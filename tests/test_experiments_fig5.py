@@ -49,7 +49,7 @@ def test_analyse_marks_the_peak_the_smoothed_peak_and_the_shape():
     assert smoothed[5] == pytest.approx(3.2) and smoothed[6] == pytest.approx(3.2)
     assert result["smoothed_peak"]["epoch"] == 6
     assert result["algorithm1_swap"]["epoch"] == 6  # 3.0 <= 0.9 * 5.0
-    default = fig5.swap_detection.replay(readings)
+    default = fig5.tpo.swap.replay(fig5.tpo.swap.peak(), grad_norm=readings)
     assert result["default_swap"]["epoch"] == default + 1
     # The ends average what there is: epoch 1 the first three readings.
     assert result["rise"] == pytest.approx(3.2 / 1.0)
