@@ -244,13 +244,6 @@ class TwoPhaseState(NamedTuple):
         return _unshare(self.first_state, self.second_state)
 
 
-_NO_SWAP_RULE = (
-    "two_phase needs a swap rule, read per epoch of the first phase: "
-    "two_phase(first, second, swap=tpo.swap.default(steps_per_epoch=N)) "
-    "(fit or plateau), or swap=tpo.swap.at_step(n), or swap=tpo.swap.manual()."
-)
-
-
 def _check_num_errors(num_errors: Any) -> jax.Array:
     shape = jnp.shape(num_errors)
     dtype = jnp.result_type(num_errors)
@@ -299,13 +292,9 @@ def two_phase(
     ``fallback``), and ``second`` starts from the parameters ``first`` left,
     with a fresh state (for CG: a steepest-descent step).
 
-    Since neither phase reads the other's state, they share its params-sized
-    buffers: Adam's two moments before the swap and CG's direction and stored
-    gradient after it are the same two trees. The default state is twice the
-    params plus scalars, as for ``optax.adam``, and the first phase's branch
-    copies nothing params-sized. Trees without a twin of the same shapes and
-    dtypes (a CG ``beta`` function, which needs the previous gradient, or
-    Adam with ``mu_dtype``) are kept apart.
+    Neither phase reads the other's state, so they share its params-sized
+    buffers (Adam's moments, CG's direction and stored gradient): the default
+    state is twice the params plus scalars, as for ``optax.adam``.
 
     A step whose loss ``value`` or gradient holds a NaN or an infinity (or a
     gradient whose sum of squares overflows) is skipped, in either phase, the
@@ -383,7 +372,11 @@ def two_phase(
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise ValueError(f"{name} must be an optax transformation, got {tx!r}.")
     if swap is None:
-        raise ValueError(_NO_SWAP_RULE)
+        raise ValueError(
+            "two_phase needs a swap rule, read per epoch of the first phase: "
+            "two_phase(first, second, swap=tpo.swap.default(steps_per_epoch=N)) "
+            "(fit or plateau), or swap=tpo.swap.at_step(n), or swap=tpo.swap.manual()."
+        )
     if not isinstance(swap, SwapRule):
         raise ValueError(
             "two_phase: swap must be a rule of tpo.swap, e.g. "
@@ -549,10 +542,9 @@ def two_phase(
             num_errors=num_errors,
             grad=readings_grad,
         )
-        if fallback == "first":
-            swap_state = optax.tree.where(fall_back_now, swap.init(params), state.swap)
-        else:
-            swap_state = state.swap
+        # A fallback starts the rule afresh (fall_back_now is False without one).
+        fresh = swap.init(params) if fallback == "first" else state.swap
+        swap_state = optax.tree.where(fall_back_now, fresh, state.swap)
         reason, swap_state = swap.update(reading, swap_state)
         swap_state = optax.tree.where(finite, swap_state, state.swap)
         swap_now = (reason > 0) & finite & ~in_second_phase
