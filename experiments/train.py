@@ -860,7 +860,8 @@ def replayed_swap(
     """
     if length is not None:
         rows = rows + rows[-1:] * (length - len(rows))
-    return tpo.swap.replay(swap_rule(config), **records(swap_rule(config), rows))
+    rule = swap_rule(config)
+    return tpo.swap.replay(rule, **records(rule, rows))
 
 
 def records(rule: tpo.swap.SwapRule, rows: list[dict[str, Any]]) -> dict[str, list]:

@@ -600,7 +600,10 @@ def per_window(rule: SwapRule, *, steps: int) -> SwapRule:
             "combination once: per_window(any_of(a, b), steps=N)."
         )
     reads = rule.reads
+    # The norm of a window's mean gradient needs the gradients' sum; that of
+    # a one-step window is the step's norm, summed like "grad_norm".
     keep_grad_sum = "mean_grad" in reads and steps > 1
+    keep_norm_sum = "grad_norm" in reads or ("mean_grad" in reads and steps == 1)
 
     def init(params: Any) -> WindowState:
         dtype = _protocol.scalar_dtype(params)
@@ -608,7 +611,7 @@ def per_window(rule: SwapRule, *, steps: int) -> SwapRule:
         return WindowState(
             window_count=jnp.asarray(0, jnp.int32),
             window_value_sum=zero if "value" in reads else None,
-            window_norm_sum=zero if reads & {"grad_norm", "mean_grad"} else None,
+            window_norm_sum=zero if keep_norm_sum else None,
             window_errors=jnp.asarray(0, jnp.int32) if "num_errors" in reads else None,
             window_grad_sum=(
                 optax.tree.zeros_like(params, dtype=dtype) if keep_grad_sum else None
@@ -632,7 +635,7 @@ def per_window(rule: SwapRule, *, steps: int) -> SwapRule:
         mean_grad_norm = mean(norm_sum)  # One step's gradient: its norm.
         grad_sum = None
         if keep_grad_sum:
-            grad = optax.tree.cast(reading.grad, state.window_norm_sum.dtype)
+            grad = optax.tree.cast_like(reading.grad, state.window_grad_sum)
             grad_sum = optax.tree.add(state.window_grad_sum, grad)
             mean_grad_norm = optax.tree.norm(grad_sum) / steps
         window_reading = Reading(
