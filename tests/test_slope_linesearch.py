@@ -118,8 +118,8 @@ def test_a_failed_search_is_not_repeated_from_the_same_start():
 
     step, state = update(ls.init(w))
     assert bool(state.info.failed) and int(state.info.num_evaluations) == 6
-    # The same phi(0) and phi'(0) again: the same search would follow, so it
-    # fails without evaluating anything.
+    # The same phi(0) and phi'(0) again, and nothing finite seen: the same
+    # search would follow, so it fails without evaluating anything.
     step, state = update(state)
     assert bool(state.info.failed) and int(state.info.num_evaluations) == 0
     np.testing.assert_array_equal(step, jnp.zeros(2))
@@ -127,6 +127,28 @@ def test_a_failed_search_is_not_repeated_from_the_same_start():
     # Another start (a different value) searches again.
     _, state = update(state, value=2.0)
     assert bool(state.info.failed) and int(state.info.num_evaluations) == 6
+
+
+def test_a_search_whose_steps_were_too_long_resumes_shorter():
+    # f = 1e8 * mean(w^2) from w = 1 along -g: the line minimum is at 1e-8,
+    # eight tenfold shrinks below the first trial of 1.
+    f = lambda w: jnp.mean((1e4 * w) ** 2)  # noqa: E731
+    w = jnp.ones(2)
+    value, grad = jax.value_and_grad(f)(w)
+    ls = tpo.slope_linesearch(rtol=0.5, max_evaluations=8, store_grad=True)
+
+    def update(state):
+        return ls.update(-grad, state, w, value=value, grad=grad, value_fn=f)
+
+    _, state = update(ls.init(w))
+    assert bool(state.info.failed) and int(state.info.num_evaluations) == 8
+    # Its last trial was far above phi(0): the retry goes on shorter.
+    assert 0 < float(state.retry_trial) < 1e-6
+    step, state = update(state)
+    assert not bool(state.info.failed)
+    np.testing.assert_allclose(optax.apply_updates(w, step), 0.0, atol=1e-5)
+    np.testing.assert_allclose(float(state.learning_rate), 1e-8, rtol=1e-2)
+    assert float(state.retry_trial) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -101,8 +102,93 @@ def scalar_dtype(params: Any) -> jnp.dtype:
 
 
 def vdot(x: Any, y: Any, dtype: jnp.dtype) -> jax.Array:
-    """Tree inner product accumulated in ``dtype`` (see :func:`scalar_dtype`)."""
-    return optax.tree.vdot(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))
+    r"""The inner product :math:`\operatorname{Re}\langle x, y\rangle` of two trees.
+
+    Accumulated in ``dtype`` (see :func:`scalar_dtype`). On complex leaves it is
+    :math:`\operatorname{Re}\sum \bar x y`, the Euclidean inner product of
+    their (real, imaginary) pairs: complex params are optimised as the real
+    params they stand for, as in optax. Complex leaves accumulate in the
+    complex type of ``dtype``'s precision, so no imaginary part is dropped
+    before the product. An empty tree gives zero.
+    """
+    if any(jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves((x, y))):
+        complex_dtype = jnp.promote_types(dtype, jnp.complex64)
+
+        def cast(tree: Any) -> Any:
+            return jax.tree.map(
+                lambda a: jnp.asarray(
+                    a, complex_dtype if jnp.iscomplexobj(a) else dtype
+                ),
+                tree,
+            )
+
+        return jnp.real(optax.tree.vdot(cast(x), cast(y))).astype(dtype)
+    product = optax.tree.vdot(optax.tree.cast(x, dtype), optax.tree.cast(y, dtype))
+    return jnp.asarray(product, dtype)
+
+
+def descent_gradient(jax_grad: Any) -> Any:
+    """The gradient in optax's convention from ``jax.grad``'s: conjugated.
+
+    For a real loss of complex params ``jax.grad`` returns the conjugate of
+    the gradient of the (real, imaginary) split, and optax's convention (as
+    in its L-BFGS) is that callers conjugate it before handing it to an
+    optimizer. Gradients this package computes itself (at a line search's
+    trials) are conjugated the same way before they enter an inner product;
+    the gradient a search stores for ``optax.value_and_grad_from_state`` is
+    left as ``jax.grad`` returns it, since it stands in for that call. The
+    identity on real leaves.
+    """
+    return jax.tree.map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, jax_grad)
+
+
+def as_number(value: Any, *, integer: bool = False) -> int | float | None:
+    """A hyperparameter as a Python number, or ``None`` if it is not one.
+
+    Accepts Python numbers and concrete scalar arrays (NumPy's or JAX's), as
+    ``optax.inject_hyperparams`` passes them; with ``integer``, only integer
+    ones. Booleans are not numbers here.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return None if integer else value
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+        dtype = np.dtype(value.dtype)
+        kinds = (np.integer,) if integer else (np.integer, np.floating)
+        if jnp.issubdtype(dtype, np.bool_) or not any(
+            jnp.issubdtype(dtype, kind) for kind in kinds
+        ):
+            return None
+        return value.item()
+    return None
+
+
+def check_hyperparameter(
+    where: str,
+    name: str,
+    value: Any,
+    test: Callable[[Any], bool],
+    words: str,
+    *,
+    integer: bool = False,
+) -> None:
+    """Raises ``ValueError`` unless ``value`` is a number that passes ``test``.
+
+    A number may arrive as a concrete scalar array (``optax.inject_hyperparams``
+    hands the factory arrays). A traced value, as ``inject_hyperparams``
+    passes inside a jitted ``update``, cannot be read and is not checked: it
+    was checked when the state was made from the same value, outside the
+    trace.
+    """
+    if isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
+        return
+    number = as_number(value, integer=integer)
+    if number is None or not test(number):
+        shown = value if number is None else number
+        raise ValueError(f"{where}{name} must be {words}, got {shown!r}.")
 
 
 def all_finite(*trees: Any) -> jax.Array:

@@ -24,6 +24,18 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 
+def _directional_derivative(jax_grad: jax.Array, tangent: jax.Array) -> jax.Array:
+    r"""The change of a real loss along ``tangent`` from ``jax.grad``'s gradient.
+
+    ``jnp.vdot(g, t)`` for real leaves; for complex ones
+    :math:`\operatorname{Re}\sum g t`, since ``jax.grad`` returns the conjugate
+    of the gradient of the (real, imaginary) split.
+    """
+    if jnp.iscomplexobj(jax_grad) or jnp.iscomplexobj(tangent):
+        return jnp.real(jnp.sum(jax_grad * tangent))
+    return jnp.vdot(jax_grad, tangent)
+
+
 def chunked_loss(
     loss_fn: Callable[..., jax.Array], chunk_size: int
 ) -> Callable[..., jax.Array]:
@@ -198,7 +210,7 @@ def chunked_loss(
             )
             slope = sum(
                 (
-                    jnp.vdot(g, t).astype(acc)
+                    _directional_derivative(g, t).astype(acc)
                     for g, t in zip(
                         jax.tree.leaves(grad),
                         jax.tree.leaves(params_tangent),

@@ -7,6 +7,7 @@ also a complete optimiser on its own for deterministic (full-batch) problems.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -112,11 +113,20 @@ def stored_grad(linesearch_state: Any) -> optax.Updates | None:
 
 
 def _same_gradient(g: optax.Updates, stored: optax.Updates, dtype) -> jax.Array:
-    """Whether ``g`` is ``stored`` up to rounding: relative distance <= sqrt(eps)."""
+    """Whether ``g`` is ``stored`` up to rounding: relative distance <= sqrt(eps).
+
+    ``stored`` is in optax's convention (conjugated where complex), as ``g``.
+    """
     leaves = jax.tree.leaves(g)
     eps = max((float(jnp.finfo(x.dtype).eps) for x in leaves), default=0.0)
     distance = _protocol.vdot(*(2 * [optax.tree.sub(g, stored)]), dtype)
     return distance <= eps * _protocol.vdot(stored, stored, dtype)
+
+
+def _stored_descent_gradient(linesearch_state: Any) -> optax.Updates | None:
+    """The stored gradient in optax's convention (see ``descent_gradient``)."""
+    stored = stored_grad(linesearch_state)
+    return None if stored is None else _protocol.descent_gradient(stored)
 
 
 def _check_hyperparameters(
@@ -128,17 +138,21 @@ def _check_hyperparameters(
             "golden_section_linesearch() or optax.scale_by_zoom_linesearch(15), "
             f"got {linesearch!r}."
         )
-    if restart_every is not None and not (
-        isinstance(restart_every, int) and restart_every >= 1
-    ):
-        raise ValueError(
-            f"restart_every must be None or an integer >= 1, got {restart_every!r}."
+    check = functools.partial(_protocol.check_hyperparameter, "conjugate_gradient: ")
+    if restart_every is not None:
+        check(
+            "restart_every",
+            restart_every,
+            lambda x: x >= 1,
+            "None or an integer >= 1",
+            integer=True,
         )
-    if powell_threshold is not None and not (
-        isinstance(powell_threshold, (int, float)) and powell_threshold > 0
-    ):
-        raise ValueError(
-            f"powell_threshold must be None or positive, got {powell_threshold!r}."
+    if powell_threshold is not None:
+        check(
+            "powell_threshold",
+            powell_threshold,
+            lambda x: 0 < x < float("inf"),
+            "None or a positive number",
         )
 
 
@@ -320,7 +334,8 @@ def conjugate_gradient(
         products = state.grad_prev_products is not None
 
         def take_step(_):
-            dtype = state.info.beta.dtype
+            # From the params: optax.tree.set may have put a float in the state.
+            dtype = _protocol.scalar_dtype(params)
             steepest = optax.tree.scale(-1.0, g)
             g_dot_g = _protocol.vdot(g, g, dtype)
             restart = (state.count == 0) | (state.num_failures > 0)
@@ -328,7 +343,7 @@ def conjugate_gradient(
                 # g . g_{k-1} is known through the gradient the last search
                 # stored; a different gradient (another batch) restarts.
                 prev = state.grad_prev_products
-                stored = stored_grad(state.linesearch_state)
+                stored = _stored_descent_gradient(state.linesearch_state)
                 restart |= ~_same_gradient(g, stored, dtype)
                 dots = cg_directions.DotProducts(
                     grad_sq=g_dot_g,
@@ -377,7 +392,7 @@ def conjugate_gradient(
                         sq_norm=g_dot_g,
                         dot_dir=_protocol.vdot(g, direction, dtype),
                         dot_stored=_protocol.vdot(
-                            g, stored_grad(linesearch_state), dtype
+                            g, _stored_descent_gradient(linesearch_state), dtype
                         ),
                     )
                     if products

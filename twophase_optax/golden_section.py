@@ -10,6 +10,7 @@ optax line search.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -87,22 +88,30 @@ class _Search(NamedTuple):
 def _check_hyperparameters(
     initial_step: float, tol: float, max_evaluations: int, max_expansions: int
 ) -> None:
-    if not (isinstance(initial_step, (int, float)) and 0 < initial_step < float("inf")):
-        raise ValueError(
-            f"initial_step must be a positive finite number, got {initial_step!r}."
-        )
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(
-            f"tol is a relative bracket width and must lie in (0, 1), got {tol!r}."
-        )
-    if not (isinstance(max_evaluations, int) and max_evaluations >= 1):
-        raise ValueError(
-            f"max_evaluations must be an integer >= 1, got {max_evaluations!r}."
-        )
-    if not (isinstance(max_expansions, int) and max_expansions >= 0):
-        raise ValueError(
-            f"max_expansions must be an integer >= 0, got {max_expansions!r}."
-        )
+    check = functools.partial(
+        _protocol.check_hyperparameter, "golden_section_linesearch: "
+    )
+    check(
+        "initial_step",
+        initial_step,
+        lambda x: 0 < x < float("inf"),
+        "a positive finite number",
+    )
+    check("tol", tol, lambda x: 0 < x < 1, "a relative bracket width in (0, 1)")
+    check(
+        "max_evaluations",
+        max_evaluations,
+        lambda x: x >= 1,
+        "an integer >= 1",
+        integer=True,
+    )
+    check(
+        "max_expansions",
+        max_expansions,
+        lambda x: x >= 0,
+        "an integer >= 0",
+        integer=True,
+    )
 
 
 def golden_section_linesearch(
@@ -199,7 +208,8 @@ def golden_section_linesearch(
         loss = _protocol.bind_value_fn(
             "golden_section_linesearch", value_fn, extra_args
         )
-        dtype = state.learning_rate.dtype
+        # From the params: optax.tree.set may have put a float in the state.
+        dtype = _protocol.scalar_dtype(params)
 
         scaled, phi = _protocol.line(loss, params, updates, dtype)
 

@@ -27,6 +27,7 @@ descend (:math:`\phi'(0) \ge 0`), the step is zero and ``info.failed`` is set.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -78,6 +79,14 @@ class SlopeLinesearchState(NamedTuple):
         found a step (0 before the first): the next search's first trial is
         this over its own :math:`\phi'(0)`. Kept through failures, so that a
         search after one starts at the scale of the last good step.
+      retry_trial: after a failed search whose last trial had a finite value
+        clearly above :math:`\phi(0)` (its steps were too long), the shorter
+        trial it would have tried next; 0 otherwise. A search from the same
+        :math:`\phi(0)` and :math:`\phi'(0)` (CG's restart after a failure)
+        starts there instead of repeating the failed one, so that an optimal
+        step many tenfold shrinks below the first trial is still found. A
+        search that failed on values within rounding of :math:`\phi(0)`, or
+        not finite, leaves 0, and its repeat fails at once without evaluating.
     """
 
     learning_rate: jax.Array
@@ -85,6 +94,7 @@ class SlopeLinesearchState(NamedTuple):
     grad: optax.Updates | None
     info: SlopeLinesearchInfo
     first_trial_scale: jax.Array
+    retry_trial: jax.Array
 
 
 class _Bracket(NamedTuple):
@@ -109,7 +119,8 @@ def _next_trial_from_slopes(
     differences of values, which cancel near a minimum), kept 10% of the
     bracket's width inside it, or, past the last descending point, at least
     10% and at most tenfold beyond it. Where that secant is not defined it
-    takes the secant through the bracket's ends, bisects, or doubles.
+    takes the secant through the bracket's ends, bisects, or doubles; after
+    a value that is not finite it cuts the bracket to a quarter.
     """
     b = bracket
     finite = jnp.isfinite(f)
@@ -146,6 +157,11 @@ def _next_trial_from_slopes(
     high = jnp.where(bracketed, new.hi - 0.1 * width, _MAX_GROW * a)
     usable = known & (recent >= low) & (recent <= high)
     guess = jnp.where(bracketed, fallback, _GROW * a)
+    # A value that is not finite (an overflow far along the line) says
+    # nothing about where the minimum lies but that it is much nearer: cut
+    # to a quarter of the bracket, as the value-only proposal does, rather
+    # than bisect.
+    guess = jnp.where(finite, guess, new.lo + _CUT * width)
     return new, jnp.clip(jnp.where(usable, recent, guess), low, high)
 
 
@@ -226,16 +242,21 @@ def slope_linesearch(
       Nocedal & Wright, *Numerical Optimization*, 2nd ed., section 3.5
       (interpolation, eq. 3.58, and the initial step, eq. 3.60), 2006.
     """
-    if not (isinstance(initial_step, (int, float)) and 0 < initial_step < float("inf")):
-        raise ValueError(
-            f"initial_step must be a positive finite number, got {initial_step!r}."
-        )
-    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
-        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}.")
-    if not (isinstance(max_evaluations, int) and max_evaluations >= 1):
-        raise ValueError(
-            f"max_evaluations must be an integer >= 1, got {max_evaluations!r}."
-        )
+    check = functools.partial(_protocol.check_hyperparameter, "slope_linesearch: ")
+    check(
+        "initial_step",
+        initial_step,
+        lambda x: 0 < x < float("inf"),
+        "a positive finite number",
+    )
+    check("rtol", rtol, lambda x: 0 < x < 1, "a number in (0, 1)")
+    check(
+        "max_evaluations",
+        max_evaluations,
+        lambda x: x >= 1,
+        "an integer >= 1",
+        integer=True,
+    )
     if not isinstance(store_grad, bool):
         raise ValueError(f"store_grad must be a bool, got {store_grad!r}.")
     if not isinstance(first_trial_grad, bool):
@@ -250,10 +271,8 @@ def slope_linesearch(
             "first_rtol applies only with first_trial_grad=True, got "
             f"first_rtol={first_rtol!r} without it."
         )
-    if first_rtol is not None and not (
-        isinstance(first_rtol, (int, float)) and 0 < first_rtol < 1
-    ):
-        raise ValueError(f"first_rtol must lie in (0, 1), got {first_rtol!r}.")
+    if first_rtol is not None:
+        check("first_rtol", first_rtol, lambda x: 0 < x < 1, "a number in (0, 1)")
     rtol_first = rtol if first_rtol is None else first_rtol
 
     def init_fn(params: optax.Params) -> SlopeLinesearchState:
@@ -269,6 +288,7 @@ def slope_linesearch(
                 failed=jnp.asarray(False),
             ),
             first_trial_scale=jnp.zeros((), dtype),
+            retry_trial=jnp.zeros((), dtype),
         )
 
     def update_fn(
@@ -290,7 +310,9 @@ def slope_linesearch(
                 "value_fn=loss_fn, **loss_fn_kwargs)."
             )
         loss = _protocol.bind_value_fn("slope_linesearch", value_fn, extra_args)
-        dtype = state.learning_rate.dtype
+        # From the params, not the state: optax.tree.set may have written a
+        # Python float into it.
+        dtype = _protocol.scalar_dtype(params)
 
         scaled, phi = _protocol.line(loss, params, updates, dtype)
         zero_grad = optax.tree.zeros_like(params) if store_grad else None
@@ -318,11 +340,17 @@ def slope_linesearch(
         previous = state.first_trial_scale / jnp.where(descends, slope, 1.0)
         usable = jnp.isfinite(previous) & (previous > 0)
         first = jnp.where(usable, previous, jnp.asarray(initial_step, dtype))
-        # The last search failed from the same phi(0) and phi'(0), so with the
-        # same first trial this one would repeat it evaluation for evaluation
-        # (a full-batch loss at a point where no lower value can be found):
-        # fail at once.
+        # The last search failed from the same phi(0) and phi'(0). Where it
+        # ended on values clearly above phi(0) its steps were too long, and
+        # this one goes on from the shorter trial it would have tried next
+        # (the optimal step may lie many tenfold shrinks below the first
+        # trial: mean((1e4 x)^2)). Where it ended within rounding of phi(0),
+        # the line is flat at that scale and a repeat would only repeat it
+        # evaluation for evaluation: fail at once.
         repeat = state.info.failed & (state.value == phi0) & (state.info.slope == slope)
+        resume = repeat & (state.retry_trial > 0)
+        first = jnp.where(resume, state.retry_trial, first)
+        repeat &= ~resume
         zero = jnp.zeros((), dtype)
         init_search = _Search(
             trial=first.astype(dtype),
@@ -398,7 +426,7 @@ def slope_linesearch(
             )
             proposal = jnp.clip(proposal, _MIN_SHRINK * a, _MAX_GROW * a)
             if store_grad:
-                slope_a = _protocol.vdot(g, updates, dtype)
+                slope_a = _protocol.vdot(_protocol.descent_gradient(g), updates, dtype)
                 bracket, proposal_with_slope = _next_trial_from_slopes(
                     s.bracket, a, f, slope_a, with_grad
                 )
@@ -460,11 +488,23 @@ def slope_linesearch(
             # The gradient at the new params, where known: the accepted trial's,
             # or the given one at params after a failure.
             grad_next = optax.tree.where(
-                accepted, search.grad_best, optax.tree.cast_like(grad, zero_grad)
+                accepted,
+                search.grad_best,
+                # Stored as jax.grad returns it (value_and_grad_from_state).
+                optax.tree.cast_like(_protocol.descent_gradient(grad), zero_grad),
             )
             known = jnp.where(accepted, search.best_has_grad, True)
             known &= _protocol.all_finite(grad_next)
             value_next = jnp.where(known, value_next, jnp.inf)
+        failed = ~accepted & (d_dot_d != 0)
+        # The steps were too long where the last trial's value was finite and
+        # clearly above phi(0); the next trial, already computed, is shorter.
+        # (Non-finite values to the end: nothing says a shorter step helps.)
+        f_last = search.f_previous
+        too_long = jnp.isfinite(f_last) & (
+            f_last > phi0 + _VALUE_EPSILON * jnp.abs(phi0)
+        )
+        retry = failed & descends & too_long & jnp.isfinite(search.trial)
         new_state = SlopeLinesearchState(
             learning_rate=alpha,
             value=value_next,
@@ -473,11 +513,12 @@ def slope_linesearch(
                 num_evaluations=search.num_evaluations,
                 num_gradients=search.num_gradients,
                 slope=jnp.where(descends, slope, zero),
-                failed=~accepted & (d_dot_d != 0),
+                failed=failed,
             ),
             first_trial_scale=jnp.where(
                 accepted, alpha * slope, state.first_trial_scale
             ),
+            retry_trial=jnp.where(retry & (search.trial > 0), search.trial, zero),
         )
         step = optax.tree.where(accepted, scaled(alpha), optax.tree.zeros_like(updates))
         return step, optax.tree.cast_like(new_state, state)

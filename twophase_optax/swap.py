@@ -125,10 +125,19 @@ _WEIGHT = (lambda x: _is_real(x) and 0 < x <= 1, "a number in (0, 1] (1: raw)")
 
 
 def _check(rule: str, **settings: tuple[Any, tuple[Callable, str]]) -> None:
-    """Raises ``ValueError`` for the first setting that fails its test."""
+    """Raises ``ValueError`` for the first setting that fails its test.
+
+    A concrete scalar array is tested as the number it holds; a traced one
+    cannot be read and is not tested.
+    """
     for name, (value, (ok, what)) in settings.items():
-        if not ok(value):
-            raise ValueError(f"tpo.swap.{rule}: {name} must be {what}, got {value!r}.")
+        if isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
+            continue
+        number = value
+        if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+            number = value.item()
+        if not ok(number):
+            raise ValueError(f"tpo.swap.{rule}: {name} must be {what}, got {number!r}.")
 
 
 def _check_rule(rule: Any, where: str) -> None:

@@ -391,12 +391,14 @@ def two_phase(
         )
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
-    if not (
-        isinstance(max_failures, int)
-        and not isinstance(max_failures, bool)
-        and max_failures >= 1
-    ):
-        raise ValueError(f"max_failures must be an integer >= 1, got {max_failures!r}.")
+    _protocol.check_hyperparameter(
+        "two_phase: ",
+        "max_failures",
+        max_failures,
+        lambda x: x >= 1,
+        "an integer >= 1",
+        integer=True,
+    )
     first_takes_extra_args = isinstance(first, optax.GradientTransformationExtraArgs)
     reads_errors = "num_errors" in swap.reads
     at_start = swap.starts_second
