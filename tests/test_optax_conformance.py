@@ -749,3 +749,70 @@ def test_inject_hyperparams_first_phase_learning_rate():
     value, grad = jax.value_and_grad(fun)(w)
     updates, _ = opt.update(grad, state, w, value=value, value_fn=fun)
     np.testing.assert_allclose(updates, 0.5 * -grad)
+
+
+# -- compositions (docs/cg.md, "Compositions with optax") -------------------------
+
+
+def _two_blocks():
+    def fun(p):
+        return jnp.sum((p["a"] - 1.0) ** 2) + jnp.sum((p["b"] + 2.0) ** 2)
+
+    return fun, {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "partition"])
+def test_masked_and_partition_raise_and_say_what_works(wrapper):
+    fun, params = _two_blocks()
+    cg = tpo.conjugate_gradient()
+    opt = {
+        "masked": optax.masked(cg, {"a": True, "b": False}),
+        "partition": optax.partition(
+            {"cg": cg, "sgd": optax.sgd(0.1)}, {"a": "cg", "b": "sgd"}
+        ),
+    }[wrapper]
+    value, grad = jax.value_and_grad(fun)(params)
+    with pytest.raises(TypeError, match="optax.masked or optax.partition"):
+        opt.update(grad, opt.init(params), params, value=value, value_fn=fun)
+
+
+def test_frozen_params_through_a_masked_zero_gradient():
+    """What the error above proposes: CG sees all params, the frozen ones'
+    gradient is zero, so they stay and the rest reach their minimum."""
+    fun, params = _two_blocks()
+    opt = optax.chain(
+        optax.masked(optax.set_to_zero(), {"a": False, "b": True}),
+        tpo.conjugate_gradient(),
+    )
+    sol, _, _ = _run_opt(opt, fun, params, maxiter=20, tol=1e-6)
+    np.testing.assert_allclose(sol["a"], jnp.ones(2), atol=1e-6)
+    np.testing.assert_array_equal(sol["b"], jnp.zeros(3))
+
+
+def test_a_scale_after_cg_breaks_the_stored_value():
+    """chain(CG, scale) applies another step than the search took: the value
+    and gradient it stores are those of the search's point, not of the new
+    params (optax's zoom search has the same limit)."""
+    fun, params = _two_blocks()
+    value, grad = jax.value_and_grad(fun)(params)
+    opt = optax.chain(tpo.conjugate_gradient(), optax.scale(0.5))
+    updates, state = opt.update(
+        grad, opt.init(params), params, value=value, grad=grad, value_fn=fun
+    )
+    stored = optax.tree.get(state, "value")
+    np.testing.assert_allclose(stored, 0.0, atol=1e-6)  # the line minimum
+    np.testing.assert_allclose(fun(optax.apply_updates(params, updates)), 3.5)
+
+
+def test_clipping_before_cg_and_apply_if_finite_work():
+    """Transformations before CG change the gradient it builds directions
+    from (the line search still minimises value_fn), and
+    optax.apply_if_finite wraps it: both reach the minimum."""
+    fun, params = _two_blocks()
+    expected = {"a": jnp.ones(2), "b": -2.0 * jnp.ones(3)}
+    for opt in (
+        optax.chain(optax.clip_by_global_norm(1.0), tpo.conjugate_gradient()),
+        optax.apply_if_finite(tpo.conjugate_gradient(), 3),
+    ):
+        sol, _, _ = _run_opt(opt, fun, params, maxiter=50, tol=1e-5)
+        chex.assert_trees_all_close(sol, expected, atol=1e-5)

@@ -34,7 +34,7 @@ from twophase_optax.two_phase import TwoPhaseState
 from twophase_optax.two_phase import start_second_phase
 from twophase_optax.two_phase import two_phase
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = [
     "BETA_RULES",

@@ -41,6 +41,27 @@ def require_value_and_value_fn(
         )
 
 
+def reject_masked_params(name: str, params: Any) -> None:
+    """Raises a ``TypeError`` if ``params`` holds ``optax.MaskedNode`` leaves.
+
+    Under ``optax.masked`` or ``optax.partition`` a transformation sees only
+    its part of the params, the rest replaced by ``MaskedNode``: a line search
+    would call ``value_fn`` on that, which cannot evaluate the loss.
+    """
+    masked = jax.tree.leaves(
+        params, is_leaf=lambda node: isinstance(node, optax.MaskedNode)
+    )
+    if any(isinstance(node, optax.MaskedNode) for node in masked):
+        raise TypeError(
+            f"{name} evaluates value_fn, and inside optax.masked or "
+            "optax.partition it would get only part of the params "
+            "(optax.MaskedNode in place of the rest). Give the optimizer all "
+            "the params and zero the gradient of those it must not move: "
+            "optax.chain(optax.masked(optax.set_to_zero(), frozen_mask), "
+            "tpo.conjugate_gradient())."
+        )
+
+
 def bind_value_fn(
     name: str, value_fn: Callable[..., Any], extra_args: dict[str, Any]
 ) -> Callable[[Any], jax.Array]:

@@ -205,6 +205,7 @@ def golden_section_linesearch(
         _protocol.require_value_and_value_fn(
             "golden_section_linesearch", value, value_fn
         )
+        _protocol.reject_masked_params("golden_section_linesearch", params)
         loss = _protocol.bind_value_fn(
             "golden_section_linesearch", value_fn, extra_args
         )

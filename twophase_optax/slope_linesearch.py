@@ -309,6 +309,7 @@ def slope_linesearch(
                 "update(d, state, params, value=value, grad=grad, "
                 "value_fn=loss_fn, **loss_fn_kwargs)."
             )
+        _protocol.reject_masked_params("slope_linesearch", params)
         loss = _protocol.bind_value_fn("slope_linesearch", value_fn, extra_args)
         # From the params, not the state: optax.tree.set may have written a
         # Python float into it.
