@@ -275,3 +275,18 @@ def test_chunked_loss_quick_mode_bounds_the_memory_by_the_chunk(tmp_path, capsys
     assert kinds[("value", 256)]["chunks"] == 6  # 1,437 digits in chunks of 240.
     assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in result["time"])
     assert "| mnist | vgg5 |" in capsys.readouterr().out
+
+
+def test_complex_cg_quick_mode_reaches_the_real_splits_loss(tmp_path, capsys):
+    from experiments.benchmarks import complex_cg
+
+    result = complex_cg.main(["--quick", "--out", str(tmp_path / "complex.json")])
+    assert json.loads((tmp_path / "complex.json").read_text()) == result
+    complex_run, real_run = result["complex64"], result["float32 split"]
+    # Complex params are optimised as their real split: the same loss to
+    # float32 rounding after the same number of steps.
+    np.testing.assert_allclose(
+        complex_run["final_value"], real_run["final_value"], rtol=1e-4
+    )
+    assert complex_run["final_value"] < 99.0  # 2n - 1 = 99 at the start, zero
+    assert "| complex64 |" in capsys.readouterr().out
