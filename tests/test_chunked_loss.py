@@ -55,7 +55,10 @@ def test_float32_equals_to_rounding_and_compiles_once(chunk_size):
     step = jax.jit(chex.assert_max_traces(value_and_grad, n=1))
     for _ in range(3):
         chunked = step(params, x, y)
-    chex.assert_trees_all_close(chunked, whole, rtol=2e-6, atol=1e-7)
+    # XLA's GPU reductions sum in another order than its CPU loops: on an
+    # H200, 2 of 80 gradient entries differed by 3.0e-6 relative.
+    rtol = 2e-6 if jax.default_backend() == "cpu" else 1e-5
+    chex.assert_trees_all_close(chunked, whole, rtol=rtol, atol=1e-7)
 
 
 def test_keyword_batches_and_unbatched_arguments():
