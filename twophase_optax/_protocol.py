@@ -187,13 +187,18 @@ def as_number(value: Any, *, integer: bool = False) -> int | float | None:
     return None
 
 
+# What a hyperparameter must be: a test, the words for it, whether integer.
+POSITIVE = (lambda x: 0 < x < float("inf"), "a positive finite number", False)
+FRACTION = (lambda x: 0 < x < 1, "a number in (0, 1)", False)
+COUNT = (lambda x: x >= 1, "an integer >= 1", True)
+
+
 def check_hyperparameter(
     where: str,
     name: str,
     value: Any,
     test: Callable[[Any], bool],
     words: str,
-    *,
     integer: bool = False,
 ) -> None:
     """Raises ``ValueError`` unless ``value`` is a number that passes ``test``.

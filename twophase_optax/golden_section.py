@@ -91,20 +91,9 @@ def _check_hyperparameters(
     check = functools.partial(
         _protocol.check_hyperparameter, "golden_section_linesearch: "
     )
-    check(
-        "initial_step",
-        initial_step,
-        lambda x: 0 < x < float("inf"),
-        "a positive finite number",
-    )
+    check("initial_step", initial_step, *_protocol.POSITIVE)
     check("tol", tol, lambda x: 0 < x < 1, "a relative bracket width in (0, 1)")
-    check(
-        "max_evaluations",
-        max_evaluations,
-        lambda x: x >= 1,
-        "an integer >= 1",
-        integer=True,
-    )
+    check("max_evaluations", max_evaluations, *_protocol.COUNT)
     check(
         "max_expansions",
         max_expansions,

@@ -243,20 +243,9 @@ def slope_linesearch(
       (interpolation, eq. 3.58, and the initial step, eq. 3.60), 2006.
     """
     check = functools.partial(_protocol.check_hyperparameter, "slope_linesearch: ")
-    check(
-        "initial_step",
-        initial_step,
-        lambda x: 0 < x < float("inf"),
-        "a positive finite number",
-    )
-    check("rtol", rtol, lambda x: 0 < x < 1, "a number in (0, 1)")
-    check(
-        "max_evaluations",
-        max_evaluations,
-        lambda x: x >= 1,
-        "an integer >= 1",
-        integer=True,
-    )
+    check("initial_step", initial_step, *_protocol.POSITIVE)
+    check("rtol", rtol, *_protocol.FRACTION)
+    check("max_evaluations", max_evaluations, *_protocol.COUNT)
     if not isinstance(store_grad, bool):
         raise ValueError(f"store_grad must be a bool, got {store_grad!r}.")
     if not isinstance(first_trial_grad, bool):
@@ -272,7 +261,7 @@ def slope_linesearch(
             f"first_rtol={first_rtol!r} without it."
         )
     if first_rtol is not None:
-        check("first_rtol", first_rtol, lambda x: 0 < x < 1, "a number in (0, 1)")
+        check("first_rtol", first_rtol, *_protocol.FRACTION)
     rtol_first = rtol if first_rtol is None else first_rtol
 
     def init_fn(params: optax.Params) -> SlopeLinesearchState:

@@ -392,12 +392,7 @@ def two_phase(
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
     _protocol.check_hyperparameter(
-        "two_phase: ",
-        "max_failures",
-        max_failures,
-        lambda x: x >= 1,
-        "an integer >= 1",
-        integer=True,
+        "two_phase: ", "max_failures", max_failures, *_protocol.COUNT
     )
     first_takes_extra_args = isinstance(first, optax.GradientTransformationExtraArgs)
     reads_errors = "num_errors" in swap.reads
