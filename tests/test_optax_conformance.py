@@ -816,3 +816,25 @@ def test_clipping_before_cg_and_apply_if_finite_work():
     ):
         sol, _, _ = _run_opt(opt, fun, params, maxiter=50, tol=1e-5)
         chex.assert_trees_all_close(sol, expected, atol=1e-5)
+
+
+# -- optax tests that cannot apply ------------------------------------------------
+
+
+@pytest.mark.skip(
+    reason="alias_test.test_explicit_dtype sets an accumulator dtype "
+    "(mu_dtype, accumulator_dtype); our factories take none: every state "
+    "leaf follows the params' dtype (test_state_shape_dtype_shard_stability)"
+)
+def test_explicit_dtype():
+    """Not applicable; see the skip reason."""
+
+
+@pytest.mark.skip(
+    reason="linesearch_test's strong-Wolfe curvature check and its verbose "
+    "failure flags (FLAG_INTERVAL_TOO_SMALL, ...) belong to the zoom search; "
+    "ours stop on a slope or bracket tolerance and report info.failed "
+    "(test_linesearch_decrease_and_stored_value, test_linesearch_failure.py)"
+)
+def test_zoom_curvature_condition_and_flags():
+    """Not applicable; see the skip reason."""
