@@ -23,6 +23,8 @@ from twophase_optax.conjugate_gradient import ConjugateGradientInfo
 from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
+from twophase_optax.fit import FitResult
+from twophase_optax.fit import fit
 from twophase_optax.golden_section import GoldenSectionInfo
 from twophase_optax.golden_section import GoldenSectionLinesearchState
 from twophase_optax.golden_section import golden_section_linesearch
@@ -40,6 +42,7 @@ __all__ = [
     "BETA_RULES",
     "ConjugateGradientInfo",
     "ConjugateGradientState",
+    "FitResult",
     "GoldenSectionInfo",
     "GoldenSectionLinesearchState",
     "SlopeLinesearchInfo",
@@ -51,6 +54,7 @@ __all__ = [
     "curvature",
     "dai_yuan",
     "find_linesearch_state",
+    "fit",
     "fletcher_reeves",
     "golden_section_linesearch",
     "hestenes_stiefel",
