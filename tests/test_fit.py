@@ -142,8 +142,21 @@ def test_keep_best_returns_the_best_validation_epochs_params():
         has_aux=True,
         validation=validation,
     )
-    best = tpo.fit(loss_fn, params, data, epochs=8, keep="best", **kwargs)
+
+    def metrics_fn(w, batch):  # a scalar and a vector: both recorded
+        logits = batch["x"] @ w["kernel"] + w["bias"]
+        wrong = jnp.argmax(logits, -1) != batch["y"]
+        return {
+            "errors": jnp.sum(wrong),
+            "per_class": jnp.bincount(wrong * 1, length=2),
+        }
+
+    best = tpo.fit(
+        loss_fn, params, data, epochs=8, keep="best", metrics_fn=metrics_fn, **kwargs
+    )
     losses = [r["validation_loss"] for r in best.history]
+    assert isinstance(best.history[-1]["metrics"]["errors"], int)
+    assert len(best.history[-1]["metrics"]["per_class"]) == 2
     assert best.best_epoch == int(np.argmin(losses))
     assert best.swap_epoch is None  # plain Adam: the baseline through the same call
     again = tpo.fit(loss_fn, params, data, epochs=best.best_epoch + 1, **kwargs)

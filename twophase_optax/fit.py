@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from twophase_optax import _protocol
@@ -346,7 +347,7 @@ def fit(
         if validation is not None:
             validation_loss, metrics = evaluate(params)
             validation_loss = float(validation_loss)
-            metrics = jax.tree.map(lambda m: m.item(), metrics)
+            metrics = jax.tree.map(lambda m: np.asarray(m).tolist(), metrics)
             if keep == "best" and validation_loss < best[0]:
                 best = (validation_loss, params, epoch)
         record = {
