@@ -81,6 +81,10 @@ def test_fit_is_the_hand_written_loop_bit_for_bit(swap_step, swap_epoch, phases)
     assert result.swap_epoch == swap_epoch
     assert int(result.state.swap_step) == int(state.swap_step) == swap_step
     assert [r["phase"] for r in result.history] == phases
+    # The first phase spent a value and gradient per step it ran, none on
+    # the held ones.
+    spent = result.history[swap_epoch - 1]["forward_passes"]
+    assert spent == pytest.approx(3.0 * swap_step * BATCH / N)
 
 
 def test_default_rule_swaps_on_the_epoch_its_replay_names():

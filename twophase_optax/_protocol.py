@@ -160,7 +160,7 @@ def descent_gradient(jax_grad: Any) -> Any:
     left as ``jax.grad`` returns it, since it stands in for that call. The
     identity on real leaves.
     """
-    return jax.tree.map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, jax_grad)
+    return optax.tree.conj(jax_grad)
 
 
 def as_number(value: Any, *, integer: bool = False) -> int | float | None:

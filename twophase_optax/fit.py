@@ -223,6 +223,7 @@ def fit(
                 else:
                     value, grad = jax.value_and_grad(loss_fn)(params, batch)
                     aux = None
+                errors = error_kwargs(aux, batch)
                 updates, state = tx.update(
                     grad,
                     opt_state,
@@ -231,13 +232,12 @@ def fit(
                     grad=grad,
                     value_fn=value_of,
                     batch=batch,
-                    **error_kwargs(aux, batch),
+                    **errors,
                 )
                 new_params = optax.apply_updates(params, updates)
-                errors = error_kwargs(aux, batch).get("num_errors", 0)
                 return (new_params, state), (
                     jnp.asarray(value, jnp.float32),
-                    jnp.asarray(errors, jnp.int32),
+                    jnp.asarray(errors.get("num_errors", 0), jnp.int32),
                 )
 
             def hold(_):
@@ -247,12 +247,15 @@ def fit(
                     jnp.asarray(0, jnp.int32),
                 )
 
+            if _phase_state(opt_state) is None:  # no swap to wait for
+                return update(None)
             return jax.lax.cond(in_second_phase(opt_state), hold, update, None)
 
         (params, opt_state), (values, errors) = jax.lax.scan(
             step, (params, opt_state), batches
         )
-        return params, opt_state, jnp.nanmean(values), jnp.sum(errors)
+        steps_run = jnp.sum(~jnp.isnan(values))
+        return params, opt_state, jnp.nanmean(values), jnp.sum(errors), steps_run
 
     value_and_grad = optax.value_and_grad_from_state(lambda p: full_value(p, data))
 
@@ -315,9 +318,12 @@ def fit(
                 compiled["first"] = first_phase_epoch.lower(*args).compile()
                 compile_seconds = time.perf_counter() - start
                 start = time.perf_counter()
-            params, opt_state, train_loss, epoch_errors = compiled["first"](*args)
+            params, opt_state, train_loss, epoch_errors, steps_run = compiled["first"](
+                *args
+            )
             train_loss = float(train_loss)
-            forward_passes += 3.0 * steps * batch_size / n
+            # Steps held after a mid-epoch swap cost nothing.
+            forward_passes += 3.0 * int(steps_run) * batch_size / n
         elif not final:
             if swap_epoch is None:
                 swap_epoch = epoch
