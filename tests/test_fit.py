@@ -30,9 +30,13 @@ def _problem():
     return loss_fn, num_errors, params, data
 
 
-def _hand_loop(loss_fn, params, data, tx, epochs, key):
+def _hand_loop(loss_fn, params, data, tx, epochs, key, loss_takes_key=False):
     """What fit promises, written out step by step in Python."""
+    if loss_takes_key:  # fresh keys in the first phase, None after
+        keyed = loss_fn
+        loss_fn = lambda p, batch, k=None: keyed(p, batch, k)  # noqa: E731
     value_fn = lambda p, batch: loss_fn(p, batch)[0]  # noqa: E731
+    keyed_grad = jax.jit(jax.value_and_grad(lambda p, b, k: loss_fn(p, b, k)[0]))
     update = jax.jit(
         lambda g, s, p, v, b: tx.update(
             g, s, p, value=v, grad=g, value_fn=value_fn, batch=b
@@ -51,13 +55,18 @@ def _hand_loop(loss_fn, params, data, tx, epochs, key):
             updates, state = update(grad, state, params, value, data)
             params = optax.apply_updates(params, updates)
             continue
-        order = jax.random.permutation(jax.random.fold_in(key, epoch), N)
+        epoch_key = jax.random.fold_in(key, epoch)
+        order = jax.random.permutation(epoch_key, N)
+        step_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), STEPS)
         for i in range(STEPS):
             if bool(state.in_second_phase):
                 break  # the swap fired mid-epoch: fit holds the rest
             rows = order[i * BATCH : (i + 1) * BATCH]
             batch = {name: x[rows] for name, x in data.items()}
-            value, grad = grad_fn(params, batch)
+            if loss_takes_key:
+                value, grad = keyed_grad(params, batch, step_keys[i])
+            else:
+                value, grad = grad_fn(params, batch)
             updates, state = update(grad, state, params, value, batch)
             params = optax.apply_updates(params, updates)
     return params, state
@@ -85,6 +94,43 @@ def test_fit_is_the_hand_written_loop_bit_for_bit(swap_step, swap_epoch, phases)
     # the held ones.
     spent = result.history[swap_epoch - 1]["forward_passes"]
     assert spent == pytest.approx(3.0 * swap_step * BATCH / N)
+
+
+def test_a_loss_that_takes_a_key_gets_a_fresh_one_per_first_phase_step():
+    loss_fn, _, params, data = _problem()
+
+    def dropout_loss(w, batch, key):  # input dropout, off when key is None
+        x = batch["x"]
+        if key is not None:
+            x = jnp.where(jax.random.bernoulli(key, 0.7, x.shape), x / 0.7, 0.0)
+        return loss_fn(w, {"x": x, "y": batch["y"]})
+
+    tx = tpo.two_phase(optax.adam(0.1), swap=tpo.swap.at_step(2 * STEPS))
+    key = jax.random.key(3)
+    kwargs = dict(tx=tx, batch_size=BATCH, epochs=4, key=key, has_aux=True)
+    result = tpo.fit(dropout_loss, params, data, loss_takes_key=True, **kwargs)
+    expected, _ = _hand_loop(dropout_loss, params, data, tx, 4, key, True)
+    chex.assert_trees_all_equal(result.params, expected)
+    plain = tpo.fit(loss_fn, params, data, **kwargs)
+    assert not np.array_equal(result.params["kernel"], plain.params["kernel"])
+
+
+def test_value_and_grad_from_state_is_optaxs_on_plain_pytrees():
+    loss_fn, _, params, data = _problem()
+    value_fn = lambda p: loss_fn(p, data)[0]  # noqa: E731
+    opt = tpo.conjugate_gradient()
+    ours = jax.jit(tpo.value_and_grad_from_state(value_fn))
+    theirs = jax.jit(optax.value_and_grad_from_state(value_fn))
+    state = opt.init(params)
+    for _ in range(3):
+        value, grad = ours(params, state=state)
+        chex.assert_trees_all_equal((value, grad), theirs(params, state=state))
+        updates, state = opt.update(
+            grad, state, params, value=value, grad=grad, value_fn=value_fn
+        )
+        params = optax.apply_updates(params, updates)
+    with pytest.raises(ValueError, match="no line search that stores its gradient"):
+        ours(params, state=optax.adam(0.1).init(params))
 
 
 def test_default_rule_swaps_on_the_epoch_its_replay_names():

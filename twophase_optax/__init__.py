@@ -35,6 +35,7 @@ from twophase_optax.slope_linesearch import slope_linesearch
 from twophase_optax.two_phase import TwoPhaseState
 from twophase_optax.two_phase import start_second_phase
 from twophase_optax.two_phase import two_phase
+from twophase_optax.value_and_grad import value_and_grad_from_state
 
 __version__ = "0.2.1"
 
@@ -68,4 +69,5 @@ __all__ = [
     "swap",
     "two_phase",
     "two_phase_metrics",
+    "value_and_grad_from_state",
 ]

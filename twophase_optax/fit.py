@@ -13,7 +13,7 @@ to step. :func:`fit` carries a run across that change:
   rule that fires mid-epoch never runs CG on a mini-batch), and each later
   epoch is one full-batch second-phase step, evaluated in chunks through
   :func:`twophase_optax.chunked_loss` when ``chunk_size`` is set, with the value
-  and gradient handed over by ``optax.value_and_grad_from_state``.
+  and gradient handed over by :func:`~twophase_optax.value_and_grad_from_state`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from twophase_optax import swap as swap_lib
 from twophase_optax.chunked_loss import chunked_loss
 from twophase_optax.two_phase import TwoPhaseState
 from twophase_optax.two_phase import two_phase
+from twophase_optax.value_and_grad import value_and_grad_from_state
 
 KEEP = ("last", "best")
 
@@ -100,6 +101,7 @@ def fit(
     key: jax.Array,
     tx: optax.GradientTransformation | None = None,
     has_aux: bool = False,
+    loss_takes_key: bool = False,
     num_errors: Callable[[Any, Any], jax.Array] | None = None,
     validation: Any = None,
     keep: str = "last",
@@ -123,6 +125,11 @@ def fit(
         without, ``S`` the number of mini-batches per epoch. Plain
         ``optax.adam(1e-3)`` gives the Adam baseline through the same call.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      loss_takes_key: call ``loss_fn(params, batch, key)``, for models with
+        dropout: each first-phase step gets a fresh key (split from ``key``),
+        the second phase and the validation get ``key=None``, to which the
+        loss must answer deterministically (dropout off), since the line
+        search compares values of one function.
       num_errors: ``num_errors(aux, batch)``, the batch's misclassified
         examples, for swap rules that read them (``tpo.swap.fitted``); needs
         ``has_aux``. In the second phase ``tx`` gets 0: the rule's readings
@@ -190,8 +197,13 @@ def fit(
         tx = two_phase(optax.adam(1e-3), swap=rule)
     tx = optax.with_extra_args_support(tx)
 
+    def loss_at(params: Any, batch: Any, step_key: jax.Array | None = None) -> Any:
+        if loss_takes_key:
+            return loss_fn(params, batch, step_key)
+        return loss_fn(params, batch)
+
     def value_of(params: Any, batch: Any) -> jax.Array:
-        out = loss_fn(params, batch)
+        out = loss_at(params, batch)
         return out[0] if has_aux else out
 
     full_value = value_of if chunk_size is None else chunked_loss(value_of, chunk_size)
@@ -211,17 +223,24 @@ def fit(
         batches = jax.tree.map(
             lambda x: x[order].reshape(steps, batch_size, *x.shape[1:]), data
         )
+        step_keys = (
+            jax.random.split(jax.random.fold_in(epoch_key, 1), steps)
+            if loss_takes_key
+            else jnp.zeros(steps)
+        )
 
-        def step(carry, batch):
+        def step(carry, inputs):
             params, opt_state = carry
+            batch, step_key = inputs
+            step_key = step_key if loss_takes_key else None
 
             def update(_):
                 if has_aux:
-                    (value, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(
-                        params, batch
+                    (value, aux), grad = jax.value_and_grad(loss_at, has_aux=True)(
+                        params, batch, step_key
                     )
                 else:
-                    value, grad = jax.value_and_grad(loss_fn)(params, batch)
+                    value, grad = jax.value_and_grad(loss_at)(params, batch, step_key)
                     aux = None
                 errors = error_kwargs(aux, batch)
                 updates, state = tx.update(
@@ -252,12 +271,12 @@ def fit(
             return jax.lax.cond(in_second_phase(opt_state), hold, update, None)
 
         (params, opt_state), (values, errors) = jax.lax.scan(
-            step, (params, opt_state), batches
+            step, (params, opt_state), (batches, step_keys)
         )
         steps_run = jnp.sum(~jnp.isnan(values))
         return params, opt_state, jnp.nanmean(values), jnp.sum(errors), steps_run
 
-    value_and_grad = optax.value_and_grad_from_state(lambda p: full_value(p, data))
+    value_and_grad = value_and_grad_from_state(lambda p: full_value(p, data))
 
     def stores_gradient(opt_state: Any) -> bool:
         search = _protocol.find_linesearch_state(opt_state)
