@@ -290,3 +290,18 @@ def test_complex_cg_quick_mode_reaches_the_real_splits_loss(tmp_path, capsys):
     )
     assert complex_run["final_value"] < 99.0  # 2n - 1 = 99 at the start, zero
     assert "| complex64 |" in capsys.readouterr().out
+
+
+def test_fit_loop_quick_mode_times_the_same_computation(tmp_path, capsys):
+    from experiments.benchmarks import fit_loop
+
+    result = fit_loop.main(["--quick", "--out", str(tmp_path / "fit_loop.json")])
+    assert json.loads((tmp_path / "fit_loop.json").read_text()) == result
+    (row,) = result["results"]
+    # tpo.fit with optax.adam ended on the hand loop's params bit for bit
+    # (asserted inside); both ran every epoch in the first phase.
+    assert row["bit_identical_to_hand"] and row["first_phase_epochs_of_default"] == 2
+    assert row["steps"] == {"hand": 128 // 64, "trainer": 2}
+    assert all(s > 0 for s in row["seconds_per_epoch"].values())
+    assert all(s > 0 for s in row["compile_seconds"].values())
+    assert "tpo.fit, default two_phase" in capsys.readouterr().out

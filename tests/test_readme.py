@@ -35,3 +35,9 @@ def test_readme_gives_the_ci_test_command():
     command = ci.strip().splitlines()[-1]
     assert command == "python -m pytest"
     assert f"&& {command}\n" in README.read_text()
+
+
+def test_getting_started_shows_the_readmes_quick_start():
+    guide = README.parent / "docs" / "getting_started.md"
+    # The same tpo.fit block (run above), then a loop of one's own.
+    assert python_blocks("Quick start", guide)[0] == python_blocks("Quick start")[0]

@@ -218,7 +218,8 @@ def fit(
         return {"num_errors": jnp.asarray(num_errors(aux, batch), jnp.int32)}
 
     @jax.jit
-    def first_phase_epoch(params, opt_state, epoch_key):
+    def first_phase_epoch(params, opt_state, epoch):
+        epoch_key = jax.random.fold_in(key, epoch)
         order = jax.random.permutation(epoch_key, n)[: steps * batch_size]
         batches = jax.tree.map(
             lambda x: x[order].reshape(steps, batch_size, *x.shape[1:]), data
@@ -273,8 +274,14 @@ def fit(
         (params, opt_state), (values, errors) = jax.lax.scan(
             step, (params, opt_state), (batches, step_keys)
         )
-        steps_run = jnp.sum(~jnp.isnan(values))
-        return params, opt_state, jnp.nanmean(values), jnp.sum(errors), steps_run
+        # What the host reads, fetched in one transfer.
+        readings = (
+            jnp.nanmean(values),
+            jnp.sum(errors),
+            jnp.sum(~jnp.isnan(values)),  # steps run (held ones cost nothing)
+            in_second_phase(opt_state),
+        )
+        return params, opt_state, readings
 
     value_and_grad = value_and_grad_from_state(lambda p: full_value(p, data))
 
@@ -285,8 +292,12 @@ def fit(
     @jax.jit
     def second_phase_step(params, opt_state):
         if stores_gradient(opt_state):
+            stored = _protocol.find_linesearch_state(opt_state).value
+            # The step's own value and gradient: 3 unless the search left them.
+            start_cost = jnp.where(jnp.isfinite(stored), 0.0, 3.0)
             value, grad = value_and_grad(params, state=opt_state)
         else:
+            start_cost = jnp.asarray(3.0)
             value, grad = jax.value_and_grad(full_value)(params, data)
         kwargs = {}
         if num_errors is not None:
@@ -306,13 +317,8 @@ def fit(
         failed = jnp.asarray(getattr(getattr(search, "info", None), "failed", False))
         zero_gradient = optax.tree.norm(grad) == 0
         final = zero_gradient | (failed & (evaluations == 0))
-        return (
-            optax.apply_updates(params, updates),
-            new_state,
-            value,
-            evaluations + 2 * gradients,
-            final,
-        )
+        readings = (value, start_cost + evaluations + 2 * gradients, final)
+        return optax.apply_updates(params, updates), new_state, readings
 
     @jax.jit
     def evaluate(params):
@@ -327,20 +333,20 @@ def fit(
     best = (jnp.inf, params, None)
     compiled: dict[str, Any] = {}  # each phase's step, compiled once
     final = False
+    swapped = bool(in_second_phase(opt_state))  # True only for a manual start
     for epoch in range(epochs):
-        second = bool(in_second_phase(opt_state))
+        second = swapped
         start = time.perf_counter()
         compile_seconds = 0.0
         if not second:
-            args = (params, opt_state, jax.random.fold_in(key, epoch))
+            args = (params, opt_state, np.int32(epoch))
             if "first" not in compiled:
                 compiled["first"] = first_phase_epoch.lower(*args).compile()
                 compile_seconds = time.perf_counter() - start
                 start = time.perf_counter()
-            params, opt_state, train_loss, epoch_errors, steps_run = compiled["first"](
-                *args
-            )
-            train_loss = float(train_loss)
+            params, opt_state, readings = compiled["first"](*args)
+            train_loss, epoch_errors, steps_run, swapped = jax.device_get(readings)
+            train_loss, swapped = float(train_loss), bool(swapped)
             # Steps held after a mid-epoch swap cost nothing.
             forward_passes += 3.0 * int(steps_run) * batch_size / n
         elif not final:
@@ -352,15 +358,9 @@ def fit(
                 ).compile()
                 compile_seconds = time.perf_counter() - start
                 start = time.perf_counter()
-            # The value and gradient of the step itself: 3 unless the line
-            # search hands them over.
-            handed_over = stores_gradient(opt_state) and bool(
-                jnp.isfinite(_protocol.find_linesearch_state(opt_state).value)
-            )
-            params, opt_state, value, cost, final_now = compiled["second"](
-                params, opt_state
-            )
-            forward_passes += float(cost) + (0.0 if handed_over else 3.0)
+            params, opt_state, readings = compiled["second"](params, opt_state)
+            value, cost, final_now = jax.device_get(readings)
+            forward_passes += float(cost)
             train_loss = float(value)
             final = bool(final_now)
         else:
