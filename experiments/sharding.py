@@ -14,8 +14,8 @@ Example:
     >>> from experiments import sharding
     >>> mesh = sharding.make_mesh(sharding.parse_mesh(None))  # All devices, data.
     >>> batch = sharding.global_batch(mesh, np.zeros((8 * jax.device_count(), 3)))
-    >>> batch.sharding.spec
-    PartitionSpec('data',)
+    >>> batch.sharding.spec == jax.sharding.PartitionSpec("data")
+    True
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ def test_full_state_round_trips_through_orbax(dtype, step, tmp_path):
             jnp.sum((x.astype(jnp.float32) - 2.0) ** 2) for x in jax.tree.leaves(p)
         )
         params = {"w": jnp.zeros((3, 2), dtype), "b": [jnp.ones(4, dtype)]}
-        # One-way: with bfloat16 params CG's searches soon fail at the
-        # resolution of bfloat16, and the default fallback would leave CG.
+        # One-way (as the default): with bfloat16 params CG's searches soon
+        # fail at the resolution of bfloat16, and a fallback would leave CG.
         opt = make_opt(fallback=None)
         state = opt.init(params)
         update = jax.jit(opt.update, static_argnames="value_fn")

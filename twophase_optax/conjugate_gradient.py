@@ -230,11 +230,8 @@ def conjugate_gradient(
         any function ``beta(grad, grad_prev, dir_prev)`` (see
         :mod:`twophase_optax.cg_directions`). Hager and Zhang's rule keeps
         the direction descending under inexact line searches, which lets the
-        default search stop at half the slope; with the former default,
-        ``"polak_ribiere_plus"`` and ``slope_linesearch(store_grad=True)``
-        (slope to a tenth), a step cost 5.0 forward-pass equivalents on the
-        CG-phase benchmark's vit-mlp against 4.4 and reached a loss 5 to 40
-        times higher at 450 and 900 of them (BENCHMARKS.md section 3).
+        default search stop at half the slope (BENCHMARKS.md, section 3,
+        compares the rules).
       linesearch: an optax line-search transformation that scales the
         direction; defaults to ``conjugate_gradient.default_linesearch()``
         (:func:`twophase_optax.slope_linesearch` with ``rtol=0.5``,
@@ -251,13 +248,9 @@ def conjugate_gradient(
         (the usual choice is the number of parameters, or never for large
         models).
       powell_threshold: Powell's 0.2, or ``None`` (the default) for no
-        Powell restarts. Measured (``experiments/benchmarks/cg_phase.py``,
-        ``solvers.py``): with the default line search Powell's test restarts
-        10% of the steps on vit-mlp and leaves the loss after 900
-        forward-pass equivalents 10^5 times higher; it also costs
-        evaluations on the extended Rosenbrock function. Polak-Ribiere+
-        restarts on its own where ``beta`` would turn negative, and the
-        Hager-Zhang rule bounds ``beta`` below.
+        Powell restarts: Polak-Ribiere+ restarts on its own where ``beta``
+        would turn negative, and the Hager-Zhang rule bounds ``beta`` below
+        (BENCHMARKS.md, sections 3 and 4, measure what the restarts cost).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``, called as

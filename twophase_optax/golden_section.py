@@ -59,7 +59,10 @@ class GoldenSectionLinesearchState(NamedTuple):
     Attributes:
       learning_rate: the accepted step size ``alpha`` (zero after a failure).
         The next search starts from it. The name matches optax's line searches,
-        so ``optax.tree.get(state, "learning_rate")`` works for all of them.
+        so ``optax.tree.get(state, "learning_rate")`` reads it from this state
+        or a chain holding it; inside ``two_phase`` whose first phase has a
+        ``learning_rate`` of its own (``optax.inject_hyperparams``) the name
+        is ambiguous, and ``optax.tree.get`` needs a filter (docs/cg.md).
       value: ``value_fn`` at the new params ``params + alpha * d``, so a
         training loop can log the loss without another forward pass.
       info: a :class:`GoldenSectionInfo`.
