@@ -161,3 +161,11 @@ def sync_hosts(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+KEPT = "kept"  # The directory of the checkpoints kept for good.
+
+
+def kept_epochs(run: str) -> list[int]:
+    """The epochs whose checkpoints the run in ``run`` keeps for good."""
+    return sorted(int(p.name) for p in (pathlib.Path(run) / KEPT).glob("[0-9]*"))

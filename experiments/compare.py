@@ -39,61 +39,33 @@ budget, and prints one verdict line per budget, model and variant.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
-from typing import Any
 
 import matplotlib
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import analysis  # noqa: E402
+from experiments import budget_sweep  # noqa: E402
 from experiments import cli  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
+from experiments import run_records  # noqa: E402
+from experiments import tables  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
+from experiments import variants  # noqa: E402
 
-LABELS = {
-    "adam": "Adam",
-    "two-phase": "two-phase (detected swap)",
-    "two-phase-fixed": "two-phase (fixed split)",
-    "cg": "CG from the start",
-    "adam-lbfgs": "Adam then L-BFGS (fixed split)",
-    "adam-cosine": "Adam, cosine-decayed rate",
-}
-COLOURS = {
-    "adam": "tab:blue",
-    "two-phase": "tab:red",
-    "two-phase-fixed": "tab:green",
-    "cg": "tab:purple",
-    "adam-lbfgs": "tab:orange",
-    "adam-cosine": "tab:cyan",
-}
 DEFAULT_MODELS = models.IMAGE_MODEL_NAMES  # on text: models.TEXT_VARIANTS
-DEFAULT_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase"]
-STUDY_OPTIMIZERS = ["adam", "two-phase-fixed", "two-phase", "cg", "adam-lbfgs"]
+_ADAM = variants.ADAM.name  # every verdict is against it
+DEFAULT_OPTIMIZERS = [_ADAM, variants.TWO_PHASE_FIXED.name, variants.TWO_PHASE.name]
+STUDY_OPTIMIZERS = [*DEFAULT_OPTIMIZERS, variants.CG.name, variants.ADAM_LBFGS.name]
 
 
-@dataclasses.dataclass
-class Run:
-    model: str
-    optimizer: str
-    rows: list[dict[str, Any]]
-    seed: int = 0
-
-    @property
-    def last(self) -> dict[str, Any]:
-        return self.rows[-1]
-
-    @property
-    def swap_epoch(self) -> int | None:
-        return next((r["epoch"] for r in self.rows if r["phase"] == 1), None)
-
-
-def run_all(args) -> list[Run]:
+def run_all(args) -> list[analysis.Run]:
     """Trains every model, optimizer and seed; with ``--resume`` a finished run
     is read back, not trained again, and an unfinished one continues.
 
@@ -105,9 +77,9 @@ def run_all(args) -> list[Run]:
         for optimizer in args.optimizers:
             for seed in args.seeds[model]:
                 out = args.out / "runs" / model / optimizer / f"seed{seed}"
-                rows = train_lib.read_metrics(out / "metrics.jsonl")
+                rows = run_records.read_metrics(out / "metrics.jsonl")
                 if not (args.resume and len(rows) >= args.epochs):
-                    config = train_lib.Config(
+                    config = config_lib.Config(
                         label=f"run {len(runs) + 1}/{total}: ",
                         model=model,
                         dataset=args.dataset,
@@ -124,183 +96,12 @@ def run_all(args) -> list[Run]:
                         progress=not args.no_progress,
                     )
                     rows = train_lib.train(config)
-                runs.append(Run(model, optimizer, rows[: args.epochs], seed))
+                runs.append(analysis.Run(model, optimizer, rows[: args.epochs], seed))
     return runs
 
 
-def adam_run(runs: list[Run], run: Run, baseline: str = "adam") -> Run | None:
-    """The ``baseline`` run (Adam's, say) of the same model and seed."""
-    return next(
-        (
-            r
-            for r in runs
-            if r.model == run.model and r.optimizer == baseline and r.seed == run.seed
-        ),
-        None,
-    )
-
-
-def at_equal(
-    runs: list[Run], run: Run, key: str, baseline: str = "adam"
-) -> tuple[dict, dict] | None:
-    """``run``'s and Adam's last rows within the smaller of their totals of ``key``.
-
-    ``key`` is ``"epoch"``, ``"forward_passes"`` (compute) or ``"wall_time"``;
-    Adam's run is the one of the same model and seed, or the ``baseline``
-    optimizer's (``"adam-cosine"``).
-    """
-    adam = adam_run(runs, run, baseline)
-    budget = min(run.last[key], adam.last[key])
-    pick = lambda rows: [r for r in rows if r[key] <= budget + 1e-9]  # noqa: E731
-    ours, theirs = pick(run.rows), pick(adam.rows)
-    return (ours[-1], theirs[-1]) if ours and theirs else None
-
-
-BUDGETS = (("epoch", "epochs"), ("forward_passes", "compute"), ("wall_time", "time"))
-
-# A run that never swapped is Adam's run, recompiled: XLA fuses Adam's
-# arithmetic differently inside two_phase's lax.cond, and the last-bit
-# differences grow over the epochs. Its verdict compares that noise.
-NO_SWAP = "no swap: Adam's run up to rounding"
-
-
-def verdict(runs: list[Run], run: Run) -> str:
-    """One line: who has the lower training loss at equal epochs, compute, time."""
-    parts = []
-    for key, name in BUDGETS:
-        pair = at_equal(runs, run, key)
-        if pair is None:  # Its first epoch outlasts Adam's whole run.
-            parts.append(
-                f"equal {name}: Adam ({run.optimizer}'s first epoch exceeds it)"
-            )
-            continue
-        ours, adam = pair
-        if ours["train_loss"] == adam["train_loss"]:
-            winner = "tie"
-        else:
-            winner = (
-                run.optimizer if ours["train_loss"] < adam["train_loss"] else "Adam"
-            )
-        parts.append(
-            f"equal {name}: {winner} ({ours['train_loss']:.3g} vs "
-            f"{adam['train_loss']:.3g})"
-        )
-    seed = f" (seed {run.seed})" if run.seed else ""
-    line = f"{run.model}, {LABELS[run.optimizer]} against Adam{seed}: " + "; ".join(
-        parts
-    )
-    if run.swap_epoch is None:
-        line += f"; {NO_SWAP}"
-    return line
-
-
-@dataclasses.dataclass
-class Cell:
-    """One model and optimizer over its seeds."""
-
-    model: str
-    optimizer: str
-    runs: list[Run]
-
-    def values(self, key: str) -> list[float]:
-        return [r.last[key] for r in self.runs]
-
-    def summary(self, key: str, fmt: str) -> str:
-        """Mean over the seeds, and half the range where there are several."""
-        v = np.asarray(self.values(key), float)
-        if len(v) == 1:
-            return format(v[0], fmt)
-        return f"{format(v.mean(), fmt)} ± {format((v.max() - v.min()) / 2, '.1g')}"
-
-    def swap_epochs(self) -> str:
-        epochs = [r.swap_epoch for r in self.runs]
-        return ", ".join("-" if e is None else str(e) for e in epochs)
-
-
-def cells(runs: list[Run]) -> list[Cell]:
-    keys = list(dict.fromkeys((r.model, r.optimizer) for r in runs))
-    return [
-        Cell(m, o, [r for r in runs if (r.model, r.optimizer) == (m, o)])
-        for m, o in keys
-    ]
-
-
-def cell_verdicts(
-    runs: list[Run], cell: Cell, baseline: str = "adam"
-) -> dict[str, dict[str, Any]]:
-    """Per budget: in how many seeds the optimizer's training loss is below
-    Adam's (or ``baseline``'s; and equal to it), both mean losses at that
-    budget, and both mean validation accuracies there."""
-    out = {}
-    for key, name in BUDGETS:
-        pairs = [at_equal(runs, run, key, baseline) for run in cell.runs]
-        known = [p for p in pairs if p is not None]
-        losses = [(p[0]["train_loss"], p[1]["train_loss"]) for p in known]
-
-        def mean(values):
-            return float(np.mean(values)) if values else None
-
-        out[name] = {
-            "wins": sum(ours < adam for ours, adam in losses),
-            "ties": sum(ours == adam for ours, adam in losses),
-            "seeds": len(pairs),
-            "loss": mean([o for o, _ in losses]),
-            "adam_loss": mean([a for _, a in losses]),
-            "val_acc": mean([p[0]["val_acc"] for p in known]),
-            "adam_val_acc": mean([p[1]["val_acc"] for p in known]),
-        }
-    return out
-
-
-def _verdict_cell(
-    v: dict[str, Any],
-    optimizer: str,
-    swapped: int,
-    baseline: str = "Adam",
-    accuracy: bool = False,
-) -> str:
-    """``swapped``: how many of the cell's runs left Adam; ``accuracy``: add
-    both validation accuracies."""
-    prefix = "no swap: " if swapped == 0 else ""
-    if v["loss"] is None:
-        return f"{prefix}{baseline} (no epoch of {optimizer} fits)"
-    losses = v["seeds"] - v["wins"] - v["ties"]
-    if v["ties"] == v["seeds"]:
-        who = "tie"
-    elif v["wins"] > losses:
-        who = optimizer
-    elif v["wins"] < losses:
-        who = baseline
-    else:
-        who = "split"
-    acc = f"; val acc {v['val_acc']:.3f} vs {v['adam_val_acc']:.3f}" if accuracy else ""
-    return (
-        f"{prefix}{who} {v['wins']}/{v['seeds']} "
-        f"({v['loss']:.3g} vs {v['adam_loss']:.3g}{acc})"
-    )
-
-
-def seeds_text(runs: list[Run]) -> str:
-    """The seeds of the runs, per model where the models differ in them:
-    ``"seeds 0, 1"`` or ``"seeds 0, 1, 2 for vit-mlp, vgg5; seed 0 for vit-nomlp"``."""
-    by_model: dict[str, set[int]] = {}
-    for run in runs:
-        by_model.setdefault(run.model, set()).add(run.seed)
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for model, seeds in by_model.items():
-        groups.setdefault(tuple(sorted(seeds)), []).append(model)
-
-    def seed_list(seeds: tuple[int, ...]) -> str:
-        return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
-
-    if len(groups) == 1:
-        return seed_list(next(iter(groups)))
-    ordered = sorted(groups.items(), key=lambda g: -len(g[0]))
-    return "; ".join(f"{seed_list(s)} for {', '.join(m)}" for s, m in ordered)
-
-
 def write_table(
-    runs: list[Run],
+    runs: list[analysis.Run],
     dataset: data_lib.Dataset,
     path: pathlib.Path,
     loss: str,
@@ -314,7 +115,7 @@ def write_table(
     n_train, outputs = len(dataset.x_train), dataset.num_classes
     lines = [
         f"# {dataset.name}: Adam against the two-phase method "
-        f"({runs[0].last['epoch'] + 1} epochs, {seeds_text(runs)})",
+        f"({runs[0].last['epoch'] + 1} epochs, {analysis.seeds_text(runs)})",
         "",
     ]
     if command:
@@ -328,14 +129,16 @@ def write_table(
         "left). Wall s is the time of the training steps; compilation (compile "
         "s) is timed apart, and evaluation and checkpoints are not counted.",
         "",
-        *RESULT_HEADER,
+        *tables.RESULT_HEADER,
     ]
     table_json = []
-    for cell in cells(runs):
-        lines.append(result_line(cell, n_train * outputs))
-        entry = cell_entry(cell)
-        if cell.optimizer != "adam" and all(adam_run(runs, r) for r in cell.runs):
-            entry["verdicts"] = cell_verdicts(runs, cell)
+    for cell in analysis.cells(runs):
+        lines.append(tables.result_line(cell, n_train * outputs))
+        entry = analysis.cell_entry(cell)
+        if cell.optimizer != _ADAM and all(
+            analysis.baseline_run(runs, r) for r in cell.runs
+        ):
+            entry["verdicts"] = analysis.cell_verdicts(runs, cell)
         table_json.append(entry)
     lines += [
         "",
@@ -355,62 +158,19 @@ def write_table(
             v = entry["verdicts"]
             o = entry["optimizer"]
             lines.append(
-                f"| {entry['model']} | {LABELS[o]} | "
+                f"| {entry['model']} | {variants.get(o).label} | "
                 + " | ".join(
-                    _verdict_cell(v[name], o, entry["swapped"]) for _, name in BUDGETS
+                    tables.verdict_cell(v[name], o, entry["swapped"])
+                    for _, name in analysis.COMPARISONS
                 )
                 + " |"
             )
     lines += ["", "Per run (training loss; lower wins):", ""]
-    lines += [f"- {verdict(runs, run)}" for run in runs if run.optimizer != "adam"]
+    lines += [
+        f"- {tables.verdict(runs, run)}" for run in runs if run.optimizer != _ADAM
+    ]
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps(table_json, indent=1) + "\n")
-
-
-RESULT_HEADER = [
-    "| model | params | Q | optimizer | seeds | swap epoch | train loss | "
-    "train acc | val loss | val acc | compute | wall s | compile s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-]
-
-
-def result_line(cell: Cell, samples_times_outputs: int) -> str:
-    """The cell's row of the results table (see :data:`RESULT_HEADER`)."""
-    params = cell.runs[0].last["num_params"]
-    return (
-        f"| {cell.model} | {params} | {samples_times_outputs / params:.3f} | "
-        f"{LABELS[cell.optimizer]} | {len(cell.runs)} | {cell.swap_epochs()} | "
-        f"{cell.summary('train_loss', '.3g')} | "
-        f"{cell.summary('train_acc', '.3f')} | "
-        f"{cell.summary('val_loss', '.3g')} | {cell.summary('val_acc', '.3f')} | "
-        f"{cell.summary('forward_passes', '.0f')} | "
-        f"{cell.summary('wall_time', '.1f')} | "
-        f"{cell.summary('compile_time', '.1f')} |"
-    )
-
-
-def cell_entry(cell: Cell) -> dict[str, Any]:
-    """The cell's numbers for ``table.json``: the last row's, per seed."""
-    return {
-        "model": cell.model,
-        "optimizer": cell.optimizer,
-        "params": cell.runs[0].last["num_params"],
-        "seeds": [r.seed for r in cell.runs],
-        "swap_epochs": [r.swap_epoch for r in cell.runs],
-        "swapped": sum(r.swap_epoch is not None for r in cell.runs),
-        **{
-            key: cell.values(key)
-            for key in (
-                "train_loss",
-                "train_acc",
-                "val_loss",
-                "val_acc",
-                "forward_passes",
-                "wall_time",
-                "compile_time",
-            )
-        },
-    }
 
 
 def _grid(models_: list[str]):
@@ -429,7 +189,7 @@ def _grid(models_: list[str]):
 
 
 def plot_losses(
-    runs: list[Run], x_key: str, x_label: str, path: pathlib.Path, loss: str
+    runs: list[analysis.Run], x_key: str, x_label: str, path: pathlib.Path, loss: str
 ):
     models_ = list(dict.fromkeys(r.model for r in runs))
     fig, axes = _grid(models_)
@@ -437,11 +197,12 @@ def plot_losses(
     for run in runs:
         ax = axes[run.model]
         x = [r[x_key] + (1 if x_key == "epoch" else 0) for r in run.rows]
-        colour = COLOURS[run.optimizer]
+        colour = variants.get(run.optimizer).colour
         # Every seed is drawn; the first one labelled and stronger.
         main_seed = run.seed == first_seed
-        name = LABELS[run.optimizer]
-        if run.swap_epoch is None and run.optimizer not in train_lib.ADAM_OPTIMIZERS:
+        name = variants.get(run.optimizer).label
+        variant = variants.get(run.optimizer)
+        if run.swap_epoch is None and variant.has_second_phase:
             # A run that never swapped is Adam's: drawn thin and dotted under
             # Adam's line, which stays visible, and named so in the legend.
             ax.plot(
@@ -460,7 +221,7 @@ def plot_losses(
             [r["train_loss"] for r in run.rows],
             color=colour,
             alpha=1.0 if main_seed else 0.35,
-            zorder=3 if run.optimizer == "adam" else 2,
+            zorder=3 if variant is variants.ADAM else 2,
             label=f"{name} train" if main_seed else None,
         )
         if main_seed:
@@ -472,7 +233,7 @@ def plot_losses(
                 lw=0.8,
                 label=f"{name} val",
             )
-        if main_seed and run.swap_epoch is not None and run.optimizer != "adam":
+        if main_seed and run.swap_epoch is not None and variant.has_second_phase:
             swap = run.rows[run.swap_epoch - 1] if run.swap_epoch else run.rows[0]
             ax.axvline(
                 swap[x_key] + (1 if x_key == "epoch" else 0), color=colour, ls=":", lw=1
@@ -485,14 +246,18 @@ def plot_losses(
     plt.close(fig)
 
 
-def plot_gradnorm(runs: list[Run], path: pathlib.Path):
+def plot_gradnorm(runs: list[analysis.Run], path: pathlib.Path):
     first_seed = min(r.seed for r in runs)
-    runs = [r for r in runs if r.seed == first_seed and r.optimizer != "cg"]
+    runs = [
+        r
+        for r in runs
+        if r.seed == first_seed and variants.get(r.optimizer).first is not None
+    ]
     models_ = list(dict.fromkeys(r.model for r in runs))
     fig, axes = _grid(models_)
     for run in runs:
         ax = axes[run.model]
-        colour = COLOURS[run.optimizer]
+        colour = variants.get(run.optimizer).colour
         loss = [r["train_loss"] for r in run.rows]
         ax.plot(
             loss,
@@ -501,7 +266,7 @@ def plot_gradnorm(runs: list[Run], path: pathlib.Path):
             ms=3,
             lw=0.8,
             color=colour,
-            label=LABELS[run.optimizer],
+            label=variants.get(run.optimizer).label,
         )
         if run.swap_epoch:
             # The reading of the epoch before the first CG epoch triggered it.
@@ -513,7 +278,7 @@ def plot_gradnorm(runs: list[Run], path: pathlib.Path):
                 ms=14,
                 color=colour,
                 mec="black",
-                label=f"swap ({LABELS[run.optimizer]})",
+                label=f"swap ({variants.get(run.optimizer).label})",
             )
         ax.set(
             title=run.model,
@@ -531,9 +296,7 @@ def plot_gradnorm(runs: list[Run], path: pathlib.Path):
 
 def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
     """``--sweep``: the budgets' runs, their tables, plots and verdicts."""
-    from experiments import study  # It builds on this module.
-
-    sweep = study.Sweep(
+    sweep = budget_sweep.Sweep(
         models=args.models,
         seeds=args.seeds,
         budgets=args.budgets or [args.epochs],
@@ -550,10 +313,10 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
         later_budgets=args.later_budgets,
         read_only=args.read_only,
     )
-    by_budget = study.run_sweep(sweep)
+    by_budget = budget_sweep.run_sweep(sweep)
     note_path = args.out / "NOTE.md"
     note = note_path.read_text().strip() if note_path.exists() else None
-    study.write_sweep(
+    budget_sweep.write_sweep(
         by_budget, dataset, args.out, args.loss, command, note, sweep.missing
     )
     for budget, runs in by_budget.items():
@@ -566,9 +329,9 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
             path = args.out / f"{name}_{budget}.png"
             plot_losses(runs, x_key, x_label, path, args.loss)
     if args.copy_to:
-        study.copy_results(sweep, by_budget, args.copy_to)
+        budget_sweep.copy_results(sweep, by_budget, args.copy_to)
     print((args.out / "table.md").read_text())
-    print(study.verdict_lines(by_budget))
+    print(budget_sweep.verdict_lines(by_budget))
     print(f"Plots in {args.out}/")
 
 
@@ -591,12 +354,12 @@ def main(argv: list[str] | None = None) -> None:
         "1437 training images would give only 3 steps per epoch at 512)",
     )
     parser.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
-    train_lib.add_loss_argument(parser)
+    config_lib.add_loss_argument(parser)
     parser.add_argument(
         "--optimizers",
         nargs="+",
         default=None,
-        choices=train_lib.OPTIMIZERS,
+        choices=config_lib.OPTIMIZERS,
         help=f"default: {' '.join(DEFAULT_OPTIMIZERS)}; --study: "
         f"{' '.join(STUDY_OPTIMIZERS)}",
     )
@@ -637,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="a budget sweep from shared Adam runs (experiments/study.py): "
+        help="a budget sweep from shared Adam runs (experiments/budget_sweep.py): "
         "Adam, cosine Adam, the fixed split at 30%% of each budget, the "
         "detected swap and Adam then L-BFGS at each of --budgets",
     )
@@ -690,28 +453,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from experiments import study  # It builds on this module.
-
     if args.sweep and args.study:
         parser.error("argument --sweep: not allowed with argument --study")
     if args.optimizers is None and args.sweep:
-        args.optimizers = list(study.VARIANTS)
-    elif args.sweep and (bad := set(args.optimizers) - set(study.VARIANTS)):
+        args.optimizers = list(variants.SWEEP)
+    elif args.sweep and (bad := set(args.optimizers) - set(variants.SWEEP)):
         parser.error(
             f"argument --optimizers: {', '.join(sorted(bad))} not in a sweep "
-            f"(choose from {', '.join(study.VARIANTS)})"
+            f"(choose from {', '.join(variants.SWEEP)})"
         )
     if args.models is None:
         text = args.dataset in data_lib.TEXT_NAMES
         args.models = list(models.TEXT_VARIANTS if text else DEFAULT_MODELS)
     for model in args.models:
-        train_lib.check_model_fits_dataset(parser, model, args.dataset, "--models")
+        config_lib.check_model_fits_dataset(parser, model, args.dataset, "--models")
     if args.optimizers is None:
         args.optimizers = list(STUDY_OPTIMIZERS if args.study else DEFAULT_OPTIMIZERS)
-    if args.fixed and "two-phase-fixed" not in args.optimizers:
-        args.optimizers.append("two-phase-fixed")
-    if "adam" not in args.optimizers:
-        args.optimizers.insert(0, "adam")  # Every verdict is against Adam.
+    if args.fixed and variants.TWO_PHASE_FIXED.name not in args.optimizers:
+        args.optimizers.append(variants.TWO_PHASE_FIXED.name)
+    if _ADAM not in args.optimizers:
+        args.optimizers.insert(0, _ADAM)  # Every verdict is against Adam.
     if args.seeds is None:
         args.seeds = 3 if args.study else 1
     seeds_for = dict(args.seeds_for)

@@ -40,28 +40,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import twophase_optax as tpo  # noqa: E402
+from experiments import analysis  # noqa: E402
 from experiments import cli  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
+from experiments import run_records  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
 
-SMOOTHING = 5  # epochs in the centred moving average
+SMOOTHING = analysis.CENTRED_WIDTH  # epochs in the centred moving average
 RISE = 1.5  # the peak must be at least this multiple of the first reading ...
 FALL = 2 / 3  # ... and the last reading at most this fraction of the peak
-
-
-def centred_average(readings: np.ndarray, width: int = SMOOTHING) -> np.ndarray:
-    """Centred moving average; near the ends it averages the readings there are.
-
-    Example:
-      >>> centred_average(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), 3).tolist()
-      [1.5, 2.0, 3.0, 4.0, 4.5]
-    """
-    half = width // 2
-    sums = np.concatenate([[0.0], np.cumsum(readings)])
-    index = np.arange(len(readings))
-    lo, hi = np.maximum(index - half, 0), np.minimum(index + half + 1, len(readings))
-    return (sums[hi] - sums[lo]) / (hi - lo)
 
 
 def algorithm1_swap(readings: np.ndarray, gn_factor: float) -> int | None:
@@ -84,7 +73,7 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
     """The peak, the smoothed peak, the swap and the verdict of one Adam run."""
     readings = np.array([r["gn_reading"] for r in rows])
     losses = np.array([r["train_loss"] for r in rows])
-    smoothed = centred_average(readings)
+    smoothed = analysis.centred_average(readings)
     peak, smooth_peak = int(np.argmax(readings)), int(np.argmax(smoothed))
     swap = algorithm1_swap(readings, gn_factor)
     # The peak rule's defaults.
@@ -93,7 +82,7 @@ def analyse(rows: list[dict[str, Any]], gn_factor: float) -> dict[str, Any]:
     # recorded; older metrics without batch losses have none.
     default_rule_swap = None
     if rows and "batch_loss" in rows[0]:
-        default_rule_swap = train_lib.replayed_swap(train_lib.Config(), rows)
+        default_rule_swap = run_records.replayed_swap(config_lib.Config(), rows)
     rise = float(smoothed[smooth_peak] / smoothed[0])
     fall = float(smoothed[-1] / smoothed[smooth_peak])
     mark = lambda i: (
@@ -145,7 +134,7 @@ def plot(
     epochs = np.arange(1, len(rows) + 1)
     readings = np.array([r["gn_reading"] for r in rows])
     losses = np.array([r["train_loss"] for r in rows])
-    smoothed = centred_average(readings)
+    smoothed = analysis.centred_average(readings)
     probes = [r for r in rows if r.get("lambda_min") is not None]
     if probes:
         fig, axes = plt.subplots(
@@ -257,7 +246,7 @@ def run_name(model: str, loss: str) -> str:
 
 
 def run_one(args, dataset: str, model: str) -> dict[str, Any]:
-    config = train_lib.Config(
+    config = config_lib.Config(
         model=model,
         dataset=dataset,
         optimizer="adam",
@@ -376,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=cli.integer(1), default=512)
     parser.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
-    train_lib.add_loss_argument(parser)
+    config_lib.add_loss_argument(parser)
     parser.add_argument("--gn-factor", type=cli.FRACTION, default=0.9)
     parser.add_argument(
         "--curvature-every",

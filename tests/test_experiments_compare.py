@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib", reason="compare plots with matplotlib")
+from experiments import analysis  # noqa: E402
 from experiments import compare  # noqa: E402
+from experiments import tables  # noqa: E402
 
 
 def rows(losses, forward_passes, wall_times):
@@ -30,13 +32,13 @@ def rows(losses, forward_passes, wall_times):
 
 
 RUNS = [
-    compare.Run("vgg5", "adam", rows([1.0, 0.5, 0.25], [3, 6, 9], [1, 2, 3])),
-    compare.Run("vgg5", "two-phase", rows([1.0, 0.4, 0.1], [3, 9, 20], [1, 3, 10])),
+    analysis.Run("vgg5", "adam", rows([1.0, 0.5, 0.25], [3, 6, 9], [1, 2, 3])),
+    analysis.Run("vgg5", "two-phase", rows([1.0, 0.4, 0.1], [3, 9, 20], [1, 3, 10])),
 ]
 
 
 def test_verdict_compares_at_equal_epochs_compute_and_time():
-    line = compare.verdict(RUNS, RUNS[1])
+    line = tables.verdict(RUNS, RUNS[1])
     # Epoch 2 against epoch 2; at compute 9 its epoch 1 against Adam's epoch
     # 2; at time 3 the same pair.
     assert line == (
@@ -53,7 +55,7 @@ def test_table_ends_with_the_verdict_and_says_what_it_counts(tmp_path):
     )
     compare.write_table(RUNS, dataset, tmp_path / "table.md", "softmax_mse")
     text = (tmp_path / "table.md").read_text()
-    assert text.rstrip().splitlines()[-1] == "- " + compare.verdict(RUNS, RUNS[1])
+    assert text.rstrip().splitlines()[-1] == "- " + tables.verdict(RUNS, RUNS[1])
     assert "compilation (compile s) is timed apart" in text
     assert "a value 1, a value and gradient 3" in text
 
@@ -66,21 +68,21 @@ def test_a_run_that_never_swapped_is_marked_as_adams(tmp_path):
     unswapped = [
         {**row, "phase": 0} for row in rows([1.0, 0.45, 0.2], [3, 6, 9], [1, 2, 3])
     ]
-    runs = [RUNS[0], compare.Run("vit-mlp", "adam", RUNS[0].rows)]
-    runs += [RUNS[1], compare.Run("vit-mlp", "two-phase", unswapped)]
+    runs = [RUNS[0], analysis.Run("vit-mlp", "adam", RUNS[0].rows)]
+    runs += [RUNS[1], analysis.Run("vit-mlp", "two-phase", unswapped)]
     dataset = types.SimpleNamespace(
         name="digits", x_train=np.zeros((10, 1)), num_classes=10
     )
     compare.write_table(runs, dataset, tmp_path / "table.md", "softmax_mse")
     text = (tmp_path / "table.md").read_text()
-    no_swap = compare.NO_SWAP
+    no_swap = analysis.NO_SWAP
     assert (
         "| vit-mlp | two-phase (detected swap) | "
         "no swap: two-phase 1/1 (0.2 vs 0.25) | " in text
     )
     assert "| vgg5 | two-phase (detected swap) | two-phase 1/1 (0.1 vs 0.25) |" in text
-    assert compare.verdict(runs, runs[3]).endswith(f"; {no_swap}")
-    assert no_swap not in compare.verdict(runs, runs[2])
+    assert tables.verdict(runs, runs[3]).endswith(f"; {no_swap}")
+    assert no_swap not in tables.verdict(runs, runs[2])
     cells = json.loads((tmp_path / "table.json").read_text())
     swapped = {c["model"]: c["swapped"] for c in cells if c["optimizer"] != "adam"}
     assert swapped == {"vgg5": 1, "vit-mlp": 0}
@@ -96,7 +98,7 @@ def study_runs():
             losses = [scale * (1.0 - 0.3 * epoch * (1 + 0.1 * k)) for epoch in range(3)]
             cost = [3 * (epoch + 1) * (1 + k) for epoch in range(3)]
             runs.append(
-                compare.Run("vgg5", optimizer, rows(losses, cost, [1, 2, 3 + k]), seed)
+                analysis.Run("vgg5", optimizer, rows(losses, cost, [1, 2, 3 + k]), seed)
             )
     return runs
 

@@ -141,9 +141,11 @@ def test_tfds_runs_evaluate_their_cg_phase_in_chunks(name, tmp_path):
     import chex
     import jax
 
+    from experiments import config as config_lib
     from experiments import train
+    from experiments import trainer as trainer_lib
 
-    config = train.Config(
+    config = config_lib.Config(
         model="vit-nomlp-wkewq-wvwo",
         dataset=name,
         optimizer="two-phase-fixed",
@@ -155,7 +157,7 @@ def test_tfds_runs_evaluate_their_cg_phase_in_chunks(name, tmp_path):
         out=str(tmp_path),
     )
     with tfds.testing.mock_data(num_examples=40):
-        trainer = train.Trainer(config)
+        trainer = trainer_lib.Trainer(config)
         rows = train.train(config)
     # The 40 training images in 3 chunks of 13 and one row: the same value
     # and gradient as in one pass.

@@ -16,6 +16,9 @@ pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 import orbax.checkpoint as ocp  # noqa: E402
 
+from experiments import checkpoints  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
+from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
 from tests.test_experiments_train import SMALL  # noqa: E402
 from tests.test_experiments_train import checkpoint_leaves  # noqa: E402
@@ -36,13 +39,13 @@ def drop_time(rows):
 def reference(tmp_path_factory):
     """An uninterrupted run: its rows and its last checkpoint's leaves."""
     out = tmp_path_factory.mktemp("reference")
-    rows = train.train(train.Config(**COMMON, epochs=EPOCHS, out=str(out)))
+    rows = train.train(config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out)))
     return drop_time(rows), checkpoint_leaves(out, EPOCHS - 1)
 
 
 def assert_same_result(out, reference):
     rows, leaves = reference
-    assert drop_time(train.read_metrics(out / "metrics.jsonl")) == rows
+    assert drop_time(run_records.read_metrics(out / "metrics.jsonl")) == rows
     for a, b in zip(checkpoint_leaves(out, EPOCHS - 1), leaves, strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -90,7 +93,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_result(signum, tmp_path, refer
         assert "Continue with --resume" in stderr
     else:
         assert process.returncode == -signal.SIGKILL
-    finished = [r["epoch"] for r in train.read_metrics(out / "metrics.jsonl")]
+    finished = [r["epoch"] for r in run_records.read_metrics(out / "metrics.jsonl")]
     assert finished and max(finished) < EPOCHS - 1, "killed too late to test"
     train.main(cli(out, "--resume")[3:])  # In this process: no second start-up.
     assert_same_result(out, reference)
@@ -126,22 +129,22 @@ def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_others(
     assert ocp.CheckpointManager(out / "checkpoints").all_steps() == [0, 1]
     if error.errno == errno.ENOSPC:  # The same path after either error.
         # Freed space: the run continues from epoch 1's checkpoint.
-        config = train.Config(**COMMON, epochs=EPOCHS, out=str(out), resume=True)
+        config = config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out), resume=True)
         train.train(config)
         assert_same_result(out, reference)
 
 
 def test_failed_metrics_write_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
-    train.append_metrics(path, {"epoch": 0})
+    run_records.append_metrics(path, {"epoch": 0})
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(train.RunOutputError, match="epoch 1's metrics"):
-        train.append_metrics(path, {"epoch": 1})
-    assert train.read_metrics(path) == [{"epoch": 0}]
+    with pytest.raises(checkpoints.RunOutputError, match="epoch 1's metrics"):
+        run_records.append_metrics(path, {"epoch": 1})
+    assert run_records.read_metrics(path) == [{"epoch": 0}]
 
 
 def test_unwritable_output_directory_is_a_clear_error(tmp_path):
@@ -158,7 +161,7 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
 )
 def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference):
     probe = tmp_path / "probe"
-    train.train(train.Config(**COMMON, epochs=1, out=str(probe)))
+    train.train(config_lib.Config(**COMMON, epochs=1, out=str(probe)))
     files = (probe / "checkpoints").rglob("*")
     one = sum(f.stat().st_size for f in files if f.is_file())
     disk = tmp_path / "disk"
@@ -171,8 +174,8 @@ def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         out = disk / "run"
-        with pytest.raises(train.RunOutputError, match="are intact") as caught:
-            train.train(train.Config(**COMMON, epochs=EPOCHS, out=str(out)))
+        with pytest.raises(checkpoints.RunOutputError, match="are intact") as caught:
+            train.train(config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out)))
         assert "epoch" in str(caught.value)
         moved = tmp_path / "moved"
         shutil.copytree(out, moved)
@@ -180,7 +183,7 @@ def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference):
         subprocess.run(["umount", str(disk)], check=True)
     kept = ocp.CheckpointManager(moved / "checkpoints").all_steps()
     assert kept, "no checkpoint was written before the disk filled up"
-    train.train(train.Config(**COMMON, epochs=EPOCHS, out=str(moved), resume=True))
+    train.train(config_lib.Config(**COMMON, epochs=EPOCHS, out=str(moved), resume=True))
     assert_same_result(moved, reference)
 
 
@@ -208,9 +211,11 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(
     corrupt, tmp_path, reference
 ):
     out = tmp_path / "run"
-    train.train(train.Config(**COMMON, epochs=3, out=str(out)))
+    train.train(config_lib.Config(**COMMON, epochs=3, out=str(out)))
     corrupt(out / "checkpoints" / "2")
     with pytest.warns(UserWarning, match="epoch 2 is unreadable or corrupted"):
-        train.train(train.Config(**COMMON, epochs=EPOCHS, out=str(out), resume=True))
+        train.train(
+            config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out), resume=True)
+        )
     assert (out / "corrupted-checkpoints" / "2").is_dir()
     assert_same_result(out, reference)

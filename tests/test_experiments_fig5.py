@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flax", reason="the Fig. 5 runs train the experiment models")
+from experiments import analysis  # noqa: E402
 from experiments import fig5  # noqa: E402
-from experiments import train  # noqa: E402
+from experiments import run_records  # noqa: E402
 
 
 def algorithm1_as_printed(readings, gn_factor):
@@ -43,7 +44,7 @@ def test_analyse_marks_the_peak_the_smoothed_peak_and_the_shape():
     ]
     result = fig5.analyse(rows, 0.9)
     assert result["peak"] == {"epoch": 5, "train_loss": 1 / 5, "gn_reading": 5.0}
-    smoothed = fig5.centred_average(np.array(readings))
+    smoothed = analysis.centred_average(np.array(readings))
     # Centred 5-epoch means: epoch 6 averages epochs 4..8 = (2+5+3+3+3)/5, and
     # epoch 7 ties with it; the first of equal maxima counts.
     assert smoothed[5] == pytest.approx(3.2) and smoothed[6] == pytest.approx(3.2)
@@ -65,7 +66,7 @@ def test_quick_mode_writes_the_plot_and_the_data_it_is_drawn_from(tmp_path, caps
     png = tmp_path / "digits-vit-mlp.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((tmp_path / "digits-vit-mlp.json").read_text())
-    metrics = train.read_metrics(
+    metrics = run_records.read_metrics(
         tmp_path / "runs" / "digits" / "vit-mlp" / "metrics.jsonl"
     )
     assert [r["gn_reading"] for r in record["rows"]] == [

@@ -15,9 +15,14 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
+from experiments import analysis  # noqa: E402
+from experiments import budget_sweep  # noqa: E402
+from experiments import checkpoints  # noqa: E402
 from experiments import compare  # noqa: E402
-from experiments import study  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
+from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
+from experiments import variants  # noqa: E402
 
 SMALL = dict(model="vit-nomlp-wkewq-wvwo", dataset="digits", progress=False)
 SMALL.update(lr=3e-3, batch_size=64)
@@ -36,7 +41,7 @@ def without_timers(rows):
 def adam_run(tmp_path_factory):
     """Adam for 7 epochs keeping epochs 1 and 2, and where ``RULE`` fires."""
     out = tmp_path_factory.mktemp("adam")
-    config = train.Config(
+    config = config_lib.Config(
         **SMALL,
         optimizer="adam",
         epochs=7,
@@ -55,9 +60,9 @@ def test_a_tail_from_the_kept_checkpoint_is_the_fixed_split_run(
     adam_dir, adam_rows = adam_run
     monkeypatch.chdir(adam_dir.parent)  # A relative --out, as on the command line.
     common = dict(**SMALL, optimizer=optimizer, epochs=5, swap_epoch=3)
-    whole = train.train(train.Config(**common, out=str(tmp_path / "whole")))
+    whole = train.train(config_lib.Config(**common, out=str(tmp_path / "whole")))
     tail = train.train(
-        train.Config(
+        config_lib.Config(
             **common,
             out=str(tmp_path / "tail"),
             prefix_run=adam_dir.name,
@@ -73,7 +78,7 @@ def test_a_tail_from_the_kept_checkpoint_is_the_fixed_split_run(
 
 def test_a_tail_without_its_checkpoint_says_which_epochs_were_kept(adam_run, tmp_path):
     adam_dir, _ = adam_run
-    config = train.Config(
+    config = config_lib.Config(
         **SMALL,
         optimizer="two-phase-fixed",
         epochs=5,
@@ -82,7 +87,9 @@ def test_a_tail_without_its_checkpoint_says_which_epochs_were_kept(adam_run, tmp
         prefix_epoch=3,
         out=str(tmp_path),
     )
-    with pytest.raises(train.RunOutputError, match=r"no checkpoint of epoch 3 \(kept"):
+    with pytest.raises(
+        checkpoints.RunOutputError, match=r"no checkpoint of epoch 3 \(kept"
+    ):
         train.train(config)
 
 
@@ -91,7 +98,7 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
 ):
     adam_dir, adam_rows = adam_run
     live = train.train(
-        train.Config(
+        config_lib.Config(
             **SMALL,
             optimizer="two-phase",
             epochs=7,
@@ -99,20 +106,20 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
             **RULE,
         )
     )
-    live_swap = compare.Run("m", "two-phase", live).swap_epoch
+    live_swap = analysis.Run("m", "two-phase", live).swap_epoch
     assert live_swap is not None and live_swap < 7  # The rule fires in time.
-    sweep = study.Sweep(
+    sweep = budget_sweep.Sweep(
         models=[SMALL["model"]],
         seeds={SMALL["model"]: [0]},
         budgets=[7],
         detector=RULE,
     )
-    detected = study.detected_epoch(sweep, adam_rows)
+    detected = budget_sweep.detected_epoch(sweep, adam_rows)
     assert detected + 1 == live_swap
     # The Adam run kept that epoch's checkpoint as it passed it.
-    assert detected in train._kept_epochs(str(adam_dir))
+    assert detected in checkpoints.kept_epochs(str(adam_dir))
     tail = train.train(
-        train.Config(
+        config_lib.Config(
             **SMALL,
             optimizer="two-phase",
             epochs=7,
@@ -126,7 +133,9 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
 
 
 def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path):
-    config = train.Config(**SMALL, optimizer="adam-cosine", epochs=3, out=str(tmp_path))
+    config = config_lib.Config(
+        **SMALL, optimizer="adam-cosine", epochs=3, out=str(tmp_path)
+    )
     rows = train.train(config)
     steps = rows[0]["steps"]
     total = 3 * steps
@@ -140,8 +149,8 @@ def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path):
     # 1 (to eps), so the update at step t is -lr_t, over 2 epochs of 5 steps.
     import jax.numpy as jnp
 
-    config = train.Config(optimizer="adam-cosine", epochs=2, lr=1e-2)
-    tx = train.make_optimizer(config, adam_steps_per_epoch=5)
+    config = config_lib.Config(optimizer="adam-cosine", epochs=2, lr=1e-2)
+    tx = config_lib.make_optimizer(config, adam_steps_per_epoch=5)
     params, state, updates = jnp.zeros(()), tx.init(jnp.zeros(())), []
     for _ in range(10):
         update, state = tx.update(jnp.ones(()), state, params)
@@ -174,7 +183,7 @@ def sweep_dir(tmp_path_factory):
 
 
 def metrics(path: pathlib.Path):
-    return train.read_metrics(path / "metrics.jsonl")
+    return run_records.read_metrics(path / "metrics.jsonl")
 
 
 def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
@@ -186,7 +195,7 @@ def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
     assert len(adam) == 6  # One Adam run, to the longest budget.
     assert sorted(p.name for p in (runs_dir / "adam" / "kept").iterdir()) == ["0", "1"]
     for budget in (3, 6):
-        split = study.split_epoch(budget)
+        split = budget_sweep.split_epoch(budget)
         rows = {
             "adam": adam[:budget],
             "adam-cosine": metrics(runs_dir / "adam-cosine" / f"b{budget}"),
@@ -197,14 +206,14 @@ def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
             assert rows[name][:split] == adam[:split]  # The shared prefix.
             assert [r["phase"] for r in rows[name]][split - 1 : split + 1] == [0, 1]
         cells = {c["optimizer"]: c for c in table["budgets"][str(budget)]}
-        assert list(cells) == list(study.VARIANTS)
+        assert list(cells) == list(variants.SWEEP)
         for name, run_rows in rows.items():
             assert len(run_rows) == budget
             for key in ("train_loss", "val_acc", "forward_passes", "wall_time"):
                 assert cells[name][key] == [run_rows[-1][key]]
         # The verdicts at equal compute, against each baseline, from the rows.
         for name in ("two-phase-fixed", "adam-lbfgs"):
-            for baseline in study.BASELINES:
+            for baseline in variants.BASELINES:
                 verdict = cells[name]["verdicts"][baseline]["compute"]
                 ours, theirs = rows[name], rows[baseline]
                 limit = min(ours[-1]["forward_passes"], theirs[-1]["forward_passes"])
@@ -224,10 +233,10 @@ def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
         verdicts = cells["two-phase-fixed"]["verdicts"]
         ratio = max(
             verdicts[b]["compute"]["loss"] / verdicts[b]["compute"]["adam_loss"]
-            for b in study.BASELINES
+            for b in variants.BASELINES
         )
         assert entry["ratio"] == pytest.approx(ratio, rel=1e-12)
-        split = study.split_epoch(budget)
+        split = budget_sweep.split_epoch(budget)
         assert entry["adam_loss_at_swap"] == adam[split - 1]["train_loss"]
     text = (out / "table.md").read_text()
     assert "## 3 epochs" in text and "## 6 epochs" in text
@@ -272,12 +281,12 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
         ["adam.jsonl"]
         + [
             f"{v}-b{b}.jsonl"
-            for v in study.VARIANTS[1:]
+            for v in variants.SWEEP[1:]
             if v != "two-phase"
             for b in (3, 6)
         ]
     )
-    assert metrics(runs_dir / "adam-lbfgs" / "b6") == train.read_metrics(
+    assert metrics(runs_dir / "adam-lbfgs" / "b6") == run_records.read_metrics(
         copied / "adam-lbfgs-b6.jsonl"
     )
     assert not list(record.rglob("checkpoints"))

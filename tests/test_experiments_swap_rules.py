@@ -17,8 +17,11 @@ from test_experiments_study import SMALL  # noqa: E402
 from test_experiments_study import without_timers  # noqa: E402
 
 import twophase_optax as tpo  # noqa: E402
-from experiments import compare  # noqa: E402
-from experiments import study  # noqa: E402
+from experiments import analysis  # noqa: E402
+from experiments import budget_sweep  # noqa: E402
+from experiments import checkpoints  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
+from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments.benchmarks import swap_rules  # noqa: E402
 
@@ -53,7 +56,7 @@ RULES = {
 def adam_run(tmp_path_factory):
     """Adam for 7 epochs, every epoch's checkpoint kept."""
     out = tmp_path_factory.mktemp("adam")
-    config = train.Config(
+    config = config_lib.Config(
         **SMALL,
         optimizer="adam",
         epochs=EPOCHS,
@@ -78,10 +81,10 @@ def test_the_adam_run_records_what_the_rules_read(adam_run):
 def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path):
     adam_dir, adam_rows = adam_run
     settings = dict(swap_rule=rule, **RULES[rule])
-    replayed = train.replayed_swap(train.Config(**settings), adam_rows)
+    replayed = run_records.replayed_swap(config_lib.Config(**settings), adam_rows)
     assert replayed is not None and replayed + 1 < EPOCHS  # It fires in time.
     live = train.train(
-        train.Config(
+        config_lib.Config(
             **SMALL,
             optimizer="two-phase",
             epochs=EPOCHS,
@@ -89,17 +92,17 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path)
             **settings,
         )
     )
-    assert compare.Run("m", "two-phase", live).swap_epoch == replayed + 1
+    assert analysis.Run("m", "two-phase", live).swap_epoch == replayed + 1
     # And the sweep's tail from that epoch is the live run, bit for bit.
-    sweep = study.Sweep(
+    sweep = budget_sweep.Sweep(
         models=[SMALL["model"]],
         seeds={SMALL["model"]: [0]},
         budgets=[EPOCHS],
         detector=settings,
     )
-    assert study.detected_epoch(sweep, adam_rows) == replayed
+    assert budget_sweep.detected_epoch(sweep, adam_rows) == replayed
     tail = train.train(
-        train.Config(
+        config_lib.Config(
             **SMALL,
             optimizer="two-phase",
             epochs=EPOCHS,
@@ -115,7 +118,7 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path)
 def test_the_rules_differ_where_they_should(adam_run):
     _, rows = adam_run
     swaps = {
-        rule: train.replayed_swap(train.Config(swap_rule=rule, **s), rows)
+        rule: run_records.replayed_swap(config_lib.Config(swap_rule=rule, **s), rows)
         for rule, s in RULES.items()
     }
     peak = swaps["peak"]
@@ -125,39 +128,41 @@ def test_the_rules_differ_where_they_should(adam_run):
     assert swaps["fit"] == fit
     either = min(swaps["plateau"], fit + 1)  # fit_patience 2
     assert swaps["fit-or-plateau"] == either
-    strict = train.Config(swap_rule="fit", fit_errors=0)
-    assert train.replayed_swap(strict, rows) is None  # Nothing fits in 7 epochs.
+    strict = config_lib.Config(swap_rule="fit", fit_errors=0)
+    assert run_records.replayed_swap(strict, rows) is None  # Nothing fits in 7 epochs.
 
 
 def test_old_metrics_without_the_loss_say_to_train_again():
     rows = [{"epoch": 0, "gn_reading": 1.0, "train_loss": 0.1}]
-    with pytest.raises(train.RunOutputError, match="'batch_loss'.*Train the Adam"):
-        train.replayed_swap(train.Config(swap_rule="plateau"), rows)
+    with pytest.raises(
+        checkpoints.RunOutputError, match="'batch_loss'.*Train the Adam"
+    ):
+        run_records.replayed_swap(config_lib.Config(swap_rule="plateau"), rows)
 
 
 def test_swap_rule_flags_are_checked():
-    config = train.parse_args(["--swap-rule", "fit", "--fit-errors", "3"])
+    config = config_lib.parse_args(["--swap-rule", "fit", "--fit-errors", "3"])
     assert (config.swap_rule, config.fit_errors) == ("fit", 3)
     with pytest.raises(SystemExit):
-        train.parse_args(["--plateau-rtol", "1.5"])
+        config_lib.parse_args(["--plateau-rtol", "1.5"])
     with pytest.raises(ValueError, match="tpo.swap.plateau: patience"):
-        train.Config(plateau_patience=0).validate()
+        config_lib.Config(plateau_patience=0).validate()
 
 
 def test_each_swap_rule_flag_maps_onto_its_tpo_swap_rule():
     readings = [1.0, 2.0, 3.0, 2.6, 2.8, 2.0, 1.5, 1.0, 0.5, 0.4, 0.3]
-    paper = train.parse_args(["--paper-rule"])
-    assert tpo.swap.replay(train.swap_rule(paper), grad_norm=readings) == 3
+    paper = config_lib.parse_args(["--paper-rule"])
+    assert tpo.swap.replay(config_lib.swap_rule(paper), grad_norm=readings) == 3
     assert tpo.swap.replay(tpo.swap.PAPER, grad_norm=readings) == 3
-    rule = train.swap_rule(train.Config(), steps_per_epoch=7)
+    rule = config_lib.swap_rule(config_lib.Config(), steps_per_epoch=7)
     assert (rule.kind, rule.window, rule.children[0].kind) == (
         "per_window",
         7,
         "any_of",
     )
     kinds = {
-        name: train.swap_rule(train.Config(swap_rule=name)).kind
-        for name in train.SWAP_RULES
+        name: config_lib.swap_rule(config_lib.Config(swap_rule=name)).kind
+        for name in config_lib.SWAP_RULES
     }
     assert kinds == {
         "peak": "peak",

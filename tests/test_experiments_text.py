@@ -8,9 +8,11 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 from flax import nnx  # noqa: E402
 
+from experiments import config as config_lib  # noqa: E402
 from experiments import data  # noqa: E402
 from experiments import models  # noqa: E402
 from experiments import train  # noqa: E402
+from experiments import trainer as trainer_lib  # noqa: E402
 
 
 def test_topics_split_deterministically_and_disjointly_about_nine_to_one():
@@ -101,7 +103,7 @@ def test_text_models_and_datasets_do_not_mix(capsys):
 
 
 def test_training_reports_accuracy_and_bits_per_character(tmp_path):
-    config = train.Config(
+    config = config_lib.Config(
         model="char-transformer-nomlp",
         dataset="pydoc-text",
         optimizer="adam",
@@ -111,7 +113,7 @@ def test_training_reports_accuracy_and_bits_per_character(tmp_path):
         progress=False,
         out=str(tmp_path),
     )
-    trainer = train.Trainer(config)
+    trainer = trainer_lib.Trainer(config)
     rows = train.train(config)
     assert len(rows) == 1
     for row in rows:

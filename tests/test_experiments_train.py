@@ -15,7 +15,9 @@ pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 import orbax.checkpoint as ocp  # noqa: E402
 
+from experiments import config as config_lib  # noqa: E402
 from experiments import train  # noqa: E402
+from experiments import trainer as trainer_lib  # noqa: E402
 
 SMALL = {"model": "vit-nomlp-wkewq-wvwo", "dataset": "digits", "progress": False}
 FIELDS = {
@@ -40,9 +42,9 @@ FIELDS = {
 }
 
 
-@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", config_lib.OPTIMIZERS)
 def test_short_run_writes_valid_metrics(optimizer, tmp_path):
-    config = train.Config(
+    config = config_lib.Config(
         **SMALL,
         optimizer=optimizer,
         epochs=2,
@@ -109,12 +111,12 @@ def checkpoint_leaves(out, epoch):
 def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
     common = dict(**SMALL, optimizer="two-phase-fixed", swap_epoch=1, lr=3e-3)
     straight = tmp_path / "straight"
-    rows = train.train(train.Config(**common, epochs=4, out=str(straight)))
+    rows = train.train(config_lib.Config(**common, epochs=4, out=str(straight)))
     resumed = tmp_path / "resumed"
-    train.train(train.Config(**common, epochs=2, out=str(resumed)))
+    train.train(config_lib.Config(**common, epochs=2, out=str(resumed)))
     # Epoch 1 was the first CG epoch: the resume starts mid-phase.
     resumed_rows = train.train(
-        train.Config(**common, epochs=4, out=str(resumed), resume=True)
+        config_lib.Config(**common, epochs=4, out=str(resumed), resume=True)
     )
     assert [r["phase"] for r in rows] == [0, 1, 1, 1]
     for a, b in zip(
@@ -158,7 +160,7 @@ def test_cli_missing_tfds_dataset_exits_with_instructions(tmp_path):
 
 
 def test_a_fresh_run_replaces_an_earlier_one_in_the_same_directory(tmp_path):
-    config = train.Config(**SMALL, optimizer="adam", epochs=2, out=str(tmp_path))
+    config = config_lib.Config(**SMALL, optimizer="adam", epochs=2, out=str(tmp_path))
     first = train.train(config)
     second = train.train(dataclasses.replace(config, epochs=1))
     assert [r["epoch"] for r in second] == [0]
@@ -173,7 +175,7 @@ def test_a_fresh_run_replaces_an_earlier_one_in_the_same_directory(tmp_path):
 
 def test_invalid_config_raises_value_error(tmp_path):
     with pytest.raises(ValueError, match="epochs"):
-        train.train(train.Config(**SMALL, epochs=0, out=str(tmp_path)))
+        train.train(config_lib.Config(**SMALL, epochs=0, out=str(tmp_path)))
 
 
 def test_curvature_probe_records_the_extreme_eigenvalues_of_the_probe_batch(
@@ -181,7 +183,7 @@ def test_curvature_probe_records_the_extreme_eigenvalues_of_the_probe_batch(
 ):
     import twophase_optax as tpo
 
-    config = train.Config(
+    config = config_lib.Config(
         **SMALL,
         optimizer="adam",
         epochs=3,
@@ -196,7 +198,7 @@ def test_curvature_probe_records_the_extreme_eigenvalues_of_the_probe_batch(
     assert rows[1]["lambda_min"] <= rows[1]["lambda_max"]
     # The same probe on a trainer's params equals the library's Lanczos on
     # the loss of the first 64 training images.
-    trainer = train.Trainer(config)
+    trainer = trainer_lib.Trainer(config)
     x, y = trainer.data.x_train[:64], trainer.data.y_train[:64]
     expected = tpo.curvature.hessian_extremes(
         lambda p: trainer.batch_loss(p, x, y), trainer.params, 8
@@ -251,10 +253,10 @@ def test_cli_rejects_out_of_range_flags_in_one_line(module, argv, message, capsy
 def test_two_phase_before_the_swap_repeats_the_adam_run_bit_for_bit(tmp_path):
     common = dict(**SMALL, epochs=2, lr=3e-3)
     adam = train.train(
-        train.Config(**common, optimizer="adam", out=str(tmp_path / "a"))
+        config_lib.Config(**common, optimizer="adam", out=str(tmp_path / "a"))
     )
     ours = train.train(
-        train.Config(
+        config_lib.Config(
             **common, optimizer="two-phase-fixed", swap_epoch=5, out=str(tmp_path / "b")
         )
     )
@@ -267,10 +269,10 @@ def test_chunked_second_phase_gives_the_losses_of_one_pass(optimizer, tmp_path):
     common = dict(**SMALL, optimizer=optimizer, swap_epoch=1, epochs=3, lr=3e-3)
     runs = {}
     for chunk_size in (0, 500):  # One pass; 3 chunks of 479 rows.
-        config = train.Config(
+        config = config_lib.Config(
             **common, cg_chunk_size=chunk_size, out=str(tmp_path / str(chunk_size))
         )
-        trainer = train.Trainer(config)
+        trainer = trainer_lib.Trainer(config)
         assert trainer.num_chunks(1437) == (3 if chunk_size else 1)
         runs[chunk_size] = train.train(config)
     one_pass, chunked = runs[0], runs[500]
@@ -284,7 +286,9 @@ def test_chunked_second_phase_gives_the_losses_of_one_pass(optimizer, tmp_path):
 
 
 def test_cg_loss_in_chunks_equals_the_batch_loss():
-    trainer = train.Trainer(train.Config(**SMALL, cg_chunk_size=300, out="unused"))
+    trainer = trainer_lib.Trainer(
+        config_lib.Config(**SMALL, cg_chunk_size=300, out="unused")
+    )
     x, y = trainer.data.x_train, trainer.data.y_train
     batch = trainer.place(x, y, chunked=True)
     whole = jax.value_and_grad(trainer.batch_loss)(trainer.params, *batch)
@@ -302,10 +306,10 @@ def test_mini_batch_cg_keeps_the_previous_gradient(optimizer):
 
     import twophase_optax as tpo
 
-    config = train.Config(optimizer=optimizer)
+    config = config_lib.Config(optimizer=optimizer)
     params = {"w": jnp.zeros(3)}
     for mini_batch, keeps_tree in ((True, True), (False, False)):
-        tx = train.make_optimizer(config, 10, mini_batch_cg=mini_batch)
+        tx = config_lib.make_optimizer(config, 10, mini_batch_cg=mini_batch)
         state = tx.init(params)
         cg = state if optimizer == "cg" else state.second_state
         assert isinstance(cg, tpo.ConjugateGradientState)

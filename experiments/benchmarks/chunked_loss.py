@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 import twophase_optax as tpo
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import models
 from experiments import train as train_lib
@@ -166,7 +167,7 @@ def runs_on(dataset: str, chunk_sizes, swap_epoch: int, epochs: int, out: pathli
     """The same two-phase run in one pass and in chunks; its rows per chunk size."""
     rows = {}
     for chunk_size in (0, *chunk_sizes):
-        config = train_lib.Config(
+        config = config_lib.Config(
             model="vgg5",
             dataset=dataset,
             optimizer="two-phase-fixed",
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chunks = args.chunks or (
         (1024, 8192)
         if args.quick
-        else (512, 1024, train_lib.DEFAULT_CG_CHUNK_SIZE, 4096, 8192)
+        else (512, 1024, config_lib.DEFAULT_CG_CHUNK_SIZE, 4096, 8192)
     )
     time_chunks = args.time_chunks or ((256,) if args.quick else (256, 512, 1024, 2048))
     repeats = args.repeats or (2 if args.quick else 5)
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["runs"] = []
         for dataset in args.datasets:
             # Chunks smaller than the training set (digits 1,437, mnist5k 4,000).
-            chunk = 512 if dataset == "digits" else train_lib.DEFAULT_CG_CHUNK_SIZE
+            chunk = 512 if dataset == "digits" else config_lib.DEFAULT_CG_CHUNK_SIZE
             result["runs"] += runs_on(
                 dataset, (chunk,), args.swap_epoch, args.run_epochs, args.run_dir
             )

@@ -31,21 +31,22 @@ import pathlib
 from typing import Any
 
 import twophase_optax as tpo
+from experiments import config as config_lib
 from experiments import train as train_lib
-from experiments.fig5 import centred_average
+from experiments.analysis import centred_average
 
 GN_FACTORS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 # Each rule's settings; the paper's brings its own gn_factor (0.9).
-PAPER = {k: v for k, v in train_lib.PAPER_RULE.items() if k != "swap_rule"}
+PAPER = {k: v for k, v in config_lib.PAPER_RULE.items() if k != "swap_rule"}
 RULES = {"paper": PAPER, "default": {}}
 
 
 def run(args, model: str, batch: int, seed: int, swap: int | None = None):
     """The metrics rows of Adam (``swap=None``) or of two-phase swapping after
     (1-based) epoch ``swap``: CG from the epoch after it, 0-based ``swap``."""
-    config = train_lib.Config(
+    config = config_lib.Config(
         model=model,
         dataset=args.dataset,
         optimizer="adam" if swap is None else "two-phase-fixed",
@@ -122,7 +123,7 @@ def study(args) -> dict[str, Any]:
                 results.append(entry)
     return {
         "dataset": args.dataset,
-        "loss": train_lib.Config().loss,
+        "loss": config_lib.Config().loss,
         "default_rule": {
             "gn_factor": tpo.swap.DEFAULT_GN_FACTOR,
             "smoothing": tpo.swap.DEFAULT_SMOOTHING,

@@ -45,8 +45,9 @@ import numpy as np
 import optax
 
 import twophase_optax as tpo
+from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import train as train_lib
+from experiments import trainer as trainer_lib
 from experiments.benchmarks import timing
 
 BATCH = 64
@@ -154,10 +155,10 @@ def _median_after_first(values: list[float]) -> float:
 
 def measure(model: str, epochs: int, images: int | None) -> dict:
     """The four loops on one of the paper's models, digits, batch 64."""
-    config = train_lib.Config(
+    config = config_lib.Config(
         model=model, optimizer="adam", batch_size=BATCH, lr=LR, progress=False
     )
-    trainer = train_lib.Trainer(config)
+    trainer = trainer_lib.Trainer(config)
     if images is not None:
         trainer.data = dataclasses.replace(
             trainer.data,

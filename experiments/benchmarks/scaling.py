@@ -32,16 +32,17 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import train as train_lib  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
+from experiments import trainer as trainer_lib  # noqa: E402
 from experiments.benchmarks import timing  # noqa: E402
 
 
 def step_candidates(model: str, data: int, batch: int, cg_batch: int | None):
     """Adam- and CG-phase steps as callables, warm-up seconds, training-set size."""
-    config = train_lib.Config(
+    config = config_lib.Config(
         model=model, optimizer="two-phase", mesh=f"data={data}", progress=False
     )
-    trainer = train_lib.Trainer(config)
+    trainer = trainer_lib.Trainer(config)
     x, y = trainer.data.x_train, trainer.data.y_train
     grad_sum = trainer.zero_grad_sum()
     adam_state = trainer.opt_state

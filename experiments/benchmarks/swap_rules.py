@@ -3,7 +3,7 @@
     python -m experiments.benchmarks.swap_rules --dataset digits \\
         --models vit-mlp vgg5 --seeds-for vit-mlp=3 vgg5=3 --budgets 20 50 150
 
-Per model and seed one Adam run (the sweep's settings, ``experiments/study.py``)
+Per model and seed one Adam run (the sweep's settings, ``experiments/budget_sweep.py``)
 keeps the checkpoint of every epoch and records what a rule may read each
 epoch for free: the gradient-norm reading, the mean of the batch losses the
 steps saw (the ``value``s that ``two_phase`` receives) and the training
@@ -38,16 +38,16 @@ import math
 import pathlib
 from typing import Any
 
-import numpy as np
-
 import twophase_optax as tpo
-from experiments import compare
-from experiments import study
-from experiments import train as train_lib
-from experiments.compare import Run
+from experiments import analysis
+from experiments import budget_sweep
+from experiments import models
+from experiments import run_records
+from experiments.analysis import Run
+from experiments.benchmarks import swap_rules_report as report
 
 
-def adam_run(sweep: study.Sweep, model: str, seed: int) -> Run:
+def train_adam(sweep: budget_sweep.Sweep, model: str, seed: int) -> Run:
     """The Adam run to the longest budget, every epoch's checkpoint kept."""
     epochs = max(sweep.budgets)
     config = sweep.config(
@@ -59,10 +59,12 @@ def adam_run(sweep: study.Sweep, model: str, seed: int) -> Run:
         keep_epochs=tuple(range(epochs)),
         label=f"{model} seed {seed} ",
     )
-    return Run(model, "adam", study._train(config, resume=True), seed)
+    return Run(model, "adam", budget_sweep.train_run(config, resume=True), seed)
 
 
-def tail(sweep: study.Sweep, model: str, seed: int, after: int, epochs: int) -> Run:
+def tail(
+    sweep: budget_sweep.Sweep, model: str, seed: int, after: int, epochs: int
+) -> Run:
     """CG on the full batch from the end of Adam's epoch ``after`` (0-based),
     to ``epochs`` epochs in all; its rows start with Adam's."""
     config = sweep.config(
@@ -76,22 +78,24 @@ def tail(sweep: study.Sweep, model: str, seed: int, after: int, epochs: int) -> 
         prefix_epoch=after,
         label=f"{model} seed {seed} swap after {after} ",
     )
-    return Run(model, "two-phase-fixed", study._train(config, resume=True), seed)
+    return Run(
+        model, "two-phase-fixed", budget_sweep.train_run(config, resume=True), seed
+    )
 
 
 def cosine_run(sweep, baselines: pathlib.Path | None, model, seed, budget) -> Run:
     """Cosine-decayed Adam at ``budget``: read from ``baselines`` (an earlier
     sweep's directory) where it finished there, else trained."""
     if baselines is not None:
-        source = study.Sweep(
+        source = budget_sweep.Sweep(
             models=[model], seeds={}, budgets=[budget], out=baselines
         ).run_dir(model, seed, "adam-cosine", budget)
-        rows = train_lib.read_metrics(source / "metrics.jsonl")
+        rows = run_records.read_metrics(source / "metrics.jsonl")
         if len(rows) >= budget:
             return Run(model, "adam-cosine", rows[:budget], seed)
     out = sweep.run_dir(model, seed, "adam-cosine", budget)
     config = sweep.config(model, seed, "adam-cosine", budget, out=str(out))
-    return Run(model, "adam-cosine", study._train(config, resume=True), seed)
+    return Run(model, "adam-cosine", budget_sweep.train_run(config, resume=True), seed)
 
 
 # -- the rules, replayed on an Adam run's rows -----------------------------
@@ -108,7 +112,7 @@ class Swap:
 def replayed(rule: tpo.swap.SwapRule):
     """A ``tpo.swap`` rule, replayed on the Adam run's rows (no probes)."""
     return lambda rows, probe: Swap(
-        tpo.swap.replay(rule, **train_lib.records(rule, rows))
+        tpo.swap.replay(rule, **run_records.records(rule, rows))
     )
 
 
@@ -131,7 +135,7 @@ def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plat
             armed = [True] * len(rows)
         else:
             trigger = tpo.swap.plateau() if arm == "plateau" else tpo.swap.peak()
-            armed = tpo.swap.holds(trigger, **train_lib.records(trigger, rows))
+            armed = tpo.swap.holds(trigger, **run_records.records(trigger, rows))
             if arm == "peak":  # From the peak on.
                 armed = [any(armed[: i + 1]) for i in range(len(rows))]
         probes, last = [], -every
@@ -206,17 +210,9 @@ def with_probes(rows, probes, budget):
     return rows
 
 
-def ratio(ours: float, theirs: float) -> float:
-    """``ours / theirs``, where a loss of exactly 0 (cross-entropy underflows
-    to 0 in float32) over 0 is 1 and anything else over 0 is infinite."""
-    if theirs == 0:
-        return 1.0 if ours == 0 else math.inf
-    return ours / theirs
-
-
 def loss_at_equal_compute(run: Run, baseline: Run) -> tuple[float, float]:
     """``run``'s and ``baseline``'s training losses at equal compute."""
-    pair = compare.at_equal([baseline], run, "forward_passes", baseline.optimizer)
+    pair = analysis.at_equal([baseline], run, "forward_passes", baseline.optimizer)
     if pair is None:
         return math.inf, baseline.rows[0]["train_loss"]
     return pair[0]["train_loss"], pair[1]["train_loss"]
@@ -226,7 +222,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
     """Every rule on one model and seed at every budget: one entry per cell
     and rule, and the landscape: per budget and swap epoch tried, the final
     training loss at equal compute."""
-    adam = adam_run(sweep, model, seed)
+    adam = train_adam(sweep, model, seed)
     longest = max(sweep.budgets)
     compute = adam.rows[longest - 1]["forward_passes"]
     tails: dict[int, Run] = {}
@@ -255,7 +251,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
         return get_tail(after, after + 1 + steps).rows
 
     swaps = {name: rule(adam.rows, probe) for name, rule in rules.items()}
-    splits = {study.split_epoch(b) - 1 for b in sweep.budgets}
+    splits = {budget_sweep.split_epoch(b) - 1 for b in sweep.budgets}
     points = splits | {s.after for s in swaps.values() if s.after is not None}
     for after in sorted(points):
         if after + 1 < longest:
@@ -307,17 +303,19 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
                     "loss": ours,
                     "adam_loss": theirs,
                     "cosine_loss": theirs_c,
-                    "vs_adam": ratio(ours, theirs),
-                    "vs_better_adam": max(ratio(ours, theirs), ratio(ours_c, theirs_c)),
+                    "vs_adam": report.ratio(ours, theirs),
+                    "vs_better_adam": max(
+                        report.ratio(ours, theirs), report.ratio(ours_c, theirs_c)
+                    ),
                     "best_split_epoch": min(hindsight, key=hindsight.get)
                     if hindsight
                     else None,
                     "best_split_loss": best,
-                    "vs_hindsight": ratio(ours, best) if hindsight else math.nan,
+                    "vs_hindsight": report.ratio(ours, best) if hindsight else math.nan,
                     # Where a hand-back to Adam would come, and how far CG's
                     # loss fell after it by the end of the budget.
                     "handback_epoch": handback,
-                    "cg_fall_after_handback": ratio(
+                    "cg_fall_after_handback": report.ratio(
                         run.rows[handback]["train_loss"], run.last["train_loss"]
                     )
                     if handback is not None
@@ -362,186 +360,26 @@ def judge(entries, crossovers: dict[str, int | None]) -> dict[str, dict[str, Any
         verdicts[rule] = {
             "cells": len(cells),
             "swapped": len(swapped),
-            "worse_than_adam": [cell_name(e) for e in worse],
+            "worse_than_adam": [report.cell_name(e) for e in worse],
             "past_crossover": len(past),
-            "behind_past_crossover": [cell_name(e) for e in behind],
+            "behind_past_crossover": [report.cell_name(e) for e in behind],
             "within_decade": len(near),
             "judged_against_hindsight": len(judged),
             "share_within_decade": len(near) / len(judged) if judged else math.nan,
-            "regret_geomean": study.geometric_mean([e["vs_hindsight"] for e in judged]),
-            "vs_better_adam_geomean": study.geometric_mean(
+            "regret_geomean": analysis.geometric_mean(
+                [e["vs_hindsight"] for e in judged]
+            ),
+            "vs_better_adam_geomean": analysis.geometric_mean(
                 [e["vs_better_adam"] for e in cells]
             ),
         }
     return verdicts
 
 
-def cell_name(e) -> str:
-    return f"{e['model']} s{e['seed']} {e['budget']}"
-
-
-def fmt(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.2g}"
-
-
-MARKERS = "os^vD<>Ph*X"
-
-
-def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
-    """Per model and seed: the final loss at equal compute over constant
-    Adam's against the swap epoch, a line per budget, and where each rule
-    swapped (a marker per rule on its budget's line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = list(dict.fromkeys((e["model"], e["seed"]) for e in landscape))
-    cols = min(3, len(pairs))
-    rows = math.ceil(len(pairs) / cols)
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(5 * cols, 3.8 * rows),
-        squeeze=False,
-        constrained_layout=True,
-    )
-    rules = list(dict.fromkeys(e["rule"] for e in entries))
-    for ax, (model, seed) in zip(axes.flat, pairs, strict=False):
-        budgets = sorted({e["budget"] for e in landscape if e["model"] == model})
-        for budget in budgets:
-            points = sorted(
-                (e["swap_epoch"], ratio(e["loss"], e["adam_loss"]), e)
-                for e in landscape
-                if (e["model"], e["seed"], e["budget"]) == (model, seed, budget)
-            )
-            if not points:
-                continue
-            x, y, found = zip(*points, strict=True)
-            (line,) = ax.plot(
-                x, np.clip(y, 1e-30, 1e30), "-", lw=1, label=f"{budget} epochs"
-            )
-            cosine = ratio(found[0]["cosine_loss"], found[0]["adam_loss"])
-            ax.axhline(cosine, color=line.get_color(), ls=":", lw=0.8)
-            for k, rule in enumerate(rules):
-                cell = [
-                    e
-                    for e in entries
-                    if (e["model"], e["seed"], e["budget"], e["rule"])
-                    == (model, seed, budget, rule)
-                    and e["swap_epoch"] is not None
-                ]
-                for e in cell:
-                    ax.plot(
-                        e["swap_epoch"],
-                        min(max(e["vs_adam"], 1e-30), 1e30),
-                        MARKERS[k % len(MARKERS)],
-                        color=line.get_color(),
-                        ms=6,
-                        mfc="none",
-                    )
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.set(
-            title=f"{model}, seed {seed}",
-            xlabel="swap epoch",
-            ylabel="final loss / constant Adam's",
-            yscale="log",
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-    for ax in list(axes.flat)[len(pairs) :]:
-        ax.axis("off")
-    handles = [
-        plt.Line2D(
-            [],
-            [],
-            marker=MARKERS[k % len(MARKERS)],
-            ls="",
-            color="gray",
-            mfc="none",
-            label=rule,
-        )
-        for k, rule in enumerate(rules)
-    ]
-    fig.legend(
-        handles=handles, loc="outside lower center", ncol=min(5, len(rules)), fontsize=8
-    )
-    fig.suptitle(
-        f"{title}\nfinal loss at equal compute against the swap epoch; dotted: "
-        "cosine Adam; markers: where each rule swaps",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note=""):
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", f"Made with `{command}`.", ""]
-    if note:
-        lines += [note, ""]
-    lines += [
-        "Per rule over the cells (model, seed, budget): cells where it swapped; "
-        "cells where it paid for a swap or probes and ended above 1.1x constant "
-        "Adam's training loss at equal compute; cells at or past the sweep's "
-        "crossover budget where it is not below both Adam baselines; the share "
-        "of cells within one decade of the best swap in hindsight; and the "
-        "geometric means of its loss over the best swap's and over the better "
-        "Adam baseline's (all at equal compute).",
-        "",
-        "| rule | swapped | above 1.1x Adam | behind past the crossover | "
-        "within a decade of hindsight | loss / hindsight | loss / better Adam |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for rule, v in verdicts.items():
-        worse = ", ".join(v["worse_than_adam"]) or "none"
-        behind = ", ".join(v["behind_past_crossover"]) or "none"
-        lines.append(
-            f"| {rule} | {v['swapped']}/{v['cells']} | {worse} | "
-            f"{behind} (of {v['past_crossover']}) | {v['within_decade']}/"
-            f"{v['judged_against_hindsight']} | {fmt(v['regret_geomean'])} | "
-            f"{fmt(v['vs_better_adam_geomean'])} |"
-        )
-    lines += [
-        "",
-        "Per cell: the swap epoch (Adam epochs before CG; - for none within the "
-        "budget), Adam's training loss there, probes that lost, the final "
-        "training loss at equal compute, and its ratios to constant Adam's, to "
-        "the better Adam baseline's and to the best swap in hindsight (whose "
-        "epoch and loss close the row).",
-        "",
-        "| model | seed | budget | rule | swap epoch | Adam's loss there | lost "
-        "probes | loss | / Adam | / better Adam | / hindsight | best swap | "
-        "its loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in entries:
-        lines.append(
-            f"| {e['model']} | {e['seed']} | {e['budget']} | {e['rule']} | "
-            f"{e['swap_epoch'] or '-'} | {fmt(e['adam_loss_at_swap'])} | "
-            f"{e['probes']} | {fmt(e['loss'])} | {fmt(e['vs_adam'])} | "
-            f"{fmt(e['vs_better_adam'])} | {fmt(e['vs_hindsight'])} | "
-            f"{e['best_split_epoch'] or '-'} | {fmt(e['best_split_loss'])} |"
-        )
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "table.json").write_text(
-        json.dumps({"verdicts": verdicts, "cells": entries}, indent=1) + "\n"
-    )
-
-
-def record(entries, landscape, verdicts, out: pathlib.Path, title, command, note=""):
-    """``table.md``, ``table.json``, ``landscape.json`` and ``swap_rules.png``."""
-    write(entries, verdicts, out, title, command, note)
-    (out / "landscape.json").write_text(json.dumps(landscape, indent=1) + "\n")
-    plot(entries, landscape, out / "swap_rules.png", title)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--loss", default=train_lib.models.DEFAULT_LOSS)
+    parser.add_argument("--loss", default=models.DEFAULT_LOSS)
     parser.add_argument("--models", nargs="+", default=["vit-mlp", "vgg5"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=N")
@@ -572,7 +410,7 @@ def main(argv=None) -> None:
     for item in args.seeds_for:
         model, n = item.split("=")
         seeds[model] = list(range(int(n)))
-    sweep = study.Sweep(
+    sweep = budget_sweep.Sweep(
         models=args.models,
         seeds=seeds,
         budgets=args.budgets,
@@ -600,7 +438,9 @@ def main(argv=None) -> None:
     )
     note = args.note.read_text().strip() if args.note else ""
     title = f"Swap rules on {args.dataset}, {args.loss}"
-    record(entries, landscape, verdicts, args.record or out, title, command, note)
+    report.record(
+        entries, landscape, verdicts, args.record or out, title, command, note
+    )
     for rule, v in verdicts.items():
         print(rule, json.dumps(v))
 

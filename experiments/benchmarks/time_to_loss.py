@@ -30,15 +30,16 @@ import time
 import jax
 import numpy as np
 
+from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import train as train_lib
+from experiments import trainer as trainer_lib
 from experiments.benchmarks import timing
 
 TARGETS = (1e-3, 1e-4, 1e-5, 1e-6)
 OPTIMIZERS = ("adam", "two-phase", "two-phase-fixed")
 
 
-def warm_up(trainer: train_lib.Trainer) -> float:
+def warm_up(trainer: trainer_lib.Trainer) -> float:
     """Compiles the train step for every batch shape a run will use; seconds."""
     n = len(trainer.data.x_train)
     chunks = np.array_split(
@@ -141,14 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     trainers, starts, warm_ups = {}, {}, {}
     for name in OPTIMIZERS:
-        config = train_lib.Config(
+        config = config_lib.Config(
             model=args.model,
             optimizer=name,
             batch_size=64,
             swap_epoch=args.swap_epoch,
             progress=False,
         )
-        trainers[name] = train_lib.Trainer(config)
+        trainers[name] = trainer_lib.Trainer(config)
         starts[name] = (trainers[name].params, trainers[name].opt_state)
         warm_ups[name] = warm_up(trainers[name])
     runs = {name: [] for name in OPTIMIZERS}

@@ -27,12 +27,12 @@ crossover plot.
 
 Example (the engine on a tiny setting: two budgets, 3 and 5 epochs):
   >>> import pathlib, tempfile
-  >>> from experiments import study
-  >>> sweep = study.Sweep(
+  >>> from experiments import budget_sweep
+  >>> sweep = budget_sweep.Sweep(
   ...     models=["vit-nomlp-wkewq-wvwo"], seeds={"vit-nomlp-wkewq-wvwo": [0]},
   ...     budgets=[3, 5], variants=["adam", "two-phase-fixed"],
   ...     out=pathlib.Path(tempfile.mkdtemp()), progress=False)
-  >>> runs = study.run_sweep(sweep)
+  >>> runs = budget_sweep.run_sweep(sweep)
   >>> [(r.optimizer, len(r.rows), r.swap_epoch) for r in runs[5]]
   [('adam', 5, None), ('two-phase-fixed', 5, 2)]
   >>> runs[5][1].rows[1] == runs[5][0].rows[1]  # the prefix is Adam's own
@@ -54,15 +54,21 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import compare  # noqa: E402
+from experiments import analysis  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
+from experiments import models  # noqa: E402
+from experiments import run_records  # noqa: E402
+from experiments import tables  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
-from experiments.compare import Run  # noqa: E402
+from experiments import variants as variant_registry  # noqa: E402
+from experiments.analysis import Run  # noqa: E402
 
 SPLIT_FRACTION = 0.3  # The paper's 300 of 1000 epochs with Adam.
-BASELINES = ("adam", "adam-cosine")
-SPLITS = ("two-phase-fixed", "adam-lbfgs")  # A tail per budget.
-VARIANTS = ("adam", "adam-cosine", "two-phase-fixed", "two-phase", "adam-lbfgs")
-TWO_PHASE = ("two-phase-fixed", "two-phase", "adam-lbfgs")
+BASELINES = variant_registry.BASELINES
+SPLITS = variant_registry.TAILS  # A tail per budget.
+VARIANTS = variant_registry.SWEEP
+TWO_PHASE = variant_registry.TWO_PHASE_SWEEP
+_ADAM = variant_registry.ADAM.name  # every tail starts from its run
 
 
 def split_epoch(budget: int) -> int:
@@ -81,7 +87,7 @@ class Sweep:
     dataset: str = "digits"
     batch_size: int = 64
     lr: float = 1e-3
-    loss: str = train_lib.models.DEFAULT_LOSS
+    loss: str = models.DEFAULT_LOSS
     out: pathlib.Path = pathlib.Path("runs/sweep/digits")
     data_dir: str | None = None
     resume: bool = False
@@ -96,7 +102,7 @@ class Sweep:
     later_budgets: list[int] = dataclasses.field(default_factory=list)
     # The swap rule and its settings (swap_rule, gn_factor, smoothing,
     # patience, min_rise, plateau_*), as Config takes them; empty: the
-    # defaults. **train.PAPER_RULE: Algorithm 1.
+    # defaults. **config_lib.PAPER_RULE: Algorithm 1.
     detector: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -106,8 +112,8 @@ class Sweep:
             raise ValueError(f"budgets must be integers >= 2, got {self.budgets}.")
         if unknown := set(self.variants) - set(VARIANTS):
             raise ValueError(f"Unknown variants {sorted(unknown)}; known: {VARIANTS}.")
-        if "adam" not in self.variants:
-            self.variants = ["adam", *self.variants]  # Every tail starts from it.
+        if _ADAM not in self.variants:
+            self.variants = [_ADAM, *self.variants]  # Every tail starts from it.
 
     def run_dir(self, model: str, seed: int, variant: str, budget=None):
         """``<out>/runs/<model>/seed<k>/<variant>[/b<budget>]``."""
@@ -115,7 +121,7 @@ class Sweep:
         return path if budget is None else path / f"b{budget}"
 
     def config(self, model: str, seed: int, variant: str, budget: int, **kw):
-        return train_lib.Config(
+        return config_lib.Config(
             model=model,
             dataset=self.dataset,
             optimizer=variant,
@@ -131,11 +137,11 @@ class Sweep:
         )
 
 
-def _made_rows(config: train_lib.Config) -> list[dict[str, Any]]:
+def _made_rows(config: config_lib.Config) -> list[dict[str, Any]]:
     """The rows already written for ``config``'s run (none for a tail made
     from another prefix: another split or detection is not this run)."""
     out = pathlib.Path(config.out)
-    rows = train_lib.read_metrics(out / "metrics.jsonl")
+    rows = run_records.read_metrics(out / "metrics.jsonl")
     if rows and config.prefix_run is not None:
         made = json.loads((out / "config.json").read_text())
         if made.get("prefix_epoch") != config.prefix_epoch:
@@ -143,7 +149,7 @@ def _made_rows(config: train_lib.Config) -> list[dict[str, Any]]:
     return rows
 
 
-def _train(config: train_lib.Config, resume: bool) -> list[dict[str, Any]]:
+def train_run(config: config_lib.Config, resume: bool) -> list[dict[str, Any]]:
     """The run's rows: read back if it is finished (and ``resume``), else
     trained or continued."""
     rows = _made_rows(config) if resume else []
@@ -157,7 +163,7 @@ def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
     """The epoch after which the live two-phase run with the sweep's swap rule
     swaps (:func:`experiments.train.replayed_swap` on the Adam run's rows);
     ``None`` if it does not swap within ``rows``."""
-    return train_lib.replayed_swap(train_lib.Config(**sweep.detector), rows)
+    return run_records.replayed_swap(config_lib.Config(**sweep.detector), rows)
 
 
 def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
@@ -181,12 +187,18 @@ def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
         started.add(key)
         kw: dict[str, Any] = dict(label=f"{label}b{budget} ")
         if prefix_epoch is not None:
-            adam_dir = str(sweep.run_dir(model, seed, "adam"))
+            adam_dir = str(sweep.run_dir(model, seed, _ADAM))
             kw.update(prefix_run=adam_dir, prefix_epoch=prefix_epoch)
-        if variant in SPLITS:
+        if variant_registry.get(variant).sweep == "tail":
             kw["swap_epoch"] = split_epoch(budget)
-        if variant == "adam":
-            kw.update(keep_epochs=keep, keep_detected="two-phase" in sweep.variants)
+        if variant_registry.get(variant).sweep == "long":  # Adam's run
+            kw.update(
+                keep_epochs=keep,
+                keep_detected=any(
+                    variant_registry.get(v).sweep == "detected-tail"
+                    for v in sweep.variants
+                ),
+            )
         out = sweep.run_dir(model, seed, variant, None if long else budget)
         config = sweep.config(model, seed, variant, budget, out=str(out), **kw)
         if sweep.read_only:
@@ -195,25 +207,26 @@ def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
                 sweep.missing.append((model, seed, budget, variant))
                 return None
             return Run(model, variant, rows[:budget], seed)
-        return Run(model, variant, _train(config, resume), seed)
+        return Run(model, variant, train_run(config, resume), seed)
 
     by_budget: dict[int, list[Run]] = {}
     for budget in sweep.budgets:
-        adam = run("adam", budget, long=True)
+        adam = run(_ADAM, budget, long=True)
         if adam is None:  # Every variant starts from it.
             sweep.missing[-1] = (model, seed, budget, "adam, so every variant")
             by_budget[budget] = []
             continue
         runs = [adam]
         for variant in sweep.variants:
-            if variant == "adam-cosine":
+            how = variant_registry.get(variant).sweep
+            if how == "per-budget":
                 runs.append(run(variant, budget))
-            elif variant in SPLITS:
+            elif how == "tail":
                 prefix = split_epoch(budget) - 1
                 runs.append(
                     run(variant, budget, prefix_epoch=prefix, resume=tails_resume)
                 )
-            elif variant == "two-phase":
+            elif how == "detected-tail":
                 detected = detected_epoch(sweep, adam.rows)
                 if detected is None or detected + 1 >= budget:
                     # No swap within the budget: the live run is Adam's.
@@ -243,96 +256,22 @@ def run_sweep(sweep: Sweep) -> dict[int, list[Run]]:
     return by_budget
 
 
-# -- what the runs say ----------------------------------------------------
-def loss_ratio(runs: list[Run], run: Run, key: str = "forward_passes") -> float:
-    """``run``'s training loss over the better Adam baseline's at equal ``key``
-    (the lower of the two ratios' denominators; > 1: a baseline is ahead)."""
-    ratios = []
-    for baseline in BASELINES:
-        pair = at_equal(runs, run, key, baseline)
-        if pair is None:  # Its first epoch outlasts the baseline's run.
-            return float("inf")
-        ratios.append(pair[0]["train_loss"] / pair[1]["train_loss"])
-    return max(ratios)
-
-
-def at_equal(runs, run, key, baseline):
-    if compare.adam_run(runs, run, baseline) is None:
-        raise ValueError(f"No {baseline} run for {run.model} seed {run.seed}.")
-    return compare.at_equal(runs, run, key, baseline)
-
-
-def has_baselines(runs: list[Run], run: Run) -> bool:
-    """Whether both Adam baselines of ``run``'s model and seed are in ``runs``."""
-    return all(compare.adam_run(runs, run, b) is not None for b in BASELINES)
-
-
-def summary(by_budget: dict[int, list[Run]]) -> list[dict[str, Any]]:
-    """Per model, variant and budget: the loss ratios at equal compute, wins
-    against both baselines, and Adam's training loss at the swap."""
-    entries = []
-    for budget, runs in by_budget.items():
-        for run in runs:
-            if run.optimizer not in TWO_PHASE or not has_baselines(runs, run):
-                continue
-            adam = compare.adam_run(runs, run)
-            swap = run.swap_epoch
-            entries.append(
-                {
-                    "model": run.model,
-                    "variant": run.optimizer,
-                    "budget": budget,
-                    "seed": run.seed,
-                    "swap_epoch": swap,
-                    "adam_loss_at_swap": adam.rows[swap - 1]["train_loss"]
-                    if swap
-                    else None,
-                    "ratio": (ratio := loss_ratio(runs, run)),
-                    "wins": ratio < 1,  # Below both baselines.
-                }
-            )
-    return entries
-
-
-def crossover(entries: list[dict[str, Any]], model: str, variant: str):
-    """The smallest budget at which ``variant`` beats both Adam baselines at
-    equal compute in most seeds, or ``None``."""
-    budgets = sorted({e["budget"] for e in entries})
-    for budget in budgets:
-        cell = [
-            e
-            for e in entries
-            if (e["model"], e["variant"], e["budget"]) == (model, variant, budget)
-        ]
-        if cell and 2 * sum(e["wins"] for e in cell) > len(cell):
-            return budget
-    return None
-
-
 FLOOR = 1e-30  # Where the plot draws a ratio of 0 (a loss of exactly 0).
-
-
-def geometric_mean(values: list[float]) -> float:
-    """The geometric mean; 0 if any value is 0 (a float32 loss can underflow)."""
-    values = np.asarray(values, float)
-    if (values == 0).any():
-        return 0.0
-    return float(np.exp(np.mean(np.log(values))))
 
 
 def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str):
     """Loss ratio to the better Adam baseline at equal compute, per budget."""
-    variants = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
+    shown = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
     fig, axes = plt.subplots(
         1,
-        len(variants),
-        figsize=(5 * len(variants), 4),
+        len(shown),
+        figsize=(5 * len(shown), 4),
         squeeze=False,
         constrained_layout=True,
     )
     models_ = list(dict.fromkeys(e["model"] for e in entries))
     budgets_all = sorted({e["budget"] for e in entries})
-    for ax, variant in zip(axes[0], variants, strict=True):
+    for ax, variant in zip(axes[0], shown, strict=True):
         for model in models_:
             cells: dict[int, list[dict]] = {}
             for e in entries:
@@ -343,7 +282,7 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
             ]
             # The geometric mean over the seeds, each seed a faint dot.
             means = [
-                max(geometric_mean([e["ratio"] for e in cells[b]]), FLOOR)
+                max(analysis.geometric_mean([e["ratio"] for e in cells[b]]), FLOOR)
                 for b in swapped
             ]
             (line,) = ax.plot(swapped, means, "o-", label=model)
@@ -357,7 +296,7 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
             ax.plot(idle, [1.0] * len(idle), "x", color=line.get_color(), ms=8)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set(
-            title=compare.LABELS[variant],
+            title=variant_registry.get(variant).label,
             xlabel="budget (epochs)",
             ylabel="train loss / better Adam baseline's, equal compute",
             xscale="log",
@@ -380,13 +319,6 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
     plt.close(fig)
 
 
-def _ratio_text(ratios: list[float]) -> str:
-    """The geometric mean of a cell's ratios, and how many seeds won."""
-    wins = sum(r < 1 for r in ratios)
-    mean = geometric_mean(ratios)
-    return f"{mean:.2g} ({wins}/{len(ratios)})"
-
-
 def write_sweep(
     by_budget: dict[int, list[Run]],
     dataset,
@@ -405,13 +337,13 @@ def write_sweep(
     """
     out.mkdir(parents=True, exist_ok=True)
     budgets = sorted(by_budget)
-    entries = summary(by_budget)
+    entries = analysis.summary(by_budget)
     all_runs = [r for b in budgets for r in by_budget[b]]
     models_ = list(dict.fromkeys(r.model for r in all_runs))
-    variants = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
+    shown = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
     lines = [
         f"# {dataset.name}: when the second phase pays, budgets "
-        f"{', '.join(map(str, budgets))} epochs ({compare.seeds_text(all_runs)})",
+        f"{', '.join(map(str, budgets))} epochs ({analysis.seeds_text(all_runs)})",
         "",
     ]
     if command:
@@ -448,24 +380,25 @@ def write_sweep(
         "cells it wins and loses.",
         "",
         "| model | "
-        + " | ".join(f"crossover, {compare.LABELS[v]}" for v in variants)
+        + " | ".join(f"crossover, {variant_registry.get(v).label}" for v in shown)
         + " | Adam's loss at the swap, fixed split winning | losing |",
-        "|---|" + "---|" * (len(variants) + 2),
+        "|---|" + "---|" * (len(shown) + 2),
     ]
     crossovers = {}
     for model in models_:
-        crossovers[model] = {v: crossover(entries, model, v) for v in variants}
+        crossovers[model] = {v: analysis.crossover(entries, model, v) for v in shown}
         fixed = [
             e
             for e in entries
-            if e["model"] == model and e["variant"] == "two-phase-fixed"
+            if e["model"] == model
+            and e["variant"] == variant_registry.TWO_PHASE_FIXED.name
         ]
 
         def losses(won, fixed=fixed):
             found = sorted(e["adam_loss_at_swap"] for e in fixed if e["wins"] == won)
             return f"{found[0]:.2g} to {found[-1]:.2g} ({len(found)})" if found else "-"
 
-        cross = [crossovers[model][v] for v in variants]
+        cross = [crossovers[model][v] for v in shown]
         lines.append(
             f"| {model} | "
             + " | ".join(
@@ -484,7 +417,7 @@ def write_sweep(
         "|---|---|" + "---|" * len(budgets),
     ]
     for model in models_:
-        for variant in variants:
+        for variant in shown:
             cell = []
             for budget in budgets:
                 found = [
@@ -498,9 +431,11 @@ def write_sweep(
                 elif all(e["swap_epoch"] is None for e in found):
                     cell.append("no swap")
                 else:
-                    cell.append(_ratio_text([e["ratio"] for e in found]))
+                    cell.append(tables.ratio_text([e["ratio"] for e in found]))
             lines.append(
-                f"| {model} | {compare.LABELS[variant]} | " + " | ".join(cell) + " |"
+                f"| {model} | {variant_registry.get(variant).label} | "
+                + " | ".join(cell)
+                + " |"
             )
     table_json: dict[str, Any] = {"budgets": {}, "summary": entries}
     table_json["missing"] = [
@@ -515,31 +450,31 @@ def write_sweep(
             "",
             f"## {budget} epochs",
             "",
-            *compare.RESULT_HEADER,
+            *tables.RESULT_HEADER,
         ]
         cells_json = []
         verdict_lines = []
-        for cell in compare.cells(runs):
-            lines.append(compare.result_line(cell, n_train * outputs))
-            entry = compare.cell_entry(cell)
+        for cell in analysis.cells(runs):
+            lines.append(tables.result_line(cell, n_train * outputs))
+            entry = analysis.cell_entry(cell)
             if cell.optimizer in TWO_PHASE and all(
-                has_baselines(runs, r) for r in cell.runs
+                analysis.has_baselines(runs, r) for r in cell.runs
             ):
                 entry["verdicts"] = {
-                    b: compare.cell_verdicts(runs, cell, b) for b in BASELINES
+                    b: analysis.cell_verdicts(runs, cell, b) for b in BASELINES
                 }
                 verdict_lines.append(
-                    f"| {cell.model} | {compare.LABELS[cell.optimizer]} | "
+                    f"| {cell.model} | {variant_registry.get(cell.optimizer).label} | "
                     + " | ".join(
-                        compare._verdict_cell(
+                        tables.verdict_cell(
                             entry["verdicts"][b][name],
                             cell.optimizer,
                             entry["swapped"],
-                            baseline="Adam" if b == "adam" else "cosine Adam",
+                            baseline=variant_registry.get(b).short_label,
                             accuracy=True,
                         )
                         for b in BASELINES
-                        for _, name in compare.BUDGETS
+                        for _, name in analysis.COMPARISONS
                     )
                     + " |"
                 )
@@ -553,7 +488,7 @@ def write_sweep(
             + " | ".join(
                 f"vs {'Adam' if b == 'adam' else 'cosine Adam'}, equal {name}"
                 for b in BASELINES
-                for _, name in compare.BUDGETS
+                for _, name in analysis.COMPARISONS
             )
             + " |",
             "|---|---|" + "---|" * 6,
@@ -573,32 +508,35 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
     Adam baselines at equal compute, and by how much."""
     lines = []
     for budget, runs in by_budget.items():
-        for cell in compare.cells(runs):
+        for cell in analysis.cells(runs):
             if cell.optimizer not in TWO_PHASE:
                 continue
-            if not all(has_baselines(runs, r) for r in cell.runs):
+            if not all(analysis.has_baselines(runs, r) for r in cell.runs):
                 continue
             if all(r.swap_epoch is None for r in cell.runs):
                 lines.append(
-                    f"{budget} epochs, {cell.model}, {compare.LABELS[cell.optimizer]}"
+                    f"{budget} epochs, {cell.model}, "
+                    f"{variant_registry.get(cell.optimizer).label}"
                     ": no swap within the budget (Adam's run)"
                 )
                 continue
-            ratios = [loss_ratio(runs, run) for run in cell.runs]
+            ratios = [analysis.loss_ratio(runs, run) for run in cell.runs]
             wins = sum(r < 1 for r in ratios)
             seeds = f" in {wins} of {len(ratios)} seeds" if len(ratios) > 1 else ""
             verb = "WINS" if 2 * wins > len(ratios) else "LOSES"
             versus = []
             for baseline in BASELINES:
                 pairs = [
-                    at_equal(runs, r, "forward_passes", baseline) for r in cell.runs
+                    analysis.at_equal(runs, r, "forward_passes", baseline)
+                    for r in cell.runs
                 ]
                 ours = np.mean([p[0]["train_loss"] for p in pairs if p])
                 theirs = np.mean([p[1]["train_loss"] for p in pairs if p])
-                name = "Adam" if baseline == "adam" else "cosine Adam"
+                name = variant_registry.get(baseline).short_label
                 versus.append(f"{ours:.2g} vs {name}'s {theirs:.2g}")
             lines.append(
-                f"{budget} epochs, {cell.model}, {compare.LABELS[cell.optimizer]}: "
+                f"{budget} epochs, {cell.model}, "
+                f"{variant_registry.get(cell.optimizer).label}: "
                 f"{verb} at equal compute{seeds} ({'; '.join(versus)})"
             )
     return "\n".join(lines)
@@ -615,7 +553,10 @@ def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Pa
         shutil.copy2(path, dest / path.name)
     for budget, runs in by_budget.items():
         for run in runs:
-            long = run.optimizer in ("adam", "two-phase")
+            long = variant_registry.get(run.optimizer).sweep in (
+                "long",
+                "detected-tail",
+            )
             source = sweep.run_dir(
                 run.model, run.seed, run.optimizer, None if long else budget
             )

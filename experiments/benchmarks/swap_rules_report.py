@@ -1,0 +1,182 @@
+"""The swap-rule study's report: its table (``table.md``, ``table.json``) and plot.
+
+Formats what :mod:`experiments.benchmarks.swap_rules` measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+
+
+def ratio(ours: float, theirs: float) -> float:
+    """``ours / theirs``, where a loss of exactly 0 (cross-entropy underflows
+    to 0 in float32) over 0 is 1 and anything else over 0 is infinite."""
+    if theirs == 0:
+        return 1.0 if ours == 0 else math.inf
+    return ours / theirs
+
+
+def cell_name(e) -> str:
+    return f"{e['model']} s{e['seed']} {e['budget']}"
+
+
+def fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.2g}"
+
+
+MARKERS = "os^vD<>Ph*X"
+
+
+def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
+    """Per model and seed: the final loss at equal compute over constant
+    Adam's against the swap epoch, a line per budget, and where each rule
+    swapped (a marker per rule on its budget's line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(dict.fromkeys((e["model"], e["seed"]) for e in landscape))
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(5 * cols, 3.8 * rows),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    rules = list(dict.fromkeys(e["rule"] for e in entries))
+    for ax, (model, seed) in zip(axes.flat, pairs, strict=False):
+        budgets = sorted({e["budget"] for e in landscape if e["model"] == model})
+        for budget in budgets:
+            points = sorted(
+                (e["swap_epoch"], ratio(e["loss"], e["adam_loss"]), e)
+                for e in landscape
+                if (e["model"], e["seed"], e["budget"]) == (model, seed, budget)
+            )
+            if not points:
+                continue
+            x, y, found = zip(*points, strict=True)
+            (line,) = ax.plot(
+                x, np.clip(y, 1e-30, 1e30), "-", lw=1, label=f"{budget} epochs"
+            )
+            cosine = ratio(found[0]["cosine_loss"], found[0]["adam_loss"])
+            ax.axhline(cosine, color=line.get_color(), ls=":", lw=0.8)
+            for k, rule in enumerate(rules):
+                cell = [
+                    e
+                    for e in entries
+                    if (e["model"], e["seed"], e["budget"], e["rule"])
+                    == (model, seed, budget, rule)
+                    and e["swap_epoch"] is not None
+                ]
+                for e in cell:
+                    ax.plot(
+                        e["swap_epoch"],
+                        min(max(e["vs_adam"], 1e-30), 1e30),
+                        MARKERS[k % len(MARKERS)],
+                        color=line.get_color(),
+                        ms=6,
+                        mfc="none",
+                    )
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set(
+            title=f"{model}, seed {seed}",
+            xlabel="swap epoch",
+            ylabel="final loss / constant Adam's",
+            yscale="log",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(pairs) :]:
+        ax.axis("off")
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            marker=MARKERS[k % len(MARKERS)],
+            ls="",
+            color="gray",
+            mfc="none",
+            label=rule,
+        )
+        for k, rule in enumerate(rules)
+    ]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=min(5, len(rules)), fontsize=8
+    )
+    fig.suptitle(
+        f"{title}\nfinal loss at equal compute against the swap epoch; dotted: "
+        "cosine Adam; markers: where each rule swaps",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note=""):
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"Made with `{command}`.", ""]
+    if note:
+        lines += [note, ""]
+    lines += [
+        "Per rule over the cells (model, seed, budget): cells where it swapped; "
+        "cells where it paid for a swap or probes and ended above 1.1x constant "
+        "Adam's training loss at equal compute; cells at or past the sweep's "
+        "crossover budget where it is not below both Adam baselines; the share "
+        "of cells within one decade of the best swap in hindsight; and the "
+        "geometric means of its loss over the best swap's and over the better "
+        "Adam baseline's (all at equal compute).",
+        "",
+        "| rule | swapped | above 1.1x Adam | behind past the crossover | "
+        "within a decade of hindsight | loss / hindsight | loss / better Adam |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rule, v in verdicts.items():
+        worse = ", ".join(v["worse_than_adam"]) or "none"
+        behind = ", ".join(v["behind_past_crossover"]) or "none"
+        lines.append(
+            f"| {rule} | {v['swapped']}/{v['cells']} | {worse} | "
+            f"{behind} (of {v['past_crossover']}) | {v['within_decade']}/"
+            f"{v['judged_against_hindsight']} | {fmt(v['regret_geomean'])} | "
+            f"{fmt(v['vs_better_adam_geomean'])} |"
+        )
+    lines += [
+        "",
+        "Per cell: the swap epoch (Adam epochs before CG; - for none within the "
+        "budget), Adam's training loss there, probes that lost, the final "
+        "training loss at equal compute, and its ratios to constant Adam's, to "
+        "the better Adam baseline's and to the best swap in hindsight (whose "
+        "epoch and loss close the row).",
+        "",
+        "| model | seed | budget | rule | swap epoch | Adam's loss there | lost "
+        "probes | loss | / Adam | / better Adam | / hindsight | best swap | "
+        "its loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['model']} | {e['seed']} | {e['budget']} | {e['rule']} | "
+            f"{e['swap_epoch'] or '-'} | {fmt(e['adam_loss_at_swap'])} | "
+            f"{e['probes']} | {fmt(e['loss'])} | {fmt(e['vs_adam'])} | "
+            f"{fmt(e['vs_better_adam'])} | {fmt(e['vs_hindsight'])} | "
+            f"{e['best_split_epoch'] or '-'} | {fmt(e['best_split_loss'])} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.json").write_text(
+        json.dumps({"verdicts": verdicts, "cells": entries}, indent=1) + "\n"
+    )
+
+
+def record(entries, landscape, verdicts, out: pathlib.Path, title, command, note=""):
+    """``table.md``, ``table.json``, ``landscape.json`` and ``swap_rules.png``."""
+    write(entries, verdicts, out, title, command, note)
+    (out / "landscape.json").write_text(json.dumps(landscape, indent=1) + "\n")
+    plot(entries, landscape, out / "swap_rules.png", title)
