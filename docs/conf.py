@@ -11,7 +11,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 
 # The notebooks live in notebooks/; the pages render copies, not executed here
-# (tests/test_notebooks.py executes them).
+# (tests/docs/test_notebooks.py executes them).
 (DOCS / "notebooks").mkdir(exist_ok=True)
 for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
     shutil.copy2(notebook, DOCS / "notebooks" / notebook.name)

@@ -11,6 +11,9 @@ backend, hence here.
 """
 
 import os
+import pathlib
+
+import pytest
 
 _NO_FMA = "--xla_cpu_max_isa=AVX"
 if "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
@@ -24,3 +27,19 @@ try:  # Property tests: reproducible by default, more and fresh examples on dema
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:
     pass
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+ROOT = TESTS.parent
+AREAS = ("experiments", "docs")  # tests/<area>/, marked so: -m "not experiments"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test by its area: ``tests/experiments`` and the doctests of
+    ``experiments/`` are ``experiments``, ``tests/docs`` is ``docs``."""
+    for item in items:
+        path = pathlib.Path(str(item.fspath)).resolve()
+        if path.is_relative_to(ROOT / "experiments"):
+            item.add_marker(pytest.mark.experiments)
+        elif path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in AREAS:
+            item.add_marker(getattr(pytest.mark, path.relative_to(TESTS).parts[0]))

@@ -1,8 +1,8 @@
 """Each swap rule of the 0.1 keywords, spelt with ``tpo.swap``, makes the same run.
 
-``tests/data/swap_recording.npz`` holds the updates and swap steps of every
+``tests/library/data/swap_recording.npz`` holds the updates and swap steps of every
 step of runs made by the code before the swap rules became objects (the
-keyword spelling of each case is in ``tests/data/record_swap_recording.py``);
+keyword spelling of each case is in ``tests/library/data/record_swap_recording.py``);
 the new spelling must reproduce them bit for bit.
 """
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_readme import python_blocks
+from _markdown import python_blocks
 
 import twophase_optax as tpo
 
-GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "two_phase.md"
+GUIDE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "two_phase.md"
 
 
 def run_block(heading: str) -> dict:

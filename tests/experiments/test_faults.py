@@ -15,15 +15,15 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 import orbax.checkpoint as ocp  # noqa: E402
+from _runs import SMALL  # noqa: E402
+from _runs import checkpoint_leaves  # noqa: E402
 
 from experiments import checkpoints  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
 from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
-from tests.test_experiments_train import SMALL  # noqa: E402
-from tests.test_experiments_train import checkpoint_leaves  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMMON = dict(**SMALL, optimizer="two-phase-fixed", swap_epoch=2, lr=3e-3)
 EPOCHS = 4
 

@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
-from test_experiments_study import SMALL  # noqa: E402
-from test_experiments_study import without_timers  # noqa: E402
+from _runs import SMALL_SWEEP  # noqa: E402
+from _runs import without_timers  # noqa: E402
 
 import twophase_optax as tpo  # noqa: E402
 from experiments import analysis  # noqa: E402
@@ -57,7 +57,7 @@ def adam_run(tmp_path_factory):
     """Adam for 7 epochs, every epoch's checkpoint kept."""
     out = tmp_path_factory.mktemp("adam")
     config = config_lib.Config(
-        **SMALL,
+        **SMALL_SWEEP,
         optimizer="adam",
         epochs=EPOCHS,
         keep_epochs=tuple(range(EPOCHS)),
@@ -85,7 +85,7 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path)
     assert replayed is not None and replayed + 1 < EPOCHS  # It fires in time.
     live = train.train(
         config_lib.Config(
-            **SMALL,
+            **SMALL_SWEEP,
             optimizer="two-phase",
             epochs=EPOCHS,
             out=str(tmp_path / "live"),
@@ -95,15 +95,15 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path)
     assert analysis.Run("m", "two-phase", live).swap_epoch == replayed + 1
     # And the sweep's tail from that epoch is the live run, bit for bit.
     sweep = budget_sweep.Sweep(
-        models=[SMALL["model"]],
-        seeds={SMALL["model"]: [0]},
+        models=[SMALL_SWEEP["model"]],
+        seeds={SMALL_SWEEP["model"]: [0]},
         budgets=[EPOCHS],
         detector=settings,
     )
     assert budget_sweep.detected_epoch(sweep, adam_rows) == replayed
     tail = train.train(
         config_lib.Config(
-            **SMALL,
+            **SMALL_SWEEP,
             optimizer="two-phase",
             epochs=EPOCHS,
             out=str(tmp_path / "tail"),

@@ -14,12 +14,13 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 import orbax.checkpoint as ocp  # noqa: E402
+from _runs import SMALL  # noqa: E402
+from _runs import checkpoint_leaves  # noqa: E402
 
 from experiments import config as config_lib  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments import trainer as trainer_lib  # noqa: E402
 
-SMALL = {"model": "vit-nomlp-wkewq-wvwo", "dataset": "digits", "progress": False}
 FIELDS = {
     "epoch",
     "train_loss",
@@ -100,14 +101,6 @@ def test_short_run_writes_valid_metrics(optimizer, tmp_path):
     assert rows[-1]["compile_time"] >= rows[0]["compile_time"]
 
 
-def checkpoint_leaves(out, epoch):
-    manager = ocp.CheckpointManager(out / "checkpoints")
-    restored = manager.restore(epoch)
-    manager.close()
-    state = restored["state"]
-    return [np.asarray(state[str(i)]) for i in range(len(state))]
-
-
 def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
     common = dict(**SMALL, optimizer="two-phase-fixed", swap_epoch=1, lr=3e-3)
     straight = tmp_path / "straight"
@@ -147,7 +140,7 @@ def test_cli_missing_tfds_dataset_exits_with_instructions(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=pathlib.Path(__file__).resolve().parents[1],
+        cwd=pathlib.Path(__file__).resolve().parents[2],
     )
     assert result.returncode != 0
     try:

@@ -171,7 +171,7 @@ def test_two_phase_with_value_and_grad_from_state_takes_the_same_steps(linesearc
 
 def test_sharded_chunked_loss_equals_the_single_device_one():
     # Eight simulated CPU devices in a fresh process (XLA_FLAGS is read once).
-    from tests.test_sharding import run_with_devices
+    from _devices import run_with_devices
 
     script = pathlib.Path(__file__).with_name("_sharded_chunked_loss.py")
     result = json.loads(run_with_devices([str(script)]).strip().splitlines()[-1])

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _problems import regression_problem
 
 import twophase_optax as tpo
-from tests.test_two_phase import regression_problem
 
 POISONS = {
     "nan gradient": (jnp.nan, 1.0),

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "experiments"
 MAX_LINES = 600
 
@@ -17,13 +17,17 @@ def module_name(path: pathlib.Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+# Parsed once, at collection: CPython 3.11's parser can raise "AST constructor
+# recursion depth mismatch" when called after a test that hit the recursion
+# limit in the same process.
+TREES = {path: ast.parse(path.read_text()) for path in MODULES.values()}
 
 
 def imports(path: pathlib.Path) -> list[tuple[str, str | None, dict[str, str]]]:
     """``(module, name or None, aliases)`` for every import of an experiments
     module in ``path``, at any depth (imports inside functions count)."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(TREES[path]):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("experiments"):
@@ -43,7 +47,7 @@ def imports(path: pathlib.Path) -> list[tuple[str, str | None, dict[str, str]]]:
 def module_aliases(path: pathlib.Path) -> dict[str, str]:
     """The local names under which ``path`` binds experiments modules."""
     aliases = {}
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(TREES[path]):
         if isinstance(node, ast.ImportFrom) and node.module == "experiments":
             for alias in node.names:
                 aliases[alias.asname or alias.name] = f"experiments.{alias.name}"
@@ -87,7 +91,7 @@ def test_no_module_uses_another_modules_private_names():
             if imported is not None and imported.startswith("_"):
                 offences.append(f"{name}: from {module} import {imported}")
         aliases = module_aliases(path)
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(TREES[path]):
             if (
                 isinstance(node, ast.Attribute)
                 and isinstance(node.value, ast.Name)

@@ -1,17 +1,7 @@
 """README's quick start runs as written and fits its data."""
 
-import pathlib
-import re
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-def python_blocks(section: str, path: pathlib.Path = README) -> list[str]:
-    """The Python code blocks under the heading ``section`` of ``path``."""
-    text = path.read_text()
-    body = text.split(f"# {section}\n", 1)[1]
-    body = re.split(r"\n#{1,6} ", body, maxsplit=1)[0]
-    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+from _markdown import README
+from _markdown import python_blocks
 
 
 def test_quick_start_runs_and_fits_the_linear_data():

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the example uses scikit-learn's bundled data")
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "docs" / "examples" / "fit_sklearn.py"
+EXAMPLE = pathlib.Path(__file__).parents[2] / "docs" / "examples" / "fit_sklearn.py"
 
 
 @pytest.fixture(scope="module")

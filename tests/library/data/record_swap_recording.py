@@ -1,12 +1,12 @@
-"""Made tests/data/swap_recording.npz with the code of commit e189cd7.
+"""Made tests/library/data/swap_recording.npz with the code of commit e189cd7.
 
 Kept for the record: it spells each case with the keywords ``two_phase`` took
 before the swap rules became objects (``tpo.swap``), so it runs only on that
 commit: ``git checkout e189cd7``, then, with no fused multiply-adds as in
 the tests (see ``tests/conftest.py``),
 ``XLA_FLAGS=--xla_cpu_max_isa=AVX PYTHONPATH=. python \
-tests/data/record_swap_recording.py``.
-``tests/test_swap_recording.py`` holds the new spellings.
+tests/library/data/record_swap_recording.py``.
+``tests/library/test_swap_recording.py`` holds the new spellings.
 """
 
 import sys
@@ -18,7 +18,7 @@ import twophase_optax as tpo
 
 
 def main():
-    sys.path.insert(0, "tests")
+    sys.path.insert(0, "tests/library")
     from _swap_recording import WINDOW
     from _swap_recording import run
 
@@ -132,7 +132,7 @@ def main():
         out[f"{name}/updates"] = u
         out[f"{name}/swap_step"] = s
         out[f"{name}/in_second_phase"] = p
-    np.savez_compressed("tests/data/swap_recording.npz", **out)
+    np.savez_compressed("tests/library/data/swap_recording.npz", **out)
 
 
 if __name__ == "__main__":

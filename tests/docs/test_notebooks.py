@@ -10,7 +10,7 @@ nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[test]'")
 nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[test]'")
 pytest.importorskip("flax", reason="the notebooks use the experiments")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

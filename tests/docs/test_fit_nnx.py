@@ -15,7 +15,7 @@ import twophase_optax as tpo
 nnx = pytest.importorskip("flax.nnx", reason="the recipe is for Flax NNX")
 pytest.importorskip("sklearn", reason="the example uses scikit-learn's bundled data")
 
-EXAMPLES = pathlib.Path(__file__).parents[1] / "docs" / "examples"
+EXAMPLES = pathlib.Path(__file__).parents[2] / "docs" / "examples"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The chunked loss on a batch sharded over 8 devices; prints a JSON summary.
 
-Started by tests/test_chunked_loss.py in a subprocess whose XLA_FLAGS simulate
+Started by tests/library/test_chunked_loss.py in a subprocess whose XLA_FLAGS simulate
 8 CPU devices. For each chunk size it compares the sharded chunked value and
 gradient with the single-device one-pass ones (float64), and reports whether
 the compiled program gathers the batch (it should not where the rows are a

@@ -3,7 +3,7 @@
 Started by tests/test_sharding.py in a subprocess whose XLA_FLAGS simulate
 several CPU devices:
 
-    python tests/_sharded_run.py DATA MODEL STEPS [--no-block] [--float64]
+    python tests/experiments/_sharded_run.py DATA MODEL STEPS [--no-block] [--float64]
 
 The same program runs on ``DATA * MODEL`` devices and on one device, from the
 same initial parameters and batches, and reports the parameters after 20

@@ -11,7 +11,7 @@ import pytest
 
 import twophase_optax as tpo
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 

@@ -15,6 +15,9 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
+from _runs import SMALL_SWEEP  # noqa: E402
+from _runs import without_timers  # noqa: E402
+
 from experiments import analysis  # noqa: E402
 from experiments import budget_sweep  # noqa: E402
 from experiments import checkpoints  # noqa: E402
@@ -24,17 +27,9 @@ from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments import variants  # noqa: E402
 
-SMALL = dict(model="vit-nomlp-wkewq-wvwo", dataset="digits", progress=False)
-SMALL.update(lr=3e-3, batch_size=64)
-# Everything but the clock: times depend on the machine, not on the maths.
-TIMERS = ("wall_time", "compile_time")
 # The raw reading, swap on its first fall by 0.5%: on this model it rises for
 # 4 epochs and dips in the fifth, so the swap comes within the test's budget.
 RULE = dict(swap_rule="peak", gn_factor=0.995, smoothing=1.0, patience=1, min_rise=1.0)
-
-
-def without_timers(rows):
-    return [{k: v for k, v in r.items() if k not in TIMERS} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def adam_run(tmp_path_factory):
     """Adam for 7 epochs keeping epochs 1 and 2, and where ``RULE`` fires."""
     out = tmp_path_factory.mktemp("adam")
     config = config_lib.Config(
-        **SMALL,
+        **SMALL_SWEEP,
         optimizer="adam",
         epochs=7,
         keep_epochs=(1, 2),
@@ -59,7 +54,7 @@ def test_a_tail_from_the_kept_checkpoint_is_the_fixed_split_run(
 ):
     adam_dir, adam_rows = adam_run
     monkeypatch.chdir(adam_dir.parent)  # A relative --out, as on the command line.
-    common = dict(**SMALL, optimizer=optimizer, epochs=5, swap_epoch=3)
+    common = dict(**SMALL_SWEEP, optimizer=optimizer, epochs=5, swap_epoch=3)
     whole = train.train(config_lib.Config(**common, out=str(tmp_path / "whole")))
     tail = train.train(
         config_lib.Config(
@@ -79,7 +74,7 @@ def test_a_tail_from_the_kept_checkpoint_is_the_fixed_split_run(
 def test_a_tail_without_its_checkpoint_says_which_epochs_were_kept(adam_run, tmp_path):
     adam_dir, _ = adam_run
     config = config_lib.Config(
-        **SMALL,
+        **SMALL_SWEEP,
         optimizer="two-phase-fixed",
         epochs=5,
         swap_epoch=4,
@@ -99,7 +94,7 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
     adam_dir, adam_rows = adam_run
     live = train.train(
         config_lib.Config(
-            **SMALL,
+            **SMALL_SWEEP,
             optimizer="two-phase",
             epochs=7,
             out=str(tmp_path / "live"),
@@ -109,8 +104,8 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
     live_swap = analysis.Run("m", "two-phase", live).swap_epoch
     assert live_swap is not None and live_swap < 7  # The rule fires in time.
     sweep = budget_sweep.Sweep(
-        models=[SMALL["model"]],
-        seeds={SMALL["model"]: [0]},
+        models=[SMALL_SWEEP["model"]],
+        seeds={SMALL_SWEEP["model"]: [0]},
         budgets=[7],
         detector=RULE,
     )
@@ -120,7 +115,7 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
     assert detected in checkpoints.kept_epochs(str(adam_dir))
     tail = train.train(
         config_lib.Config(
-            **SMALL,
+            **SMALL_SWEEP,
             optimizer="two-phase",
             epochs=7,
             out=str(tmp_path / "tail"),
@@ -134,7 +129,7 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
 
 def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path):
     config = config_lib.Config(
-        **SMALL, optimizer="adam-cosine", epochs=3, out=str(tmp_path)
+        **SMALL_SWEEP, optimizer="adam-cosine", epochs=3, out=str(tmp_path)
     )
     rows = train.train(config)
     steps = rows[0]["steps"]
@@ -168,7 +163,7 @@ def sweep_dir(tmp_path_factory):
         "digits",
         "--sweep",
         "--models",
-        SMALL["model"],
+        SMALL_SWEEP["model"],
         "--budgets",
         "3",
         "6",
@@ -188,7 +183,7 @@ def metrics(path: pathlib.Path):
 
 def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
     out, _ = sweep_dir
-    model = SMALL["model"]
+    model = SMALL_SWEEP["model"]
     runs_dir = out / "runs" / model / "seed0"
     table = json.loads((out / "table.json").read_text())
     adam = metrics(runs_dir / "adam")
@@ -267,7 +262,7 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     assert trained == []
     missing = json.loads((out / "table.json").read_text())["missing"]
     assert missing == [
-        {"model": SMALL["model"], "seed": 0, "budget": 9, "variant": variant}
+        {"model": SMALL_SWEEP["model"], "seed": 0, "budget": 9, "variant": variant}
         for variant in ["adam, so every variant"]
     ]
     assert "adam, so every variant: 9 epochs" in (out / "table.md").read_text()
@@ -275,8 +270,8 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     record = out.parent / f"{out.name}-record"
     compare.main([*argv, "--resume", "--copy-to", str(record)])
     assert (record / "table.json").read_text() == table
-    runs_dir = out / "runs" / SMALL["model"] / "seed0"
-    copied = record / "metrics" / SMALL["model"] / "seed0"
+    runs_dir = out / "runs" / SMALL_SWEEP["model"] / "seed0"
+    copied = record / "metrics" / SMALL_SWEEP["model"] / "seed0"
     assert sorted(p.name for p in copied.iterdir()) == sorted(
         ["adam.jsonl"]
         + [
@@ -292,7 +287,9 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     assert not list(record.rglob("checkpoints"))
     # After a change to the second phase: only the tails run again, from the
     # kept checkpoints, and give the same rows.
-    before = metrics(out / "runs" / SMALL["model"] / "seed0" / "two-phase-fixed" / "b6")
+    before = metrics(
+        out / "runs" / SMALL_SWEEP["model"] / "seed0" / "two-phase-fixed" / "b6"
+    )
     compare.main([*argv, "--redo-tails"])
     assert sorted(trained) == [
         ("adam-lbfgs", 3),
@@ -300,7 +297,9 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
         ("two-phase-fixed", 3),
         ("two-phase-fixed", 6),
     ]
-    after = metrics(out / "runs" / SMALL["model"] / "seed0" / "two-phase-fixed" / "b6")
+    after = metrics(
+        out / "runs" / SMALL_SWEEP["model"] / "seed0" / "two-phase-fixed" / "b6"
+    )
     assert without_timers(after) == without_timers(before)
 
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _problems import regression_problem
+from _problems import train_step
 
 import twophase_optax as tpo
-from tests.test_two_phase import regression_problem
-from tests.test_two_phase import train_step
 
 ocp = pytest.importorskip("orbax.checkpoint", reason="the round trip needs orbax")
 

@@ -13,33 +13,15 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("sklearn", reason="the MLP trains on scikit-learn's digits")
 
+from _devices import run_with_devices  # noqa: E402
+
 from experiments import sharding  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_with_devices(args, count=8, timeout=600):
-    """Runs ``python ARGS`` with ``count`` simulated CPU devices."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def sharded_run(data, model, steps, *flags):
-    script = str(ROOT / "tests" / "_sharded_run.py")
+    script = str(ROOT / "tests" / "experiments" / "_sharded_run.py")
     out = run_with_devices([script, str(data), str(model), str(steps), *flags])
     return json.loads(out.strip().splitlines()[-1])
 

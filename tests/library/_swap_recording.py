@@ -1,9 +1,9 @@
 """The fixed problem on which the swap rules' recording was made.
 
-``tests/data/swap_recording.npz`` holds, for each case of :data:`CASES`, the
+``tests/library/data/swap_recording.npz`` holds, for each case of :data:`CASES`, the
 updates and swap steps of every step of a run made by the code before the swap
 rules became objects (commit e189cd7's ``two_phase`` keywords, recorded by the
-commit that added this file). ``tests/test_swap_recording.py`` runs the new
+commit that added this file). ``tests/library/test_swap_recording.py`` runs the new
 spelling of each case on the same problem and asserts equality, bit for bit.
 """
 
