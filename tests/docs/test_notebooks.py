@@ -10,6 +10,8 @@ nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[test]'")
 nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[test]'")
 pytest.importorskip("flax", reason="the notebooks use the experiments")
 
+pytestmark = pytest.mark.slow  # each notebook runs for 19 to 33 s
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

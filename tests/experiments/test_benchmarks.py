@@ -66,6 +66,7 @@ def test_page_faults_are_counted_per_call_for_memory_touched_afresh():
     assert faults["none"] < 5
 
 
+@pytest.mark.slow
 def test_cg_phase_quick_mode_counts_every_forward_pass(tmp_path, capsys):
     from experiments.benchmarks import cg_phase
 
@@ -113,6 +114,7 @@ def np_cumsum(values):
     return out
 
 
+@pytest.mark.slow
 def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
     from experiments.benchmarks import solvers
 
@@ -169,6 +171,7 @@ def test_solvers_quick_mode_agrees_with_the_known_minima(tmp_path, capsys):
     assert "\n| geometric mean |" in table
 
 
+@pytest.mark.slow
 def test_time_to_loss_quick_mode_repeats_the_same_trajectory(tmp_path, capsys):
     from experiments.benchmarks import time_to_loss
 
@@ -292,6 +295,7 @@ def test_complex_cg_quick_mode_reaches_the_real_splits_loss(tmp_path, capsys):
     assert "| complex64 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fit_loop_quick_mode_times_the_same_computation(tmp_path, capsys):
     from experiments.benchmarks import fit_loop
 

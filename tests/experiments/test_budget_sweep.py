@@ -181,6 +181,7 @@ def metrics(path: pathlib.Path):
     return run_records.read_metrics(path / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
     out, _ = sweep_dir
     model = SMALL_SWEEP["model"]
@@ -238,6 +239,7 @@ def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
     assert (out / "crossover.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     sweep_dir, monkeypatch
 ):

@@ -240,6 +240,7 @@ def test_seeds_for_mistakes_are_one_line_usage_errors(argv, message, capsys):
     assert ": error: " + message in error
 
 
+@pytest.mark.slow
 def test_quick_study_table_holds_every_run_and_nothing_else(tmp_path):
     """The study command end to end on a tiny budget: five optimizers really
     trained, and every number of the table read back from the runs' metrics."""

@@ -128,6 +128,7 @@ def test_chunked_cg_on_eight_devices_matches_one_device_in_one_pass(
     assert_same_training(read_metrics(tmp_path), one_device_metrics)
 
 
+@pytest.mark.slow
 def test_train_cli_across_two_processes_matches_one_device(
     tmp_path, one_device_metrics
 ):

@@ -102,6 +102,7 @@ def test_text_models_and_datasets_do_not_mix(capsys):
     assert "none of them takes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_reports_accuracy_and_bits_per_character(tmp_path):
     config = config_lib.Config(
         model="char-transformer-nomlp",

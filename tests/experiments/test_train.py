@@ -101,6 +101,7 @@ def test_short_run_writes_valid_metrics(optimizer, tmp_path):
     assert rows[-1]["compile_time"] >= rows[0]["compile_time"]
 
 
+@pytest.mark.slow
 def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
     common = dict(**SMALL, optimizer="two-phase-fixed", swap_epoch=1, lr=3e-3)
     straight = tmp_path / "straight"
@@ -122,6 +123,7 @@ def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
     assert [drop(r) for r in resumed_rows] == [drop(r) for r in rows]
 
 
+@pytest.mark.slow
 def test_cli_missing_tfds_dataset_exits_with_instructions(tmp_path):
     result = subprocess.run(
         [
