@@ -24,11 +24,21 @@ set's mean and standard deviation.
 from __future__ import annotations
 
 import dataclasses
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 
 TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
+# Where tensorflow-datasets downloads each from: probed once before a download,
+# since tfds retries every file ten times with backoff (3.4 minutes offline).
+TFDS_HOSTS = {
+    "mnist": "https://storage.googleapis.com",
+    "cifar10": "https://www.cs.toronto.edu",
+    "cifar100": "https://www.cs.toronto.edu",
+}
+PROBE_SECONDS = 10.0
 TEXT_NAMES = ("pydoc-text",)
 OFFLINE_NAMES = ("digits", "mnist5k", *TEXT_NAMES)
 DATASET_NAMES = (*OFFLINE_NAMES, *TFDS_NAMES)
@@ -205,6 +215,22 @@ def load_pydoc_text() -> Dataset:
     )
 
 
+def reachable(url: str, seconds: float = PROBE_SECONDS) -> None:
+    """Raises ``ConnectionError`` at once when ``url``'s host cannot be reached.
+
+    One request, no retries; proxies set in the environment are used. Any HTTP
+    answer, an error status too, means the host is there.
+    """
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(url, method="HEAD"), timeout=seconds
+        )
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:  # URLError, timeouts, refused
+        raise ConnectionError(f"{url} is not reachable: {error}") from error
+
+
 def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
     """``mnist``, ``cifar10`` or ``cifar100`` from tensorflow-datasets."""
     try:
@@ -214,14 +240,26 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = True) -> 
             f"The dataset {name!r} comes through tensorflow-datasets, which is not "
             "installed: pip install -e '.[experiments]'."
         ) from error
-    try:
-        splits = tfds.load(
+
+    def load(download: bool):
+        return tfds.load(
             TFDS_NAMES[name],
             split=["train", "test"],
             data_dir=data_dir,
             as_supervised=True,
             download=download,
         )
+
+    try:
+        try:  # Prepared already (or tfds.testing.mock_data): no network.
+            splits = load(download=False)
+        except ImportError:
+            raise
+        except Exception:
+            if not download:
+                raise
+            reachable(TFDS_HOSTS[name])
+            splits = load(download=True)
     except ImportError as error:  # A module tfds needs, not the data.
         raise DatasetUnavailableError(
             f"Loading the TFDS dataset {name!r} failed because tensorflow-datasets "

@@ -1,5 +1,7 @@
 """Datasets: the offline digits split, the TFDS path (mocked), and batching."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -79,6 +81,15 @@ def test_real_tfds_builders_construct_without_a_download(
     assert builder.info.features["image"].shape == shape
     assert builder.info.features["label"].num_classes == classes
     assert not any(tmp_path.iterdir())  # nothing was downloaded or prepared
+
+
+def test_an_unreachable_host_is_reported_at_once():
+    # One request, no retries: a refused connection is an error within seconds
+    # (tfds itself retries each file ten times, 3.4 minutes offline).
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="not reachable"):
+        data.reachable("http://127.0.0.1:9", seconds=5.0)
+    assert time.perf_counter() - start < 6.0
 
 
 def test_an_import_error_inside_tfds_is_reported_as_such(monkeypatch):

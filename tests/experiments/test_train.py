@@ -123,7 +123,6 @@ def test_resume_in_the_cg_phase_is_bit_exact(tmp_path):
     assert [drop(r) for r in resumed_rows] == [drop(r) for r in rows]
 
 
-@pytest.mark.slow
 def test_cli_missing_tfds_dataset_exits_with_instructions(tmp_path):
     result = subprocess.run(
         [
