@@ -1,7 +1,7 @@
 """Experiments for twophase_optax: models, data, training scripts and benchmarks.
 
 Importing the package turns on JAX's persistent compilation cache, so that a
-study, which compiles the same step functions for every seed and budget,
+budget sweep, which compiles the same step functions for every seed and budget,
 compiles each program once and reads it back after that. The cache lives in
 ``$TWOPHASE_OPTAX_CACHE`` (default ``~/.cache/twophase_optax/jax``, or under
 ``$XDG_CACHE_HOME``); set ``TWOPHASE_OPTAX_CACHE=off`` to turn it off. A cache

@@ -71,7 +71,7 @@ def open_checkpoints(
     out: pathlib.Path, name: str = "checkpoints", max_to_keep: int | None = 2
 ) -> ocp.CheckpointManager:
     """The run's checkpoint manager: ``<out>/<name>``, the last ``max_to_keep``
-    kept (``None``: all of them, as for the epochs a study starts tails from)."""
+    kept (``None``: all of them, as for the epochs a budget sweep starts tails from)."""
     return ocp.CheckpointManager(
         pathlib.Path(out) / name,
         options=ocp.CheckpointManagerOptions(

@@ -29,7 +29,7 @@ ones, so a study may be stopped and resumed.
 ``--sweep`` asks when the second phase pays: at each of ``--budgets`` it
 compares Adam at a constant rate, Adam with a cosine-decayed rate, the fixed
 split at 30% of the budget, the detected swap and Adam then L-BFGS, every
-two-phase run a tail from the shared Adam run (:mod:`experiments.study`). It
+two-phase run a tail from the shared Adam run (:mod:`experiments.budget_sweep`). It
 writes ``table.md`` (the crossover budgets, the loss ratios to the better
 Adam baseline, and per budget the results and the verdicts against both
 baselines), ``table.json``, ``crossover.png`` and the loss plots of each

@@ -94,7 +94,7 @@ class Config:
     num_processes: int | None = None
     process_id: int | None = None
     # Checkpoints kept for good (beside the last two) at these epochs, in
-    # <out>/kept: the epochs a study starts its second phases from.
+    # <out>/kept: the epochs a budget sweep starts its second phases from.
     keep_epochs: tuple[int, ...] = ()
     # Adam only: also keep the checkpoint of the epoch whose gradient-norm
     # reading makes the swap detector (gn_factor, smoothing, patience,

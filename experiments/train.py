@@ -37,7 +37,7 @@ compiling them (each step function is compiled, and run once with its results
 discarded, before the first timed step that needs it).
 
 A run can also start where another ended (``Config.prefix_run``): a
-two-phase run is Adam up to its swap, so a study trains Adam once and starts
+two-phase run is Adam up to its swap, so a budget sweep trains Adam once and starts
 every second phase from the Adam run's checkpoint of the epoch before the
 swap (``Config.keep_epochs`` keeps those; see ``experiments/budget_sweep.py``). The
 tail's metrics begin with the Adam run's rows, and its compute, time and
@@ -69,7 +69,6 @@ from experiments.config import Config
 from experiments.config import parse_args
 from experiments.run_records import append_metrics
 from experiments.run_records import read_metrics
-from experiments.run_records import replayed_swap
 from experiments.trainer import Interrupted
 from experiments.trainer import Trainer
 from experiments.trainer import request_stop
@@ -129,7 +128,6 @@ def train(config: Config) -> list[dict[str, Any]]:
         if chief:
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer.rows = read_metrics(metrics_path)
-    trainer.detection = None
 
     bar = tqdm(
         range(first_epoch, config.epochs),
@@ -142,7 +140,7 @@ def train(config: Config) -> list[dict[str, Any]]:
     try:
         for epoch in bar:
             _train_epoch(trainer, epoch, counters, manager, metrics_path, bar)
-            if epoch in config.keep_epochs or detected_at(trainer, epoch):
+            if epoch in config.keep_epochs or trainer.detected_at(epoch):
                 state = (trainer.params, trainer.opt_state)
                 save_checkpoint(kept, epoch, state, counters)
     finally:
@@ -151,23 +149,6 @@ def train(config: Config) -> list[dict[str, Any]]:
     kept.close()
     sync_hosts("wrote the last metrics")
     return read_metrics(metrics_path)
-
-
-def detected_at(trainer: Trainer, epoch: int) -> bool:
-    """Whether ``config.keep_detected`` and epoch ``epoch`` is the one after
-    which a two-phase run with the config's swap rule swaps
-    (:func:`replayed_swap` on the run's rows so far)."""
-    config = trainer.config
-    if not config.keep_detected:
-        return False
-    if trainer.detection is not None:  # It fires once.
-        return trainer.detection == epoch
-    # One length for every call (the rows padded to the budget), so the
-    # replay compiles once; rows after ``epoch`` cannot move an earlier swap.
-    detection = replayed_swap(config, trainer.rows[: epoch + 1], config.epochs)
-    if detection is not None and detection <= epoch:
-        trainer.detection = detection
-    return detection == epoch
 
 
 def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:

@@ -32,6 +32,7 @@ from experiments.checkpoints import open_checkpoints
 from experiments.checkpoints import restore_checkpoint
 from experiments.config import Config
 from experiments.config import make_optimizer
+from experiments.run_records import replayed_swap
 
 EVAL_BATCH = 2048
 
@@ -148,6 +149,10 @@ class Trainer:
         self.block_every_step = (
             jax.default_backend() == "cpu" and self.mesh.devices.size > 1
         )
+        # The run's metrics rows so far (the run loop appends each epoch's),
+        # and the epoch after which the swap rule fires, once found.
+        self.rows: list[dict[str, Any]] = []
+        self.detection: int | None = None
 
     # -- the maths ---------------------------------------------------------
     def apply(self, params, images):
@@ -403,6 +408,22 @@ class Trainer:
             schedule = optax.cosine_decay_schedule(self.config.lr, steps)
             return float(schedule((epoch + 1) * self.adam_steps - 1))
         return float(stats[-1]["step_size"])
+
+    def detected_at(self, epoch: int) -> bool:
+        """Whether ``config.keep_detected`` and epoch ``epoch`` is the one after
+        which a two-phase run with the config's swap rule swaps
+        (:func:`replayed_swap` on the run's rows so far)."""
+        config = self.config
+        if not config.keep_detected:
+            return False
+        if self.detection is not None:  # It fires once.
+            return self.detection == epoch
+        # One length for every call (the rows padded to the budget), so the
+        # replay compiles once; rows after ``epoch`` cannot move an earlier swap.
+        detection = replayed_swap(config, self.rows[: epoch + 1], config.epochs)
+        if detection is not None and detection <= epoch:
+            self.detection = detection
+        return detection == epoch
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         cg_epoch = in_second_phase(self.config, self.opt_state)

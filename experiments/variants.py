@@ -24,7 +24,7 @@ import dataclasses
 FIRST_PHASES = ("adam", "adam-cosine")  # cosine: the rate decays over the run
 SECOND_PHASES = ("cg", "lbfgs")
 SWAPS = ("rule", "fixed")  # the swap rule reads the run, or at --swap-epoch
-# How a budget sweep makes a variant's runs (experiments.study):
+# How a budget sweep makes a variant's runs (experiments.budget_sweep):
 SWEEP_RUNS = (
     "long",  # one run to the longest budget, read at every budget
     "per-budget",  # its own run per budget
