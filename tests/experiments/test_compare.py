@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("matplotlib", reason="compare plots with matplotlib")
 from experiments import analysis  # noqa: E402
 from experiments import compare  # noqa: E402
+from experiments import run_records  # noqa: E402
 from experiments import tables  # noqa: E402
 
 
@@ -268,7 +269,7 @@ def test_quick_study_table_holds_every_run_and_nothing_else(tmp_path):
     cells = json.loads((tmp_path / "table.json").read_text())
     assert [c["optimizer"] for c in cells] == compare.STUDY_OPTIMIZERS
     metrics = {
-        c["optimizer"]: compare.train_lib.read_metrics(
+        c["optimizer"]: run_records.read_metrics(
             tmp_path / "runs" / model / c["optimizer"] / "seed0" / "metrics.jsonl"
         )
         for c in cells

@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("flax", reason="the Fig. 5 runs train the experiment models")
 from experiments import analysis  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
 from experiments import fig5  # noqa: E402
 from experiments import run_records  # noqa: E402
 
@@ -104,7 +105,7 @@ def test_analyse_marks_where_the_default_rule_swaps():
         for v in losses
     ]
     result = fig5.analyse(rows, 0.9)
-    expected = fig5.train_lib.replayed_swap(fig5.train_lib.Config(), rows)
+    expected = run_records.replayed_swap(config_lib.Config(), rows)
     assert expected is not None and 4 <= expected < len(rows)
     assert result["default_rule_swap"]["epoch"] == expected + 1
     # Metrics written before the rows carried batch losses: no mark.
