@@ -6,6 +6,7 @@ import json
 import pathlib
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,13 +93,40 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def environment() -> dict[str, str]:
-    """Where a benchmark ran: device, backend, machine and jax version."""
+    """Where a benchmark ran, and with what code: device, backend, machine, jax
+    version, the git commit and whether the tree had uncommitted changes."""
     return {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "machine": platform.platform(),
         "jax": jax.__version__,
+        **code_version(),
     }
+
+
+def code_version() -> dict[str, str]:
+    """The git commit of this checkout and ``"clean"`` or ``"modified"``;
+    ``"unknown"`` outside a git checkout."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30
+        )
+        if done.returncode != 0:
+            raise OSError(done.stderr)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        tree = (
+            "modified"
+            if git("status", "--porcelain", "--untracked-files=no")
+            else "clean"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "tree": "unknown"}
+    return {"commit": commit, "tree": tree}
 
 
 def write_json(path: pathlib.Path | None, result: dict[str, Any]) -> None:
