@@ -121,7 +121,7 @@ class Sweep:
         return path if budget is None else path / f"b{budget}"
 
     def config(self, model: str, seed: int, variant: str, budget: int, **kw):
-        return config_lib.Config(
+        return config_lib.Config.of(
             model=model,
             dataset=self.dataset,
             optimizer=variant,
@@ -140,11 +140,13 @@ class Sweep:
 def _made_rows(config: config_lib.Config) -> list[dict[str, Any]]:
     """The rows already written for ``config``'s run (none for a tail made
     from another prefix: another split or detection is not this run)."""
-    out = pathlib.Path(config.out)
+    out = pathlib.Path(config.run.out)
     rows = run_records.read_metrics(out / "metrics.jsonl")
-    if rows and config.prefix_run is not None:
+    if rows and config.run.prefix_run is not None:
         made = json.loads((out / "config.json").read_text())
-        if made.get("prefix_epoch") != config.prefix_epoch:
+        # Runs written before the config had sections hold it flat.
+        made = made.get("run", made)
+        if made.get("prefix_epoch") != config.run.prefix_epoch:
             return []
     return rows
 
@@ -153,17 +155,17 @@ def train_run(config: config_lib.Config, resume: bool) -> list[dict[str, Any]]:
     """The run's rows: read back if it is finished (and ``resume``), else
     trained or continued."""
     rows = _made_rows(config) if resume else []
-    if len(rows) >= config.epochs:
-        return rows[: config.epochs]
-    config.resume = resume and bool(rows)
-    return train_lib.train(config)[: config.epochs]
+    if len(rows) >= config.run.epochs:
+        return rows[: config.run.epochs]
+    config.run.resume = resume and bool(rows)
+    return train_lib.train(config)[: config.run.epochs]
 
 
 def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
     """The epoch after which the live two-phase run with the sweep's swap rule
     swaps (:func:`experiments.train.replayed_swap` on the Adam run's rows);
     ``None`` if it does not swap within ``rows``."""
-    return run_records.replayed_swap(config_lib.Config(**sweep.detector), rows)
+    return run_records.replayed_swap(config_lib.Config.of(**sweep.detector), rows)
 
 
 def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:

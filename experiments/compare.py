@@ -79,7 +79,7 @@ def run_all(args) -> list[analysis.Run]:
                 out = args.out / "runs" / model / optimizer / f"seed{seed}"
                 rows = run_records.read_metrics(out / "metrics.jsonl")
                 if not (args.resume and len(rows) >= args.epochs):
-                    config = config_lib.Config(
+                    config = config_lib.Config.of(
                         label=f"run {len(runs) + 1}/{total}: ",
                         model=model,
                         dataset=args.dataset,
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=models.MODEL_NAMES,
         help="default: the five image models, or the two text models on text",
     )
-    parser.add_argument("--epochs", type=cli.integer(1), default=20)
+    config_lib.add_flag(parser, "epochs", default=20)
     parser.add_argument(
         "--batch-size",
         type=cli.integer(1),
@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         help="Adam's batch size (default: 512 as in the paper; 64 for digits, whose "
         "1437 training images would give only 3 steps per epoch at 512)",
     )
-    parser.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
-    config_lib.add_loss_argument(parser)
+    config_lib.add_flag(parser, "lr")
+    config_lib.add_flag(parser, "loss")
     parser.add_argument(
         "--optimizers",
         nargs="+",
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         help="--sweep: train the second phases again from the kept Adam "
         "checkpoints; Adam and cosine Adam are read back",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    config_lib.add_flag(parser, "seed")
     parser.add_argument(
         "--out",
         type=pathlib.Path,
@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         help="where the table, plots and runs go (default: runs/DATASET; "
         "--out results/DATASET replaces the committed results)",
     )
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--resume", action="store_true")
+    config_lib.add_flag(parser, "data_dir")
+    config_lib.add_flag(parser, "resume")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.sweep and args.study:

@@ -246,7 +246,7 @@ def run_name(model: str, loss: str) -> str:
 
 
 def run_one(args, dataset: str, model: str) -> dict[str, Any]:
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model=model,
         dataset=dataset,
         optimizer="adam",
@@ -363,18 +363,18 @@ def main(argv: list[str] | None = None) -> None:
         default="digits=150,mnist5k=80",
         help="epochs per run: N, or per dataset as digits=N,mnist5k=M",
     )
-    parser.add_argument("--batch-size", type=cli.integer(1), default=512)
-    parser.add_argument("--lr", type=cli.POSITIVE, default=1e-3)
-    config_lib.add_loss_argument(parser)
-    parser.add_argument("--gn-factor", type=cli.FRACTION, default=0.9)
-    parser.add_argument(
-        "--curvature-every",
-        type=cli.integer(0),
-        default=0,
+    config_lib.add_flag(parser, "batch_size")
+    config_lib.add_flag(parser, "lr")
+    config_lib.add_flag(parser, "loss")
+    # The paper's threshold, read on raw readings (Algorithm 1).
+    config_lib.add_flag(parser, "gn_factor", default=config_lib.PAPER_RULE["gn_factor"])
+    config_lib.add_flag(
+        parser,
+        "curvature_every",
         help="every N epochs probe the Hessian's extreme eigenvalues on a fixed "
         "batch (Lanczos) and plot their ratio under the reading; 0: never",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    config_lib.add_flag(parser, "seed")
     parser.add_argument(
         "--out",
         type=pathlib.Path,
@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         help="default: runs/fig5 (git ignores runs/); --out results/fig5 "
         "replaces the committed plots",
     )
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--resume", action="store_true")
+    config_lib.add_flag(parser, "data_dir")
+    config_lib.add_flag(parser, "resume")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--quick",

@@ -16,7 +16,6 @@ from typing import Any
 import twophase_optax as tpo
 from experiments.checkpoints import RunOutputError
 from experiments.config import Config
-from experiments.config import swap_rule
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -74,7 +73,7 @@ def replayed_swap(
     """
     if length is not None:
         rows = rows + rows[-1:] * (length - len(rows))
-    rule = swap_rule(config)
+    rule = config.optimizer.swap.make()
     return tpo.swap.replay(rule, **records(rule, rows))
 
 

@@ -80,12 +80,12 @@ def train(config: Config) -> list[dict[str, Any]]:
     Across hosts (``config.distributed``) every process runs this with the same
     config and ``out`` on a shared file system; process 0 writes the metrics.
     """
-    if config.distributed:
+    if config.mesh.distributed:
         jax.distributed.initialize(
-            config.coordinator, config.num_processes, config.process_id
+            config.mesh.coordinator, config.mesh.num_processes, config.mesh.process_id
         )
     chief = jax.process_index() == 0
-    out = pathlib.Path(config.out).absolute()
+    out = pathlib.Path(config.run.out).absolute()
     trainer = Trainer(config)
     metrics_path = out / "metrics.jsonl"
     if chief:
@@ -98,7 +98,7 @@ def train(config: Config) -> list[dict[str, Any]]:
                 f"Cannot write to the output directory {out}: {error}. Choose a "
                 "writable --out."
             ) from error
-        if not config.resume:
+        if not config.run.resume:
             # A fresh run replaces an earlier one in the same directory.
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             metrics_path.unlink(missing_ok=True)
@@ -107,7 +107,7 @@ def train(config: Config) -> list[dict[str, Any]]:
     kept = open_checkpoints(out, KEPT, max_to_keep=None)
     counters = {"forward_passes": 0.0, "wall_time": 0.0, "compile_time": 0.0}
     first_epoch = 0
-    if config.resume:
+    if config.run.resume:
         restored = restore_checkpoint(
             manager, (trainer.params, trainer.opt_state), counters
         )
@@ -118,29 +118,29 @@ def train(config: Config) -> list[dict[str, Any]]:
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] < first_epoch]
         if chief:
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if first_epoch == 0 and config.prefix_run is not None:
+    if first_epoch == 0 and config.run.prefix_run is not None:
         # A second phase that starts from the Adam run's checkpoint: its rows
         # up to there are the Adam run's.
-        trainer.start_from(config.prefix_run, config.prefix_epoch, counters)
-        first_epoch = config.prefix_epoch + 1
-        prefix = read_metrics(pathlib.Path(config.prefix_run) / "metrics.jsonl")
+        trainer.start_from(config.run.prefix_run, config.run.prefix_epoch, counters)
+        first_epoch = config.run.prefix_epoch + 1
+        prefix = read_metrics(pathlib.Path(config.run.prefix_run) / "metrics.jsonl")
         rows = [r for r in prefix if r["epoch"] < first_epoch]
         if chief:
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer.rows = read_metrics(metrics_path)
 
     bar = tqdm(
-        range(first_epoch, config.epochs),
+        range(first_epoch, config.run.epochs),
         initial=first_epoch,
-        total=config.epochs,
-        desc=f"{config.label}{config.model} {config.optimizer}",
-        disable=not (config.progress and chief),
+        total=config.run.epochs,
+        desc=f"{config.run.label}{config.run.model} {config.optimizer.name}",
+        disable=not (config.run.progress and chief),
         file=sys.stderr,
     )
     try:
         for epoch in bar:
             _train_epoch(trainer, epoch, counters, manager, metrics_path, bar)
-            if epoch in config.keep_epochs or trainer.detected_at(epoch):
+            if epoch in config.run.keep_epochs or trainer.detected_at(epoch):
                 state = (trainer.params, trainer.opt_state)
                 save_checkpoint(kept, epoch, state, counters)
     finally:
@@ -159,7 +159,7 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     counters["compile_time"] += row.pop("epoch_compile_seconds")
     train_loss, train_acc = trainer.evaluate(trainer.data.x_train, trainer.data.y_train)
     val_loss, val_acc = trainer.evaluate(trainer.data.x_val, trainer.data.y_val)
-    every = trainer.config.curvature_every
+    every = trainer.config.probe.every
     if every and (epoch + 1) % every == 0:
         row.update(trainer.curvature())
     row = {
@@ -174,7 +174,7 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
         "compile_time": counters["compile_time"],
         "num_params": trainer.num_params,
     }
-    if trainer.data.is_text and trainer.config.loss == "xent":
+    if trainer.data.is_text and trainer.config.run.loss == "xent":
         # Bits per character: the cross-entropy per character in base 2.
         row["train_bpc"] = train_loss / np.log(2.0)
         row["val_bpc"] = val_loss / np.log(2.0)
@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, previous)
     last = rows[-1]
     print(
-        f"{config.model} {config.optimizer}: train loss {last['train_loss']:.4g}, "
-        f"val acc {last['val_acc']:.3f} after {len(rows)} epochs; {config.out}"
+        f"{config.run.model} {config.optimizer.name}: "
+        f"train loss {last['train_loss']:.4g}, "
+        f"val acc {last['val_acc']:.3f} after {len(rows)} epochs; {config.run.out}"
     )
 
 

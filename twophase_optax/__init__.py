@@ -10,6 +10,7 @@ from twophase_optax import cg_directions
 from twophase_optax import curvature
 from twophase_optax import swap
 from twophase_optax._protocol import find_linesearch_state
+from twophase_optax._protocol import linesearch_cost
 from twophase_optax._protocol import linesearch_evaluations
 from twophase_optax.cg_directions import BETA_RULES
 from twophase_optax.cg_directions import dai_yuan
@@ -59,6 +60,7 @@ __all__ = [
     "fletcher_reeves",
     "golden_section_linesearch",
     "hestenes_stiefel",
+    "linesearch_cost",
     "linesearch_evaluations",
     "linesearch_failed",
     "polak_ribiere",

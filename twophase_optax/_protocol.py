@@ -315,3 +315,25 @@ def linesearch_evaluations(linesearch_state: Any) -> tuple[jax.Array, jax.Array]
             jnp.asarray(gradients, jnp.int32),
         )
     return zero, zero
+
+
+def linesearch_cost(linesearch_state: Any) -> jax.Array:
+    """What a line search cost, in forward-pass equivalents over its batch.
+
+    A value costs 1 and a value with its gradient 3 (a forward pass and a
+    backward pass of twice its cost), counted from
+    :func:`linesearch_evaluations`; float32, jittable. Multiply by the batch's
+    share of the training set to count epochs of compute.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import twophase_optax as tpo
+      >>> f = lambda w: jnp.sum((w - 1.0) ** 2)
+      >>> opt = tpo.conjugate_gradient()
+      >>> w = jnp.zeros(2)
+      >>> _, state = opt.update(2 * (w - 1.0), opt.init(w), w, value=f(w), value_fn=f)
+      >>> float(tpo.linesearch_cost(tpo.find_linesearch_state(state)))  # 1 + 3
+      4.0
+    """
+    evaluations, gradients = linesearch_evaluations(linesearch_state)
+    return (evaluations + 2 * gradients).astype(jnp.float32)

@@ -313,11 +313,19 @@ def fit(
             **kwargs,
         )
         search = _protocol.find_linesearch_state(new_state)
-        evaluations, gradients = _protocol.linesearch_evaluations(search)
+        phase = _phase_state(new_state)
+        if phase is None:  # the second phase alone (a manual start's CG)
+            evaluations, _ = _protocol.linesearch_evaluations(search)
+            cost = _protocol.linesearch_cost(search)
+        else:  # what two_phase counted: nothing where its guards ran no search
+            before = _phase_state(opt_state)
+            evaluations = phase.num_evaluations - before.num_evaluations
+            gradients = phase.num_gradients - before.num_gradients
+            cost = (evaluations + 2 * gradients).astype(jnp.float32)
         failed = jnp.asarray(getattr(getattr(search, "info", None), "failed", False))
         zero_gradient = optax.tree.norm(grad) == 0
         final = zero_gradient | (failed & (evaluations == 0))
-        readings = (value, start_cost + evaluations + 2 * gradients, final)
+        readings = (value, start_cost + cost, final)
         return optax.apply_updates(params, updates), new_state, readings
 
     @jax.jit

@@ -41,6 +41,7 @@ import optax
 
 import twophase_optax as tpo
 from experiments import config as config_lib
+from experiments import steps as steps_lib
 from experiments import trainer as trainer_lib
 from experiments.benchmarks import timing
 from twophase_optax.conjugate_gradient import DEFAULT_MAX_EVALUATIONS
@@ -103,7 +104,7 @@ QUICK_SETTINGS = ("cg golden tol 1e-2", DEFAULT, "optax.lbfgs")
 
 
 def pretrained_trainer(model: str, epochs: int, images: int | None):
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model=model, optimizer="adam", batch_size=512, epochs=epochs, progress=False
     )
     trainer = trainer_lib.Trainer(config)
@@ -122,7 +123,7 @@ def full_batch_step(trainer, tx):
 
     Returns ``(params, state, forward-pass equivalents, restarted)``.
     """
-    reuse = trainer_lib.stores_gradient(tx.init(trainer.params))
+    reuse = steps_lib.stores_gradient(tx.init(trainer.params))
     if reuse:
         value_and_grad = optax.value_and_grad_from_state(trainer.batch_loss)
     else:
@@ -131,10 +132,10 @@ def full_batch_step(trainer, tx):
     def step(params, state, images, labels):
         if reuse:
             stored = optax.tree.get(state, "value")
-            start_cost = jnp.where(jnp.isfinite(stored), 0, trainer_lib.VALUE_AND_GRAD)
+            start_cost = jnp.where(jnp.isfinite(stored), 0, steps_lib.VALUE_AND_GRAD)
             value, grad = value_and_grad(params, images, labels, state=state)
         else:
-            start_cost = jnp.asarray(trainer_lib.VALUE_AND_GRAD)
+            start_cost = jnp.asarray(steps_lib.VALUE_AND_GRAD)
             value, grad = value_and_grad(params, images, labels)
         updates, state = tx.update(
             grad,
@@ -148,7 +149,7 @@ def full_batch_step(trainer, tx):
         )
         linesearch = tpo.find_linesearch_state(state)
         restarted = optax.tree.get(state, "restarted", jnp.asarray(False))
-        cost = start_cost + trainer_lib.linesearch_forward_passes(linesearch)
+        cost = start_cost + tpo.linesearch_cost(linesearch)
         return optax.apply_updates(params, updates), state, cost, restarted
 
     return jax.jit(step)
@@ -215,13 +216,13 @@ def run_adam(trainer, budget: float, first_epoch: int) -> dict:
         row = trainer.run_epoch(epoch)
         seconds.append(row["epoch_seconds"])
         epoch += 1
-        spent = curve[-1][0] + trainer_lib.VALUE_AND_GRAD
+        spent = curve[-1][0] + steps_lib.VALUE_AND_GRAD
         curve.append([spent, float(loss_fn(trainer.params, x, y))])
-    steps = len(range(0, len(x), trainer.config.batch_size))
+    steps = len(range(0, len(x), trainer.config.run.batch_size))
     return {
-        "setting": f"adam, batch {trainer.config.batch_size} (continued)",
-        "median_fpe_per_step": trainer_lib.VALUE_AND_GRAD / steps,
-        "mean_fpe_per_step": trainer_lib.VALUE_AND_GRAD / steps,
+        "setting": f"adam, batch {trainer.config.run.batch_size} (continued)",
+        "median_fpe_per_step": steps_lib.VALUE_AND_GRAD / steps,
+        "mean_fpe_per_step": steps_lib.VALUE_AND_GRAD / steps,
         "epochs": epoch - first_epoch,
         **{f"loss_at_{b}": loss_within(curve, b) for b in BUDGETS},
         "first_step_seconds": seconds[0] / steps,

@@ -167,7 +167,7 @@ def runs_on(dataset: str, chunk_sizes, swap_epoch: int, epochs: int, out: pathli
     """The same two-phase run in one pass and in chunks; its rows per chunk size."""
     rows = {}
     for chunk_size in (0, *chunk_sizes):
-        config = config_lib.Config(
+        config = config_lib.Config.of(
             model="vgg5",
             dataset=dataset,
             optimizer="two-phase-fixed",

@@ -46,7 +46,7 @@ RULES = {"paper": PAPER, "default": {}}
 def run(args, model: str, batch: int, seed: int, swap: int | None = None):
     """The metrics rows of Adam (``swap=None``) or of two-phase swapping after
     (1-based) epoch ``swap``: CG from the epoch after it, 0-based ``swap``."""
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model=model,
         dataset=args.dataset,
         optimizer="adam" if swap is None else "two-phase-fixed",
@@ -123,7 +123,7 @@ def study(args) -> dict[str, Any]:
                 results.append(entry)
     return {
         "dataset": args.dataset,
-        "loss": config_lib.Config().loss,
+        "loss": config_lib.Config().run.loss,
         "default_rule": {
             "gn_factor": tpo.swap.DEFAULT_GN_FACTOR,
             "smoothing": tpo.swap.DEFAULT_SMOOTHING,

@@ -155,7 +155,7 @@ def _median_after_first(values: list[float]) -> float:
 
 def measure(model: str, epochs: int, images: int | None) -> dict:
     """The four loops on one of the paper's models, digits, batch 64."""
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model=model, optimizer="adam", batch_size=BATCH, lr=LR, progress=False
     )
     trainer = trainer_lib.Trainer(config)

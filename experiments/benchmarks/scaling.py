@@ -39,7 +39,7 @@ from experiments.benchmarks import timing  # noqa: E402
 
 def step_candidates(model: str, data: int, batch: int, cg_batch: int | None):
     """Adam- and CG-phase steps as callables, warm-up seconds, training-set size."""
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model=model, optimizer="two-phase", mesh=f"data={data}", progress=False
     )
     trainer = trainer_lib.Trainer(config)

@@ -43,7 +43,7 @@ def warm_up(trainer: trainer_lib.Trainer) -> float:
     """Compiles the train step for every batch shape a run will use; seconds."""
     n = len(trainer.data.x_train)
     chunks = np.array_split(
-        np.arange(n), data_lib.num_batches(n, trainer.config.batch_size)
+        np.arange(n), data_lib.num_batches(n, trainer.config.run.batch_size)
     )
     steps = [(trainer.train_step, len(c), False) for c in chunks]
     steps.append((trainer.cg_train_step, trainer.cg_batch_size, True))
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     trainers, starts, warm_ups = {}, {}, {}
     for name in OPTIMIZERS:
-        config = config_lib.Config(
+        config = config_lib.Config.of(
             model=args.model,
             optimizer=name,
             batch_size=64,

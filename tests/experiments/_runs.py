@@ -1,12 +1,9 @@
-"""Settings and helpers shared by the experiments' tests."""
+"""Helpers shared by the experiments' tests (the runs they train are the
+fixtures of ``conftest.py``)."""
 
 import numpy as np
 import orbax.checkpoint as ocp
 
-# The smallest of the paper's models on the offline digits.
-SMALL = {"model": "vit-nomlp-wkewq-wvwo", "dataset": "digits", "progress": False}
-# A budget sweep's runs: its rate and batch size.
-SMALL_SWEEP = dict(SMALL, lr=3e-3, batch_size=64)
 # Everything but the clock: times depend on the machine, not on the maths.
 TIMERS = ("wall_time", "compile_time")
 

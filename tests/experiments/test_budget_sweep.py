@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
-from _runs import SMALL_SWEEP  # noqa: E402
 from _runs import without_timers  # noqa: E402
 
 from experiments import analysis  # noqa: E402
@@ -33,11 +32,11 @@ RULE = dict(swap_rule="peak", gn_factor=0.995, smoothing=1.0, patience=1, min_ri
 
 
 @pytest.fixture(scope="module")
-def adam_run(tmp_path_factory):
+def adam_run(tmp_path_factory, small_sweep):
     """Adam for 7 epochs keeping epochs 1 and 2, and where ``RULE`` fires."""
     out = tmp_path_factory.mktemp("adam")
-    config = config_lib.Config(
-        **SMALL_SWEEP,
+    config = config_lib.Config.of(
+        **small_sweep,
         optimizer="adam",
         epochs=7,
         keep_epochs=(1, 2),
@@ -50,14 +49,14 @@ def adam_run(tmp_path_factory):
 
 @pytest.mark.parametrize("optimizer", ["two-phase-fixed", "adam-lbfgs"])
 def test_a_tail_from_the_kept_checkpoint_is_the_fixed_split_run(
-    optimizer, adam_run, tmp_path, monkeypatch
+    optimizer, adam_run, tmp_path, monkeypatch, small_sweep
 ):
     adam_dir, adam_rows = adam_run
     monkeypatch.chdir(adam_dir.parent)  # A relative --out, as on the command line.
-    common = dict(**SMALL_SWEEP, optimizer=optimizer, epochs=5, swap_epoch=3)
-    whole = train.train(config_lib.Config(**common, out=str(tmp_path / "whole")))
+    common = dict(**small_sweep, optimizer=optimizer, epochs=5, swap_epoch=3)
+    whole = train.train(config_lib.Config.of(**common, out=str(tmp_path / "whole")))
     tail = train.train(
-        config_lib.Config(
+        config_lib.Config.of(
             **common,
             out=str(tmp_path / "tail"),
             prefix_run=adam_dir.name,
@@ -71,10 +70,12 @@ def test_a_tail_from_the_kept_checkpoint_is_the_fixed_split_run(
     assert tail[3]["wall_time"] > adam_rows[2]["wall_time"]
 
 
-def test_a_tail_without_its_checkpoint_says_which_epochs_were_kept(adam_run, tmp_path):
+def test_a_tail_without_its_checkpoint_says_which_epochs_were_kept(
+    adam_run, tmp_path, small_sweep
+):
     adam_dir, _ = adam_run
-    config = config_lib.Config(
-        **SMALL_SWEEP,
+    config = config_lib.Config.of(
+        **small_sweep,
         optimizer="two-phase-fixed",
         epochs=5,
         swap_epoch=4,
@@ -89,12 +90,12 @@ def test_a_tail_without_its_checkpoint_says_which_epochs_were_kept(adam_run, tmp
 
 
 def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
-    adam_run, tmp_path
+    adam_run, tmp_path, small_sweep
 ):
     adam_dir, adam_rows = adam_run
     live = train.train(
-        config_lib.Config(
-            **SMALL_SWEEP,
+        config_lib.Config.of(
+            **small_sweep,
             optimizer="two-phase",
             epochs=7,
             out=str(tmp_path / "live"),
@@ -104,8 +105,8 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
     live_swap = analysis.Run("m", "two-phase", live).swap_epoch
     assert live_swap is not None and live_swap < 7  # The rule fires in time.
     sweep = budget_sweep.Sweep(
-        models=[SMALL_SWEEP["model"]],
-        seeds={SMALL_SWEEP["model"]: [0]},
+        models=[small_sweep["model"]],
+        seeds={small_sweep["model"]: [0]},
         budgets=[7],
         detector=RULE,
     )
@@ -114,8 +115,8 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
     # The Adam run kept that epoch's checkpoint as it passed it.
     assert detected in checkpoints.kept_epochs(str(adam_dir))
     tail = train.train(
-        config_lib.Config(
-            **SMALL_SWEEP,
+        config_lib.Config.of(
+            **small_sweep,
             optimizer="two-phase",
             epochs=7,
             out=str(tmp_path / "tail"),
@@ -127,9 +128,9 @@ def test_the_replayed_swap_is_the_live_detectors_and_its_tail_the_live_run(
     assert without_timers(tail) == without_timers(live)
 
 
-def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path):
-    config = config_lib.Config(
-        **SMALL_SWEEP, optimizer="adam-cosine", epochs=3, out=str(tmp_path)
+def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path, small_sweep):
+    config = config_lib.Config.of(
+        **small_sweep, optimizer="adam-cosine", epochs=3, out=str(tmp_path)
     )
     rows = train.train(config)
     steps = rows[0]["steps"]
@@ -144,7 +145,7 @@ def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path):
     # 1 (to eps), so the update at step t is -lr_t, over 2 epochs of 5 steps.
     import jax.numpy as jnp
 
-    config = config_lib.Config(optimizer="adam-cosine", epochs=2, lr=1e-2)
+    config = config_lib.Config.of(optimizer="adam-cosine", epochs=2, lr=1e-2)
     tx = config_lib.make_optimizer(config, adam_steps_per_epoch=5)
     params, state, updates = jnp.zeros(()), tx.init(jnp.zeros(())), []
     for _ in range(10):
@@ -155,7 +156,7 @@ def test_cosine_adam_decays_its_rate_to_zero_over_the_budget(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
+def sweep_dir(tmp_path_factory, small_sweep):
     """The sweep's command line on a tiny setting: budgets 3 and 6 epochs."""
     out = tmp_path_factory.mktemp("sweep")
     argv = [
@@ -163,7 +164,7 @@ def sweep_dir(tmp_path_factory):
         "digits",
         "--sweep",
         "--models",
-        SMALL_SWEEP["model"],
+        small_sweep["model"],
         "--budgets",
         "3",
         "6",
@@ -182,9 +183,9 @@ def metrics(path: pathlib.Path):
 
 
 @pytest.mark.slow
-def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
+def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir, small_sweep):
     out, _ = sweep_dir
-    model = SMALL_SWEEP["model"]
+    model = small_sweep["model"]
     runs_dir = out / "runs" / model / "seed0"
     table = json.loads((out / "table.json").read_text())
     adam = metrics(runs_dir / "adam")
@@ -241,7 +242,7 @@ def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir):
 
 @pytest.mark.slow
 def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
-    sweep_dir, monkeypatch
+    sweep_dir, monkeypatch, small_sweep
 ):
     out, argv = sweep_dir
     table = (out / "table.json").read_text()
@@ -249,7 +250,7 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     original = train.train
 
     def record(config):
-        trained.append((config.optimizer, config.epochs))
+        trained.append((config.optimizer.name, config.run.epochs))
         return original(config)
 
     monkeypatch.setattr(train, "train", record)
@@ -264,7 +265,7 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     assert trained == []
     missing = json.loads((out / "table.json").read_text())["missing"]
     assert missing == [
-        {"model": SMALL_SWEEP["model"], "seed": 0, "budget": 9, "variant": variant}
+        {"model": small_sweep["model"], "seed": 0, "budget": 9, "variant": variant}
         for variant in ["adam, so every variant"]
     ]
     assert "adam, so every variant: 9 epochs" in (out / "table.md").read_text()
@@ -272,8 +273,8 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     record = out.parent / f"{out.name}-record"
     compare.main([*argv, "--resume", "--copy-to", str(record)])
     assert (record / "table.json").read_text() == table
-    runs_dir = out / "runs" / SMALL_SWEEP["model"] / "seed0"
-    copied = record / "metrics" / SMALL_SWEEP["model"] / "seed0"
+    runs_dir = out / "runs" / small_sweep["model"] / "seed0"
+    copied = record / "metrics" / small_sweep["model"] / "seed0"
     assert sorted(p.name for p in copied.iterdir()) == sorted(
         ["adam.jsonl"]
         + [
@@ -290,7 +291,7 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     # After a change to the second phase: only the tails run again, from the
     # kept checkpoints, and give the same rows.
     before = metrics(
-        out / "runs" / SMALL_SWEEP["model"] / "seed0" / "two-phase-fixed" / "b6"
+        out / "runs" / small_sweep["model"] / "seed0" / "two-phase-fixed" / "b6"
     )
     compare.main([*argv, "--redo-tails"])
     assert sorted(trained) == [
@@ -300,7 +301,7 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
         ("two-phase-fixed", 6),
     ]
     after = metrics(
-        out / "runs" / SMALL_SWEEP["model"] / "seed0" / "two-phase-fixed" / "b6"
+        out / "runs" / small_sweep["model"] / "seed0" / "two-phase-fixed" / "b6"
     )
     assert without_timers(after) == without_timers(before)
 

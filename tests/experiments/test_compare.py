@@ -151,7 +151,7 @@ def test_a_finished_run_is_read_back_not_trained_again(tmp_path, monkeypatch):
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finished))
 
     def no_training(config):
-        raise AssertionError(f"trained {config.out} again")
+        raise AssertionError(f"trained {config.run.out} again")
 
     monkeypatch.setattr(compare.train_lib, "train", no_training)
     args = types.SimpleNamespace(
@@ -174,8 +174,8 @@ def test_seeds_for_gives_named_models_their_own_seeds(tmp_path, monkeypatch):
     trained = []
 
     def fake_train(config):
-        trained.append((config.model, config.optimizer, config.seed))
-        loss = 0.5 if config.optimizer == "adam" else 0.4 + config.seed / 100
+        trained.append((config.run.model, config.optimizer.name, config.run.seed))
+        loss = 0.5 if config.optimizer.name == "adam" else 0.4 + config.run.seed / 100
         return [{**row, "gn_reading": 1.0} for row in rows([1.0, loss], [3, 6], [1, 2])]
 
     monkeypatch.setattr(compare.train_lib, "train", fake_train)

@@ -156,7 +156,7 @@ def test_tfds_runs_evaluate_their_cg_phase_in_chunks(name, tmp_path):
     from experiments import train
     from experiments import trainer as trainer_lib
 
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model="vit-nomlp-wkewq-wvwo",
         dataset=name,
         optimizer="two-phase-fixed",

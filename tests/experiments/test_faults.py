@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 import orbax.checkpoint as ocp  # noqa: E402
-from _runs import SMALL  # noqa: E402
 from _runs import checkpoint_leaves  # noqa: E402
 
 from experiments import checkpoints  # noqa: E402
@@ -24,7 +23,6 @@ from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-COMMON = dict(**SMALL, optimizer="two-phase-fixed", swap_epoch=2, lr=3e-3)
 EPOCHS = 4
 
 
@@ -36,10 +34,16 @@ def drop_time(rows):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def common(small_run):
+    """The fault tests' run: the fixed split after 2 epochs."""
+    return dict(**small_run, optimizer="two-phase-fixed", swap_epoch=2, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, common):
     """An uninterrupted run: its rows and its last checkpoint's leaves."""
     out = tmp_path_factory.mktemp("reference")
-    rows = train.train(config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out)))
+    rows = train.train(config_lib.Config.of(**common, epochs=EPOCHS, out=str(out)))
     return drop_time(rows), checkpoint_leaves(out, EPOCHS - 1)
 
 
@@ -50,19 +54,19 @@ def assert_same_result(out, reference):
         np.testing.assert_array_equal(a, b)
 
 
-def cli(out, *extra):
+def cli(common, out, *extra):
     return [
         sys.executable,
         "-m",
         "experiments.train",
         "--model",
-        COMMON["model"],
+        common["model"],
         "--optimizer",
-        COMMON["optimizer"],
+        common["optimizer"],
         "--swap-epoch",
-        str(COMMON["swap_epoch"]),
+        str(common["swap_epoch"]),
         "--lr",
-        str(COMMON["lr"]),
+        str(common["lr"]),
         "--epochs",
         str(EPOCHS),
         "--out",
@@ -75,10 +79,16 @@ def cli(out, *extra):
 @pytest.mark.parametrize(
     "signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"]
 )
-def test_run_killed_mid_epoch_resumes_to_the_same_result(signum, tmp_path, reference):
+def test_run_killed_mid_epoch_resumes_to_the_same_result(
+    signum, tmp_path, reference, common
+):
     out = tmp_path / "run"
     process = subprocess.Popen(
-        cli(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cli(common, out),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # Epoch 1's checkpoint is complete: the run is in epoch 2 (the first CG one).
     deadline = time.monotonic() + 300
@@ -95,7 +105,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_result(signum, tmp_path, refer
         assert process.returncode == -signal.SIGKILL
     finished = [r["epoch"] for r in run_records.read_metrics(out / "metrics.jsonl")]
     assert finished and max(finished) < EPOCHS - 1, "killed too late to test"
-    train.main(cli(out, "--resume")[3:])  # In this process: no second start-up.
+    train.main(cli(common, out, "--resume")[3:])  # In this process: no second start-up.
     assert_same_result(out, reference)
 
 
@@ -119,17 +129,19 @@ def fail_save_at(monkeypatch, epoch, error):
     ids=["disk full", "unwritable"],
 )
 def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_others(
-    error, tmp_path, monkeypatch, reference
+    error, tmp_path, monkeypatch, reference, common
 ):
     out = tmp_path / "run"
     fail_save_at(monkeypatch, 2, error)
     with pytest.raises(SystemExit, match=r"epochs \[0, 1\] are intact.*--resume"):
-        train.main(cli(out)[3:])
+        train.main(cli(common, out)[3:])
     monkeypatch.undo()
     assert ocp.CheckpointManager(out / "checkpoints").all_steps() == [0, 1]
     if error.errno == errno.ENOSPC:  # The same path after either error.
         # Freed space: the run continues from epoch 1's checkpoint.
-        config = config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out), resume=True)
+        config = config_lib.Config.of(
+            **common, epochs=EPOCHS, out=str(out), resume=True
+        )
         train.train(config)
         assert_same_result(out, reference)
 
@@ -147,11 +159,11 @@ def test_failed_metrics_write_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     assert run_records.read_metrics(path) == [{"epoch": 0}]
 
 
-def test_unwritable_output_directory_is_a_clear_error(tmp_path):
+def test_unwritable_output_directory_is_a_clear_error(tmp_path, common):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(SystemExit, match="Cannot write to the output directory"):
-        train.main(cli(blocker / "run")[3:])
+        train.main(cli(common, blocker / "run")[3:])
 
 
 @pytest.mark.skipif(
@@ -159,9 +171,9 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
     reason="a real full disk needs root to mount a small tmpfs; "
     "test_failed_checkpoint_write_... covers the same code with a simulated one",
 )
-def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference):
+def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference, common):
     probe = tmp_path / "probe"
-    train.train(config_lib.Config(**COMMON, epochs=1, out=str(probe)))
+    train.train(config_lib.Config.of(**common, epochs=1, out=str(probe)))
     files = (probe / "checkpoints").rglob("*")
     one = sum(f.stat().st_size for f in files if f.is_file())
     disk = tmp_path / "disk"
@@ -175,7 +187,7 @@ def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference):
     try:
         out = disk / "run"
         with pytest.raises(checkpoints.RunOutputError, match="are intact") as caught:
-            train.train(config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out)))
+            train.train(config_lib.Config.of(**common, epochs=EPOCHS, out=str(out)))
         assert "epoch" in str(caught.value)
         moved = tmp_path / "moved"
         shutil.copytree(out, moved)
@@ -183,7 +195,9 @@ def test_real_full_disk_keeps_the_earlier_checkpoints(tmp_path, reference):
         subprocess.run(["umount", str(disk)], check=True)
     kept = ocp.CheckpointManager(moved / "checkpoints").all_steps()
     assert kept, "no checkpoint was written before the disk filled up"
-    train.train(config_lib.Config(**COMMON, epochs=EPOCHS, out=str(moved), resume=True))
+    train.train(
+        config_lib.Config.of(**common, epochs=EPOCHS, out=str(moved), resume=True)
+    )
     assert_same_result(moved, reference)
 
 
@@ -208,14 +222,14 @@ def corrupt_truncate_all(step_dir):
     ids=["flipped bytes", "truncated files"],
 )
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(
-    corrupt, tmp_path, reference
+    corrupt, tmp_path, reference, common
 ):
     out = tmp_path / "run"
-    train.train(config_lib.Config(**COMMON, epochs=3, out=str(out)))
+    train.train(config_lib.Config.of(**common, epochs=3, out=str(out)))
     corrupt(out / "checkpoints" / "2")
     with pytest.warns(UserWarning, match="epoch 2 is unreadable or corrupted"):
         train.train(
-            config_lib.Config(**COMMON, epochs=EPOCHS, out=str(out), resume=True)
+            config_lib.Config.of(**common, epochs=EPOCHS, out=str(out), resume=True)
         )
     assert (out / "corrupted-checkpoints" / "2").is_dir()
     assert_same_result(out, reference)

@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("flax", reason="the experiments need flax")
 pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
-from _runs import SMALL_SWEEP  # noqa: E402
 from _runs import without_timers  # noqa: E402
 
 import twophase_optax as tpo  # noqa: E402
@@ -53,11 +52,11 @@ RULES = {
 
 
 @pytest.fixture(scope="module")
-def adam_run(tmp_path_factory):
+def adam_run(tmp_path_factory, small_sweep):
     """Adam for 7 epochs, every epoch's checkpoint kept."""
     out = tmp_path_factory.mktemp("adam")
-    config = config_lib.Config(
-        **SMALL_SWEEP,
+    config = config_lib.Config.of(
+        **small_sweep,
         optimizer="adam",
         epochs=EPOCHS,
         keep_epochs=tuple(range(EPOCHS)),
@@ -78,14 +77,16 @@ def test_the_adam_run_records_what_the_rules_read(adam_run):
 
 
 @pytest.mark.parametrize("rule", list(RULES))
-def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path):
+def test_a_replayed_rule_swaps_where_the_live_run_does(
+    rule, adam_run, tmp_path, small_sweep
+):
     adam_dir, adam_rows = adam_run
     settings = dict(swap_rule=rule, **RULES[rule])
-    replayed = run_records.replayed_swap(config_lib.Config(**settings), adam_rows)
+    replayed = run_records.replayed_swap(config_lib.Config.of(**settings), adam_rows)
     assert replayed is not None and replayed + 1 < EPOCHS  # It fires in time.
     live = train.train(
-        config_lib.Config(
-            **SMALL_SWEEP,
+        config_lib.Config.of(
+            **small_sweep,
             optimizer="two-phase",
             epochs=EPOCHS,
             out=str(tmp_path / "live"),
@@ -95,15 +96,15 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path)
     assert analysis.Run("m", "two-phase", live).swap_epoch == replayed + 1
     # And the sweep's tail from that epoch is the live run, bit for bit.
     sweep = budget_sweep.Sweep(
-        models=[SMALL_SWEEP["model"]],
-        seeds={SMALL_SWEEP["model"]: [0]},
+        models=[small_sweep["model"]],
+        seeds={small_sweep["model"]: [0]},
         budgets=[EPOCHS],
         detector=settings,
     )
     assert budget_sweep.detected_epoch(sweep, adam_rows) == replayed
     tail = train.train(
-        config_lib.Config(
-            **SMALL_SWEEP,
+        config_lib.Config.of(
+            **small_sweep,
             optimizer="two-phase",
             epochs=EPOCHS,
             out=str(tmp_path / "tail"),
@@ -118,7 +119,7 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(rule, adam_run, tmp_path)
 def test_the_rules_differ_where_they_should(adam_run):
     _, rows = adam_run
     swaps = {
-        rule: run_records.replayed_swap(config_lib.Config(swap_rule=rule, **s), rows)
+        rule: run_records.replayed_swap(config_lib.Config.of(swap_rule=rule, **s), rows)
         for rule, s in RULES.items()
     }
     peak = swaps["peak"]
@@ -128,7 +129,7 @@ def test_the_rules_differ_where_they_should(adam_run):
     assert swaps["fit"] == fit
     either = min(swaps["plateau"], fit + 1)  # fit_patience 2
     assert swaps["fit-or-plateau"] == either
-    strict = config_lib.Config(swap_rule="fit", fit_errors=0)
+    strict = config_lib.Config.of(swap_rule="fit", fit_errors=0)
     assert run_records.replayed_swap(strict, rows) is None  # Nothing fits in 7 epochs.
 
 
@@ -137,31 +138,31 @@ def test_old_metrics_without_the_loss_say_to_train_again():
     with pytest.raises(
         checkpoints.RunOutputError, match="'batch_loss'.*Train the Adam"
     ):
-        run_records.replayed_swap(config_lib.Config(swap_rule="plateau"), rows)
+        run_records.replayed_swap(config_lib.Config.of(swap_rule="plateau"), rows)
 
 
 def test_swap_rule_flags_are_checked():
     config = config_lib.parse_args(["--swap-rule", "fit", "--fit-errors", "3"])
-    assert (config.swap_rule, config.fit_errors) == ("fit", 3)
+    assert (config.optimizer.swap.rule, config.optimizer.swap.fit_errors) == ("fit", 3)
     with pytest.raises(SystemExit):
         config_lib.parse_args(["--plateau-rtol", "1.5"])
     with pytest.raises(ValueError, match="tpo.swap.plateau: patience"):
-        config_lib.Config(plateau_patience=0).validate()
+        config_lib.Config.of(plateau_patience=0).validate()
 
 
 def test_each_swap_rule_flag_maps_onto_its_tpo_swap_rule():
     readings = [1.0, 2.0, 3.0, 2.6, 2.8, 2.0, 1.5, 1.0, 0.5, 0.4, 0.3]
     paper = config_lib.parse_args(["--paper-rule"])
-    assert tpo.swap.replay(config_lib.swap_rule(paper), grad_norm=readings) == 3
+    assert tpo.swap.replay(paper.optimizer.swap.make(), grad_norm=readings) == 3
     assert tpo.swap.replay(tpo.swap.PAPER, grad_norm=readings) == 3
-    rule = config_lib.swap_rule(config_lib.Config(), steps_per_epoch=7)
+    rule = config_lib.Config().optimizer.swap.make(steps_per_epoch=7)
     assert (rule.kind, rule.window, rule.children[0].kind) == (
         "per_window",
         7,
         "any_of",
     )
     kinds = {
-        name: config_lib.swap_rule(config_lib.Config(swap_rule=name)).kind
+        name: config_lib.Config.of(swap_rule=name).optimizer.swap.make().kind
         for name in config_lib.SWAP_RULES
     }
     assert kinds == {

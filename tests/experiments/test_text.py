@@ -104,7 +104,7 @@ def test_text_models_and_datasets_do_not_mix(capsys):
 
 @pytest.mark.slow
 def test_training_reports_accuracy_and_bits_per_character(tmp_path):
-    config = config_lib.Config(
+    config = config_lib.Config.of(
         model="char-transformer-nomlp",
         dataset="pydoc-text",
         optimizer="adam",

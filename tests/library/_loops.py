@@ -1,4 +1,5 @@
-"""Minimisation loops shared by the tests: full-batch, jitted, optax-style."""
+"""Loops shared by the library's tests: full-batch minimisation and one
+mini-batch step, jitted, optax-style."""
 
 from __future__ import annotations
 
@@ -32,3 +33,24 @@ def minimise(
         if done(params):
             return params, k, states
     return params, max_steps, states
+
+
+def train_step(opt, loss, pass_grad=False):
+    """One mini-batch step of ``opt`` on ``loss``, to be jitted by the caller."""
+
+    def step(params, state, batch_x, batch_y):
+        value, grad = jax.value_and_grad(loss)(params, batch_x, batch_y)
+        extra = {"grad": grad} if pass_grad else {}
+        updates, state = opt.update(
+            grad,
+            state,
+            params,
+            value=value,
+            value_fn=loss,
+            batch_x=batch_x,
+            batch_y=batch_y,
+            **extra,
+        )
+        return optax.apply_updates(params, updates), state, updates
+
+    return step

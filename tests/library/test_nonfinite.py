@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _problems import regression_problem
 
 import twophase_optax as tpo
 
@@ -62,8 +61,8 @@ def without_counters(state):
     return state
 
 
-def check_skipped_as_if_never_seen(opt, bad_at, poison, steps=30):
-    loss, batches, params = regression_problem()
+def check_skipped_as_if_never_seen(problem, opt, bad_at, poison, steps=30):
+    loss, batches, params = problem
     clean = [k % len(batches) for k in range(steps)]
     bad = clean[:bad_at] + [None] + clean[bad_at:]
     reference = run(opt, loss, batches, params, clean)
@@ -83,13 +82,15 @@ def check_skipped_as_if_never_seen(opt, bad_at, poison, steps=30):
 
 
 @pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
-def test_first_phase_skips_the_step_mid_window(poison):
+def test_first_phase_skips_the_step_mid_window(poison, regression_problem):
     # A window of 4 read by "mean_grad" keeps a gradient sum; step 6 is
     # mid-window.
     window = tpo.swap.per_window(tpo.swap.peak(min_windows=10**6), steps=4)
     swap = tpo.swap.any_of(tpo.swap.at_step(20), window)
     opt = tpo.two_phase(optax.adam(1e-2), swap=swap)
-    ours, _ = check_skipped_as_if_never_seen(opt, bad_at=6, poison=poison)
+    ours, _ = check_skipped_as_if_never_seen(
+        regression_problem, opt, bad_at=6, poison=poison
+    )
     state = ours[6][2]
     assert not bool(state.in_second_phase)
     assert int(state.count) == 6 and int(state.first_state[0].count) == 6
@@ -98,24 +99,30 @@ def test_first_phase_skips_the_step_mid_window(poison):
 
 
 @pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
-def test_second_phase_skips_the_step_and_keeps_the_cg_direction(poison):
+def test_second_phase_skips_the_step_and_keeps_the_cg_direction(
+    poison, regression_problem
+):
     opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(5))
-    ours, _ = check_skipped_as_if_never_seen(opt, bad_at=9, poison=poison)
+    ours, _ = check_skipped_as_if_never_seen(
+        regression_problem, opt, bad_at=9, poison=poison
+    )
     state = ours[9][2]
     assert bool(state.in_second_phase)
     assert int(state.second_state.count) == 4
     assert int(state.second_state.num_skipped) == 0  # two_phase skipped first.
 
 
-def test_conjugate_gradient_alone_skips_the_step():
+def test_conjugate_gradient_alone_skips_the_step(regression_problem):
     opt = tpo.conjugate_gradient()
-    ours, _ = check_skipped_as_if_never_seen(opt, bad_at=3, poison=(jnp.nan, 1.0))
+    ours, _ = check_skipped_as_if_never_seen(
+        regression_problem, opt, bad_at=3, poison=(jnp.nan, 1.0)
+    )
     assert int(ours[-1][2].num_skipped) == 1
 
 
-def test_composes_with_optax_apply_if_finite():
+def test_composes_with_optax_apply_if_finite(regression_problem):
     """apply_if_finite checks the gradient; two_phase also checks the loss."""
-    loss, batches, params = regression_problem()
+    loss, batches, params = regression_problem
     inner = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(4))
     opt = optax.apply_if_finite(inner, max_consecutive_errors=5)
     clean = [k % len(batches) for k in range(12)]
@@ -136,8 +143,8 @@ def test_composes_with_optax_apply_if_finite():
             chex.assert_trees_all_equal(history[k + 1][1], reference[k][1])
 
 
-def test_skipped_step_does_not_retrace():
-    loss, batches, params = regression_problem()
+def test_skipped_step_does_not_retrace(regression_problem):
+    loss, batches, params = regression_problem
     opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(2))
     chex.clear_trace_counter()
     step = jax.jit(chex.assert_max_traces(poisoned_step(opt, loss), n=1))

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _problems import regression_problem
-from _problems import train_step
+from _loops import train_step
 
 import twophase_optax as tpo
 
@@ -65,8 +64,8 @@ def test_full_state_round_trips_through_orbax(dtype, step, tmp_path):
         chex.assert_trees_all_equal(restored, state, strict=True)
 
 
-def test_full_state_round_trips_through_numpy_leaves():
-    loss, batches, params = regression_problem()
+def test_full_state_round_trips_through_numpy_leaves(regression_problem):
+    loss, batches, params = regression_problem
     opt = make_opt()
     history = trajectory(opt, loss, batches, params, opt.init(params), 0, 15)
     params, state = history[-1]
@@ -84,8 +83,10 @@ def test_full_state_round_trips_through_numpy_leaves():
     chex.assert_trees_all_equal(ours, theirs)
 
 
-def test_training_restored_mid_cg_continues_bit_identically(tmp_path):
-    loss, batches, params = regression_problem()
+def test_training_restored_mid_cg_continues_bit_identically(
+    tmp_path, regression_problem
+):
+    loss, batches, params = regression_problem
     opt = make_opt()
     straight = trajectory(opt, loss, batches, params, opt.init(params), 0, 30)
     params_18, state_18 = straight[17]  # After step 17: the eighth CG step.

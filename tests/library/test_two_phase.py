@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _problems import regression_problem
-from _problems import train_step
+from _loops import train_step
 
 import twophase_optax as tpo
 
@@ -171,8 +170,8 @@ def assert_bit_identical(history, reference, steps, fused_in_front=False):
                 chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=0)
 
 
-def test_before_the_swap_updates_are_bit_identical_to_adam():
-    loss, batches, params = regression_problem()
+def test_before_the_swap_updates_are_bit_identical_to_adam(regression_problem):
+    loss, batches, params = regression_problem
     adam = run(optax.adam(1e-2), loss, batches, params, 200)
     ours = run(
         tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(150)),
@@ -185,8 +184,8 @@ def test_before_the_swap_updates_are_bit_identical_to_adam():
     assert not np.array_equal(ours[150][0]["w"], adam[150][0]["w"])  # CG from 150.
 
 
-def test_detected_swap_keeps_adam_bit_identical_until_it():
-    loss, batches, params = regression_problem()
+def test_detected_swap_keeps_adam_bit_identical_until_it(regression_problem):
+    loss, batches, params = regression_problem
     adam = run(optax.adam(1e-2), loss, batches, params, 300)
     opt = tpo.two_phase(optax.adam(1e-2), **one_way(4))
     ours = run(opt, loss, batches, params, 300)
@@ -196,8 +195,8 @@ def test_detected_swap_keeps_adam_bit_identical_until_it():
     assert_bit_identical(ours, adam, swap_step)
 
 
-def test_after_the_swap_updates_equal_conjugate_gradient_run_alone():
-    loss, batches, params = regression_problem()
+def test_after_the_swap_updates_equal_conjugate_gradient_run_alone(regression_problem):
+    loss, batches, params = regression_problem
     full_batch = [
         (
             jnp.concatenate([b[0] for b in batches]),
@@ -254,8 +253,8 @@ def test_value_and_grad_from_state_computes_before_and_reuses_after_the_swap():
     assert reused == [False] * 4 + [True] * 3
 
 
-def test_no_retrace_across_the_swap():
-    loss, batches, params = regression_problem()
+def test_no_retrace_across_the_swap(regression_problem):
+    loss, batches, params = regression_problem
     opt = tpo.two_phase(optax.adam(1e-2), swap=tpo.swap.at_step(3))
     chex.clear_trace_counter()
     step = jax.jit(chex.assert_max_traces(train_step(opt, loss), n=1))
@@ -281,8 +280,8 @@ def test_state_dtypes_are_stable_across_the_swap(dtype):
             assert updates.dtype == jnp.dtype(dtype)
 
 
-def test_works_behind_gradient_clipping_in_a_chain():
-    loss, batches, params = regression_problem()
+def test_works_behind_gradient_clipping_in_a_chain(regression_problem):
+    loss, batches, params = regression_problem
     clip = lambda: optax.clip_by_global_norm(0.05)
     reference = run(optax.chain(clip(), optax.adam(1e-2)), loss, batches, params, 300)
     ours = run(
@@ -301,8 +300,8 @@ def test_works_behind_gradient_clipping_in_a_chain():
     assert float(get(two_phase_state, "gn_max")) > 0.05
 
 
-def test_inject_hyperparams_around_first_learning_rate():
-    loss, batches, params = regression_problem()
+def test_inject_hyperparams_around_first_learning_rate(regression_problem):
+    loss, batches, params = regression_problem
     make_adam = lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
     opt = tpo.two_phase(make_adam(), swap=tpo.swap.at_step(100))
     reference_opt = make_adam()
