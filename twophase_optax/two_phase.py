@@ -18,7 +18,7 @@ from twophase_optax.swap import SwapRule
 
 FALLBACKS = (None, "first")
 # The branches of the step's lax.switch.
-_FIRST, _SECOND, _SKIP, _FALL_BACK = 0, 1, 2, 3
+_FIRST, _SECOND, _SKIP, _CONVERGED, _FALL_BACK = 0, 1, 2, 3, 4
 
 
 class _SharedBuffer:
@@ -301,6 +301,15 @@ def two_phase(
     way ``optax.apply_if_finite`` skips: the update is zero and the state
     stays as it was except for ``num_skipped``.
 
+    Two guards keep the second phase (any ``second``) from spending or
+    diverging after it has converged. A second-phase step whose line search
+    reports a value above the one it started from (or one that is not a
+    number) is rejected: the update is zero, the step counts as a failed one
+    (``num_failures``, which ``fallback`` reads), and the second phase starts
+    afresh from the same params. A second-phase step whose gradient is
+    exactly zero runs no line search: the update is zero and it costs no
+    evaluation (``num_evaluations`` does not grow).
+
     Args:
       first: the optimiser of the non-convex phase; default ``optax.adam(1e-3)``.
       second: the optimiser of the convex phase; default
@@ -453,6 +462,9 @@ def two_phase(
             return first.update(updates, first_state, params)
 
         no_failure = jnp.asarray(False)
+        # What the second phase's line search evaluated this step (none in the
+        # other branches), read before a rejected step's restart.
+        no_search = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
         def run_first(_):
             # Reads and writes the shared buffers in place of first's leaves;
@@ -463,7 +475,7 @@ def two_phase(
             first_state, second_state = _reshare(
                 first_state, state.first_state, state.second_state, params
             )
-            return new_updates, first_state, second_state, no_failure
+            return new_updates, first_state, second_state, no_failure, no_search
 
         def run_second(_):
             # The first step of a second phase starts from a fresh state: the
@@ -477,21 +489,43 @@ def two_phase(
                     stored = _get(second_state, mark.path)
                     start = optax.tree.where(starting, _get(fresh, mark.path), stored)
                     second_state = _set(second_state, mark.path, start)
-            new_updates, second_state = second.update(
+            new_updates, new_state = second.update(
                 updates, second_state, params, **kwargs
             )
-            linesearch = _protocol.find_linesearch_state(second_state)
+            linesearch = _protocol.find_linesearch_state(new_state)
             failed = linesearch_failed(linesearch, new_updates)
-            return new_updates, state.first_state, second_state, failed
+            spent = _protocol.linesearch_evaluations(linesearch)
+            # A step to a higher loss than its start (or to one that is not a
+            # number) is rejected: no update, a failure, and the second phase
+            # starts afresh from these params (CG: steepest descent; L-BFGS:
+            # an empty memory), since its state describes the rejected point.
+            reached = getattr(linesearch, "value", None)
+            if reached is None:
+                return new_updates, state.first_state, new_state, failed, spent
+            (reached,) = jax.tree.leaves(reached)  # unwraps wrapped leaves
+            worse = ~(reached <= jnp.asarray(value, reached.dtype))
+            restart = optax.tree.cast_like(second.init(params), new_state)
+            new_state = optax.tree.where(worse, restart, new_state)
+            new_updates = optax.tree.where(
+                worse, optax.tree.zeros_like(new_updates), new_updates
+            )
+            return new_updates, state.first_state, new_state, failed | worse, spent
 
         def skip(_):
             zero = optax.tree.zeros_like(updates)
-            return zero, state.first_state, state.second_state, no_failure
+            return zero, state.first_state, state.second_state, no_failure, no_search
+
+        def converged(_):
+            # A gradient of exactly zero: no direction to search along, so the
+            # second phase spends nothing (no line search) until it changes.
+            zero = optax.tree.zeros_like(updates)
+            return zero, state.first_state, state.second_state, no_failure, no_search
 
         def fall_back(_):
             new_updates, first_state = first_update(first.init(params))
             fresh = _combine(first_state, second.init(params), params)
-            return new_updates, fresh["first_state"], fresh["second_state"], no_failure
+            first_state, second_state = fresh["first_state"], fresh["second_state"]
+            return new_updates, first_state, second_state, no_failure, no_search
 
         # One read of the gradient gives both its norm, for the rule, and
         # whether it is finite (a square sum that overflows counts as not).
@@ -508,26 +542,27 @@ def two_phase(
             else jnp.asarray(False)
         )
         in_second_phase = state.in_second_phase & ~fall_back_now
+        # A zero gradient spends nothing, past the second phase's first step
+        # (which sets up its state in the shared buffers).
+        converged_now = (grad_sq_norm == 0) & (state.count != state.swap_step)
         # One conditional runs the phase, falls back, or skips a step whose
         # loss or gradient is not finite, as if it had never happened.
         branch = jnp.select(
-            [~finite, fall_back_now, in_second_phase],
-            [_SKIP, _FALL_BACK, _SECOND],
-            _FIRST,
+            [~finite, fall_back_now, in_second_phase & converged_now],
+            [_SKIP, _FALL_BACK, _CONVERGED],
+            jnp.where(in_second_phase, _SECOND, _FIRST),
         )
         # Without a fallback its branch is never taken: not compiled at all.
-        branches = (run_first, run_second, skip)
+        branches = (run_first, run_second, skip, converged)
         if fallback == "first":
             branches += (fall_back,)
-        new_updates, first_state, second_state, failed = jax.lax.switch(
+        new_updates, first_state, second_state, failed, spent = jax.lax.switch(
             branch, branches, None
         )
         num_failures = jnp.where(
             finite, jnp.where(failed, state.num_failures + 1, 0), state.num_failures
         )
-        linesearch = _protocol.find_linesearch_state(second_state)
-        evaluations, gradients = _protocol.linesearch_evaluations(linesearch)
-        ran_second = branch == _SECOND
+        evaluations, gradients = spent
 
         grad_norm = jnp.sqrt(grad_sq_norm)
         reading = swap_lib.Reading(
@@ -555,9 +590,8 @@ def two_phase(
             num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
             num_failures=num_failures,
             num_fallbacks=state.num_fallbacks + fall_back_now.astype(jnp.int32),
-            num_evaluations=state.num_evaluations
-            + jnp.where(ran_second, evaluations, 0),
-            num_gradients=state.num_gradients + jnp.where(ran_second, gradients, 0),
+            num_evaluations=state.num_evaluations + evaluations,
+            num_gradients=state.num_gradients + gradients,
             swap=swap_state,
             first_state=first_state,
             second_state=second_state,
