@@ -56,6 +56,9 @@ class ConjugateGradientState(NamedTuple):
       num_skipped: steps skipped because the loss or the gradient was not
         finite (int32); nothing else in the state changes on such a step.
       info: a :class:`ConjugateGradientInfo`.
+      preconditioner: with ``precondition=True``, the diagonal :math:`P` (a
+        tree of positive arrays shaped like the params) that the directions
+        are preconditioned by; ones at ``init``. ``None`` otherwise.
     """
 
     count: jax.Array
@@ -66,6 +69,7 @@ class ConjugateGradientState(NamedTuple):
     num_failures: jax.Array
     num_skipped: jax.Array
     info: ConjugateGradientInfo
+    preconditioner: optax.Updates | None = None
 
 
 class PreviousGradientProducts(NamedTuple):
@@ -182,6 +186,7 @@ def conjugate_gradient(
     linesearch: optax.GradientTransformationExtraArgs | None = None,
     restart_every: int | None = None,
     powell_threshold: float | None = None,
+    precondition: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Nonlinear conjugate gradient with a line search.
 
@@ -251,6 +256,14 @@ def conjugate_gradient(
         Powell restarts: Polak-Ribiere+ restarts on its own where ``beta``
         would turn negative, and the Hager-Zhang rule bounds ``beta`` below
         (BENCHMARKS.md, sections 3 and 4, measure what the restarts cost).
+      precondition: keep a diagonal preconditioner :math:`P` in the state
+        (``state.preconditioner``, ones at ``init``; one params-sized tree
+        more) and search along :math:`d_k = -P g_k + \beta_k d_{k-1}`, with
+        ``beta`` and the restart tests in the metric of :math:`P` (CG on
+        :math:`z` with :math:`p = P^{1/2} z`). Set :math:`P` with
+        ``state._replace(preconditioner=P)``; inside
+        :func:`twophase_optax.two_phase` it is set at the swap from the first
+        phase's Adam second moment, :math:`P = 1/(\sqrt{\nu} + 10^{-8})`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``, called as
@@ -310,6 +323,7 @@ def conjugate_gradient(
             num_failures=jnp.asarray(0, jnp.int32),
             num_skipped=jnp.asarray(0, jnp.int32),
             info=ConjugateGradientInfo(beta=zero, restarted=jnp.asarray(True)),
+            preconditioner=(optax.tree.ones_like(params) if precondition else None),
         )
 
     def update_fn(
@@ -329,8 +343,12 @@ def conjugate_gradient(
         def take_step(_):
             # From the params: optax.tree.set may have put a float in the state.
             dtype = _protocol.scalar_dtype(params)
-            steepest = optax.tree.scale(-1.0, g)
-            g_dot_g = _protocol.vdot(g, g, dtype)
+            # P g, and the products in P's metric (CG on z, p = P^(1/2) z:
+            # g_z = P^(1/2) g, d_z = P^(-1/2) d); P = I without a preconditioner.
+            pre = state.preconditioner
+            pg = g if pre is None else optax.tree.cast_like(optax.tree.mul(pre, g), g)
+            steepest = optax.tree.scale(-1.0, pg)
+            g_dot_g = _protocol.vdot(g, pg, dtype)
             restart = (state.count == 0) | (state.num_failures > 0)
             if products:
                 # g . g_{k-1} is known through the gradient the last search
@@ -338,17 +356,32 @@ def conjugate_gradient(
                 prev = state.grad_prev_products
                 stored = _stored_descent_gradient(state.linesearch_state)
                 restart |= ~_same_gradient(g, stored, dtype)
+                dir_over_pre = (
+                    state.dir_prev
+                    if pre is None
+                    else optax.tree.div(state.dir_prev, pre)
+                )
                 dots = cg_directions.DotProducts(
                     grad_sq=g_dot_g,
                     grad_dot_prev=prev.dot_stored,
                     prev_sq=prev.sq_norm,
                     dir_dot_grad=_protocol.vdot(state.dir_prev, g, dtype),
                     dir_dot_prev=prev.dot_dir,
-                    dir_sq=_protocol.vdot(state.dir_prev, state.dir_prev, dtype),
+                    dir_sq=_protocol.vdot(state.dir_prev, dir_over_pre, dtype),
                 )
                 beta_k = jnp.asarray(beta_from_products(dots), dtype)
-            else:
+            elif pre is None:
                 beta_k = jnp.asarray(beta_fn(g, state.grad_prev, state.dir_prev), dtype)
+            else:
+                root = jax.tree.map(jnp.sqrt, pre)
+                beta_k = jnp.asarray(
+                    beta_fn(
+                        optax.tree.mul(root, g),
+                        optax.tree.mul(root, state.grad_prev),
+                        optax.tree.div(state.dir_prev, root),
+                    ),
+                    dtype,
+                )
             conjugate = optax.tree.cast_like(
                 optax.tree.add_scale(steepest, beta_k, state.dir_prev), g
             )
@@ -359,13 +392,12 @@ def conjugate_gradient(
                 g_dot_prev = (
                     dots.grad_dot_prev
                     if products
-                    else _protocol.vdot(g, state.grad_prev, dtype)
+                    else _protocol.vdot(pg, state.grad_prev, dtype)
                 )
                 restart |= jnp.abs(g_dot_prev) >= powell_threshold * g_dot_g
             if restart_every is not None:
                 restart |= state.count % restart_every == 0
             direction = optax.tree.where(restart, steepest, conjugate)
-
             step, linesearch_state = linesearch.update(
                 direction,
                 state.linesearch_state,
@@ -385,7 +417,7 @@ def conjugate_gradient(
                         sq_norm=g_dot_g,
                         dot_dir=_protocol.vdot(g, direction, dtype),
                         dot_stored=_protocol.vdot(
-                            g, _stored_descent_gradient(linesearch_state), dtype
+                            pg, _stored_descent_gradient(linesearch_state), dtype
                         ),
                     )
                     if products
@@ -398,6 +430,7 @@ def conjugate_gradient(
                     beta=jnp.where(restart, 0.0, beta_k),
                     restarted=restart,
                 ),
+                preconditioner=state.preconditioner,
             )
             return step, optax.tree.cast_like(new_state, state)
 

@@ -12,6 +12,7 @@ import optax
 
 from twophase_optax import _protocol
 from twophase_optax import swap as swap_lib
+from twophase_optax.conjugate_gradient import ConjugateGradientState
 from twophase_optax.conjugate_gradient import conjugate_gradient
 from twophase_optax.conjugate_gradient import linesearch_failed
 from twophase_optax.swap import SwapRule
@@ -19,6 +20,7 @@ from twophase_optax.swap import SwapRule
 FALLBACKS = (None, "first")
 # The branches of the step's lax.switch.
 _FIRST, _SECOND, _SKIP, _CONVERGED, _FALL_BACK = 0, 1, 2, 3, 4
+_ADAM_EPS = 1e-8  # optax.adam's: the preconditioner's floor on sqrt(nu)
 
 
 class _SharedBuffer:
@@ -242,6 +244,41 @@ class TwoPhaseState(NamedTuple):
         own; after it, the shared leaves hold the second phase's values.
         """
         return _unshare(self.first_state, self.second_state)
+
+
+def _is_cg_state(node: Any) -> bool:
+    return isinstance(node, ConjugateGradientState)
+
+
+def _with_adam_preconditioner(
+    second_state: Any, state: TwoPhaseState, starting: jax.Array
+) -> Any:
+    r"""``second_state`` whose CG preconditioner (``precondition=True``) is set,
+    on the second phase's first step, from the first phase's Adam second
+    moment: :math:`P = 1/(\sqrt{\nu} + 10^{-8})`. Unchanged where CG keeps
+    no preconditioner or the first phase has no ``nu``."""
+    cg = _protocol.find_node(second_state, _is_cg_state)
+    if cg is None or cg.preconditioner is None:
+        return second_state
+    first = _unshare(state.first_state, state.second_state)
+    adam = _protocol.find_node(
+        first, lambda n: hasattr(n, "nu") and hasattr(n, "mu") and hasattr(n, "count")
+    )
+    if adam is None or jax.tree.structure(adam.nu) != jax.tree.structure(
+        cg.preconditioner
+    ):
+        return second_state
+    moment = jax.tree.map(
+        lambda v, p: (1.0 / (jnp.sqrt(jnp.abs(v)) + _ADAM_EPS)).astype(p.dtype),
+        adam.nu,
+        cg.preconditioner,
+    )
+    preconditioner = optax.tree.where(starting, moment, cg.preconditioner)
+    return jax.tree.map(
+        lambda n: n._replace(preconditioner=preconditioner) if _is_cg_state(n) else n,
+        second_state,
+        is_leaf=_is_cg_state,
+    )
 
 
 def _check_num_errors(num_errors: Any) -> jax.Array:
@@ -489,6 +526,7 @@ def two_phase(
                     stored = _get(second_state, mark.path)
                     start = optax.tree.where(starting, _get(fresh, mark.path), stored)
                     second_state = _set(second_state, mark.path, start)
+            second_state = _with_adam_preconditioner(second_state, state, starting)
             new_updates, new_state = second.update(
                 updates, second_state, params, **kwargs
             )
