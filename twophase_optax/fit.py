@@ -124,6 +124,11 @@ def fit(
         with ``num_errors``, ``tpo.swap.per_window(tpo.swap.plateau(), steps=S)``
         without, ``S`` the number of mini-batches per epoch. Plain
         ``optax.adam(1e-3)`` gives the Adam baseline through the same call.
+        Where a state of about 23 times the params fits in memory,
+        ``tpo.two_phase(optax.adam(1e-3), optax.lbfgs(), swap=...)`` reached
+        lower training losses at equal compute than the default CG on the
+        digits models (docs/cg.md, "Which second phase"); CG's state is twice
+        the params.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       loss_takes_key: call ``loss_fn(params, batch, key)``, for models with
         dropout: each first-phase step gets a fresh key (split from ``key``),

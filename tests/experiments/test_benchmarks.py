@@ -309,3 +309,35 @@ def test_fit_loop_quick_mode_times_the_same_computation(tmp_path, capsys):
     assert all(s > 0 for s in row["seconds_per_epoch"].values())
     assert all(s > 0 for s in row["compile_seconds"].values())
     assert "tpo.fit, default two_phase" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_second_phase_quick_mode_measures_every_variant_from_one_checkpoint(
+    tmp_path, capsys
+):
+    from experiments.benchmarks import second_phase
+
+    out = tmp_path / "second_phase.json"
+    argv = ["--quick", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    result = second_phase.main(argv)
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert set(runs) == set(second_phase.QUICK_VARIANTS)
+    # One Adam checkpoint for all: every variant starts from its loss.
+    assert len({r["start_loss"] for r in runs.values()}) == 1
+    for r in runs.values():
+        spent = [point[0] for point in r["curve"]]
+        assert spent == sorted(spent)
+        # Until the budget, or a step that evaluates nothing (a zero gradient).
+        assert spent[-1] >= result["budget"] or spent[-1] == spent[-2]
+        assert r["loss_at"]["30"] <= r["start_loss"]  # no second phase goes up
+    # CG's state is its direction and stored gradient; the preconditioner
+    # adds one diagonal; L-BFGS keeps 10 pairs.
+    assert runs["cg"]["state_over_params"] == pytest.approx(2.0, abs=0.05)
+    assert runs["cg, Adam-preconditioned"]["state_over_params"] == pytest.approx(
+        3.0, abs=0.05
+    )
+    assert runs["L-BFGS"]["state_over_params"] > 20
+    # Resumed: the finished entries are read back, not run again.
+    again = second_phase.main(argv)
+    assert again["runs"] == json.loads(out.read_text())["runs"]
+    assert "within 10x" in capsys.readouterr().out
