@@ -136,4 +136,12 @@ def test_a_zero_gradient_in_the_second_phase_spends_no_evaluation():
         assert float(optax.tree.norm(updates)) == 0.0
     assert int(state.num_evaluations) == spent
     assert int(state.num_failures) == 0
+    # Each such step costs no forward pass: the value and gradient at these
+    # params are the ones the last search stored (tpo.value_and_grad_from_state
+    # takes them), and no search runs: tpo.linesearch_cost of the step is the
+    # state's growth in evaluations, zero.
+    search = tpo.find_linesearch_state(state)
+    assert np.isfinite(float(search.value))
+    value, grad = tpo.value_and_grad_from_state(loss)(w, state=state)
+    assert float(value) == float(search.value) and float(optax.tree.norm(grad)) == 0
     assert tpo.two_phase_metrics(state)["phase"] == 1
