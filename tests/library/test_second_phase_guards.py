@@ -64,7 +64,6 @@ def _runner(opt, steps):
     return run
 
 
-@pytest.mark.slow
 def test_lbfgs_after_the_loss_underflows_diverges_alone_and_not_in_two_phase():
     adam = _runner(optax.adam(0.01), 400)
     alone = _runner(optax.lbfgs(), 300)
