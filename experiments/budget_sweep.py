@@ -4,7 +4,7 @@ A two-phase run is Adam up to its swap. So, per model and seed, a sweep trains
 Adam once, to its longest budget, keeping the checkpoint of every epoch after
 which some variant swaps; every second phase is a *tail* that starts from
 such a checkpoint, and its metrics, compute and time include the Adam prefix
-it reuses (see ``Config.prefix_run`` in :mod:`experiments.train`):
+it reuses (see ``RunConfig.prefix_run`` in :mod:`experiments.config`):
 
 * ``adam``: the long run, read at each budget (a constant rate does not
   depend on the budget);

@@ -36,10 +36,10 @@ cumulative time of the training steps alone, and ``compile_time`` that of
 compiling them (each step function is compiled, and run once with its results
 discarded, before the first timed step that needs it).
 
-A run can also start where another ended (``Config.prefix_run``): a
+A run can also start where another ended (``config.run.prefix_run``): a
 two-phase run is Adam up to its swap, so a budget sweep trains Adam once and starts
 every second phase from the Adam run's checkpoint of the epoch before the
-swap (``Config.keep_epochs`` keeps those; see ``experiments/budget_sweep.py``). The
+swap (``config.run.keep_epochs`` keeps those; see ``experiments/budget_sweep.py``). The
 tail's metrics begin with the Adam run's rows, and its compute, time and
 compile time include that prefix.
 """
