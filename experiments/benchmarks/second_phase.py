@@ -304,6 +304,14 @@ def _sci(x) -> str:
     return "-" if x is None else f"{x:.2g}"
 
 
+def _ratio(loss: float, reference: float) -> float:
+    """``loss / reference``, where a float32 loss of exactly 0 (cross-entropy
+    underflows) is level with another 0 and infinitely below anything else."""
+    if reference == 0:
+        return 1.0 if loss == 0 else float("inf")
+    return loss / reference
+
+
 def _acc(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -375,7 +383,7 @@ def report(runs: list[dict]) -> str:
         lbfgs = {k[:3]: v for k, v in final.items() if k[3] == "L-BFGS"}
         for variant in dict.fromkeys(k[3] for k in final):
             ratios = [
-                final[cell + (variant,)] / max(lbfgs[cell], 1e-45)
+                _ratio(final[cell + (variant,)], lbfgs[cell])
                 for cell in lbfgs
                 if cell + (variant,) in final
             ]
