@@ -374,11 +374,15 @@ def report(runs: list[dict]) -> str:
         "where it is within 10x of L-BFGS's:\n"
     )
     summary = []
-    for budget in (str(b) for b in BUDGETS[1:]):
+    for loss, budget in (
+        (loss, str(b))
+        for loss in sorted({r["loss"] for r in runs})
+        for b in BUDGETS[1:]
+    ):
         final = {
             (r["loss"], r["model"], r["seed"], r["variant"]): r["loss_at"][budget]
             for r in runs
-            if r["swap"] == longest
+            if r["swap"] == longest and r["loss"] == loss
         }
         lbfgs = {k[:3]: v for k, v in final.items() if k[3] == "L-BFGS"}
         for variant in dict.fromkeys(k[3] for k in final):
@@ -389,6 +393,7 @@ def report(runs: list[dict]) -> str:
             ]
             summary.append(
                 [
+                    loss,
                     budget,
                     variant,
                     f"{sum(r <= 10 for r in ratios)} of {len(ratios)}",
@@ -397,7 +402,7 @@ def report(runs: list[dict]) -> str:
             )
     lines.append(
         timing.markdown_table(
-            ["at fpe", "second phase", "within 10x", "ratios"], summary
+            ["loss", "at fpe", "second phase", "within 10x", "ratios"], summary
         )
     )
     return "\n".join(lines)
