@@ -542,10 +542,15 @@ def two_phase(
                 return new_updates, state.first_state, new_state, failed, spent
             (reached,) = jax.tree.leaves(reached)  # unwraps wrapped leaves
             worse = ~(reached <= jnp.asarray(value, reached.dtype))
-            restart = optax.tree.cast_like(second.init(params), new_state)
-            new_state = optax.tree.where(worse, restart, new_state)
-            new_updates = optax.tree.where(
-                worse, optax.tree.zeros_like(new_updates), new_updates
+            # A conditional, not a select: the fresh state (for L-BFGS ten
+            # params-sized pairs) is built only on a rejected step.
+            new_updates, new_state = jax.lax.cond(
+                worse,
+                lambda: (
+                    optax.tree.zeros_like(new_updates),
+                    optax.tree.cast_like(second.init(params), new_state),
+                ),
+                lambda: (new_updates, new_state),
             )
             return new_updates, state.first_state, new_state, failed | worse, spent
 

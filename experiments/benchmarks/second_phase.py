@@ -62,6 +62,8 @@ from experiments import train as train_lib
 from experiments import trainer as trainer_lib
 from experiments.benchmarks import timing
 from experiments.run_records import read_metrics
+from twophase_optax.conjugate_gradient import DEFAULT_MAX_EVALUATIONS
+from twophase_optax.conjugate_gradient import DEFAULT_RTOL
 
 TARGETS = (1e-4, 1e-6, 1e-8)  # relative to the loss at the swap
 BUDGETS = (30, 100, 300)  # forward-pass equivalents
@@ -71,9 +73,6 @@ EPS = 1e-8
 
 def _cg(initial_step: float = 1.0) -> optax.GradientTransformationExtraArgs:
     """The default CG with its search's first trial at ``initial_step``."""
-    from twophase_optax.conjugate_gradient import DEFAULT_MAX_EVALUATIONS
-    from twophase_optax.conjugate_gradient import DEFAULT_RTOL
-
     return tpo.conjugate_gradient(
         linesearch=tpo.slope_linesearch(
             initial_step=initial_step,
