@@ -57,6 +57,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import analysis  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
 from experiments import models  # noqa: E402
+from experiments import provenance  # noqa: E402
 from experiments import run_records  # noqa: E402
 from experiments import tables  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
@@ -329,6 +330,7 @@ def write_sweep(
     command: str | None = None,
     note: str | None = None,
     missing: list[str] = (),
+    made_by: str | None = None,
 ) -> list[dict[str, Any]]:
     """``table.md``, ``table.json`` and ``crossover.png`` in ``out``.
 
@@ -348,6 +350,8 @@ def write_sweep(
         f"{', '.join(map(str, budgets))} epochs ({analysis.seeds_text(all_runs)})",
         "",
     ]
+    if made_by:
+        lines += [made_by, ""]
     if command:
         lines += [f"Made with `{command}`.", ""]
     if note:
@@ -544,6 +548,27 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+def run_source(sweep: Sweep, run: Run, budget: int) -> pathlib.Path | None:
+    """The directory that holds ``run`` at ``budget`` (None for a detected
+    swap that never fired: its rows are Adam's run)."""
+    long = variant_registry.get(run.optimizer).sweep in ("long", "detected-tail")
+    source = sweep.run_dir(run.model, run.seed, run.optimizer, None if long else budget)
+    return source if (source / "metrics.jsonl").exists() else None
+
+
+def record_provenance(sweep: Sweep, by_budget: dict[int, list[Run]]) -> str:
+    """``provenance.json`` in the sweep's folder: what made its runs (their
+    own records, :mod:`experiments.provenance`); returns the line for the
+    table."""
+    dirs = {
+        source
+        for budget, runs in by_budget.items()
+        for run in runs
+        if (source := run_source(sweep, run, budget)) is not None
+    }
+    return provenance.write_summary(sweep.out, sorted(dirs))
+
+
 def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Path):
     """The table, its plots and the metrics of every run in it, into ``dest``
     (``metrics/<model>/seed<k>/<variant>[-b<budget>].jsonl``), for a record
@@ -553,17 +578,13 @@ def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Pa
         shutil.copy2(path, dest / path.name)
     for path in sweep.out.glob("*.png"):
         shutil.copy2(path, dest / path.name)
+    shutil.copy2(sweep.out / provenance.FILE, dest / provenance.FILE)
     for budget, runs in by_budget.items():
         for run in runs:
-            long = variant_registry.get(run.optimizer).sweep in (
-                "long",
-                "detected-tail",
-            )
-            source = sweep.run_dir(
-                run.model, run.seed, run.optimizer, None if long else budget
-            )
-            if not (source / "metrics.jsonl").exists():
+            source = run_source(sweep, run, budget)
+            if source is None:
                 continue  # The detected swap that never fired: Adam's run.
+            long = source == sweep.run_dir(run.model, run.seed, run.optimizer)
             name = run.optimizer if long else f"{run.optimizer}-b{budget}"
             target = dest / "metrics" / run.model / f"seed{run.seed}" / f"{name}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)

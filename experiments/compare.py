@@ -316,8 +316,9 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
     by_budget = budget_sweep.run_sweep(sweep)
     note_path = args.out / "NOTE.md"
     note = note_path.read_text().strip() if note_path.exists() else None
+    made_by = budget_sweep.record_provenance(sweep, by_budget)
     budget_sweep.write_sweep(
-        by_budget, dataset, args.out, args.loss, command, note, sweep.missing
+        by_budget, dataset, args.out, args.loss, command, note, sweep.missing, made_by
     )
     for budget, runs in by_budget.items():
         if not runs:

@@ -59,6 +59,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import data as data_lib
+from experiments import provenance
 from experiments.checkpoints import KEPT
 from experiments.checkpoints import RunOutputError
 from experiments.checkpoints import open_checkpoints
@@ -93,6 +94,7 @@ def train(config: Config) -> list[dict[str, Any]]:
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(config_json)
+            provenance.record_start(out, config, resumed=config.run.resume)
         except OSError as error:
             raise RunOutputError(
                 f"Cannot write to the output directory {out}: {error}. Choose a "

@@ -1,0 +1,217 @@
+"""Which code, libraries and machine made a result: ``provenance.json``.
+
+Every training run writes ``provenance.json`` into its directory (one record
+per start: a resumed run adds one), and every table written from runs states
+the code that made them in its first lines and writes the records' summary
+beside it. A record holds:
+
+* ``code``: the git commit, whether the tree was ``"clean"`` or
+  ``"modified"``, and the library's version. A copy without ``.git`` (a
+  source archive, a remote machine) takes the commit from the environment
+  variable ``TWOPHASE_OPTAX_COMMIT`` and marks the tree ``"copy"``;
+* ``second_phase``: the library's CG defaults (beta rule, the slope search's
+  rtol and evaluation cap) and the run's optimizer section, with its swap rule;
+* ``libraries``: jax, jaxlib, optax, flax and numpy versions;
+* ``machine``: backend, device kind and count, the CPU model, its core count,
+  the cores this process may use, and jax's float32 matmul precision.
+
+    >>> from experiments import provenance
+    >>> record = provenance.collect()
+    >>> sorted(record)
+    ['code', 'libraries', 'machine', 'second_phase']
+    >>> provenance.describe(provenance.summarize([record])).startswith("Code: ")
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+
+import twophase_optax as tpo
+from twophase_optax.conjugate_gradient import DEFAULT_BETA
+from twophase_optax.conjugate_gradient import DEFAULT_MAX_EVALUATIONS
+from twophase_optax.conjugate_gradient import DEFAULT_RTOL
+
+FILE = "provenance.json"
+COMMIT_VARIABLE = "TWOPHASE_OPTAX_COMMIT"
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def code_version() -> dict[str, str]:
+    """``{"commit", "tree"}``: the checkout's short commit and ``"clean"`` or
+    ``"modified"`` (tracked files); without git, the commit named by
+    ``TWOPHASE_OPTAX_COMMIT`` (tree ``"copy"``), else ``"unknown"``."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=30
+        )
+        if done.returncode != 0:
+            raise OSError(done.stderr)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": commit, "tree": "modified" if dirty else "clean"}
+    except (OSError, subprocess.SubprocessError):
+        named = os.environ.get(COMMIT_VARIABLE)
+        if named:
+            return {"commit": named, "tree": "copy"}
+        return {"commit": "unknown", "tree": "unknown"}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The backend, devices and CPU this process runs on."""
+    devices = jax.devices()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        usable = os.cpu_count()
+    return {
+        "backend": jax.default_backend(),
+        "device": str(devices[0].device_kind),
+        "device_count": len(devices),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_usable": usable,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+        "platform": platform.platform(),
+    }
+
+
+def collect(config: Any = None) -> dict[str, Any]:
+    """A provenance record; ``config`` (an ``experiments.config.Config``) adds
+    the run's optimizer section and swap rule."""
+    second_phase: dict[str, Any] = {
+        "cg_beta": DEFAULT_BETA,
+        "cg_linesearch_rtol": DEFAULT_RTOL,
+        "cg_linesearch_max_evaluations": DEFAULT_MAX_EVALUATIONS,
+    }
+    if config is not None:
+        second_phase["optimizer"] = dataclasses.asdict(config.optimizer)
+    return {
+        "code": {**code_version(), "version": tpo.__version__},
+        "second_phase": second_phase,
+        "libraries": {
+            name: _version(name) for name in ("jax", "jaxlib", "optax", "flax", "numpy")
+        },
+        "machine": machine(),
+    }
+
+
+def read(directory: pathlib.Path) -> list[dict[str, Any]]:
+    """The records of the run in ``directory``, oldest first ([] if none)."""
+    path = pathlib.Path(directory) / FILE
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["records"]
+
+
+def record_start(directory: pathlib.Path, config: Any = None, resumed=False) -> None:
+    """Writes this start's record into ``directory``: a fresh run replaces the
+    file, a resumed one adds its record to the earlier ones."""
+    directory = pathlib.Path(directory)
+    records = read(directory) if resumed else []
+    record = collect(config)
+    record["started"] = datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"
+    )
+    record["resumed"] = bool(resumed)
+    (directory / FILE).write_text(json.dumps({"records": [*records, record]}, indent=2))
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """What made a set of records: each distinct code version and machine with
+    how many records name it, and the library versions seen."""
+    records = list(records)
+
+    def counted(key):
+        seen: dict[str, dict[str, Any]] = {}
+        for record in records:
+            item = key(record)
+            name = json.dumps(item, sort_keys=True)
+            seen.setdefault(name, {**item, "records": 0})["records"] += 1
+        return list(seen.values())
+
+    return {
+        "records": len(records),
+        "code": counted(lambda r: r["code"]),
+        "machines": counted(
+            lambda r: {
+                k: r["machine"][k]
+                for k in ("backend", "device", "cpu", "cores_usable")
+                if k in r["machine"]
+            }
+        ),
+        "libraries": counted(lambda r: r["libraries"]),
+        "second_phase_defaults": counted(
+            lambda r: {k: v for k, v in r["second_phase"].items() if k != "optimizer"}
+        ),
+    }
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One paragraph for a table's first lines."""
+    if not summary["records"]:
+        return "Code: not recorded (made before runs recorded their provenance)."
+    code = "; ".join(
+        f"twophase_optax {c['version']} at commit {c['commit']} ({c['tree']}"
+        + (
+            f", {c['records']} of {summary['records']} starts)"
+            if len(summary["code"]) > 1
+            else ")"
+        )
+        for c in summary["code"]
+    )
+    libraries = "; ".join(
+        ", ".join(f"{k} {v}" for k, v in lib.items() if k != "records")
+        for lib in summary["libraries"]
+    )
+    machines = "; ".join(
+        f"{m.get('device')} ({m.get('backend')}"
+        + (f", {m['cores_usable']} cores usable" if m.get("cores_usable") else "")
+        + (f", {m['records']} starts" if len(summary["machines"]) > 1 else "")
+        + ")"
+        for m in summary["machines"]
+    )
+    return f"Code: {code}. Libraries: {libraries}. Machine: {machines}. ({FILE})"
+
+
+def write_summary(directory: pathlib.Path, run_dirs: Iterable[pathlib.Path]) -> str:
+    """Writes the summary of the runs in ``run_dirs`` to ``directory`` and
+    returns its :func:`describe` line."""
+    records = [r for d in run_dirs for r in read(d)]
+    summary = summarize(records)
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / FILE).write_text(json.dumps(summary, indent=2))
+    return describe(summary)
