@@ -6,9 +6,10 @@ the code that made them in its first lines and writes the records' summary
 beside it. A record holds:
 
 * ``code``: the git commit, whether the tree was ``"clean"`` or
-  ``"modified"``, and the library's version. A copy without ``.git`` (a
-  source archive, a remote machine) takes the commit from the environment
-  variable ``TWOPHASE_OPTAX_COMMIT`` and marks the tree ``"copy"``;
+  ``"modified"``, and the library's version. A copy of a commit made
+  elsewhere (a source archive, a remote machine, whose ``.git`` may be
+  missing or stale) is named by the environment variable
+  ``TWOPHASE_OPTAX_COMMIT``, which wins over git, with the tree ``"copy"``;
 * ``second_phase``: the library's CG defaults (beta rule, the slope search's
   rtol and evaluation cap) and the run's optimizer section, with its swap rule;
 * ``libraries``: jax, jaxlib, optax, flax and numpy versions;
@@ -49,9 +50,12 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def code_version() -> dict[str, str]:
-    """``{"commit", "tree"}``: the checkout's short commit and ``"clean"`` or
-    ``"modified"`` (tracked files); without git, the commit named by
-    ``TWOPHASE_OPTAX_COMMIT`` (tree ``"copy"``), else ``"unknown"``."""
+    """``{"commit", "tree"}``: the commit named by ``TWOPHASE_OPTAX_COMMIT``
+    (tree ``"copy"``) if set; else the checkout's short commit and
+    ``"clean"`` or ``"modified"`` (tracked files); else ``"unknown"``."""
+    named = os.environ.get(COMMIT_VARIABLE)
+    if named:
+        return {"commit": named, "tree": "copy"}
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -66,9 +70,6 @@ def code_version() -> dict[str, str]:
         dirty = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": commit, "tree": "modified" if dirty else "clean"}
     except (OSError, subprocess.SubprocessError):
-        named = os.environ.get(COMMIT_VARIABLE)
-        if named:
-            return {"commit": named, "tree": "copy"}
         return {"commit": "unknown", "tree": "unknown"}
 
 

@@ -6,12 +6,13 @@ import json
 import pathlib
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from experiments import provenance
 
 
 def compile_seconds(fn: Callable, *args: Any) -> float:
@@ -100,33 +101,8 @@ def environment() -> dict[str, str]:
         "backend": jax.default_backend(),
         "machine": platform.platform(),
         "jax": jax.__version__,
-        **code_version(),
+        **provenance.code_version(),
     }
-
-
-def code_version() -> dict[str, str]:
-    """The git commit of this checkout and ``"clean"`` or ``"modified"``;
-    ``"unknown"`` outside a git checkout."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30
-        )
-        if done.returncode != 0:
-            raise OSError(done.stderr)
-        return done.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        tree = (
-            "modified"
-            if git("status", "--porcelain", "--untracked-files=no")
-            else "clean"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "tree": "unknown"}
-    return {"commit": commit, "tree": tree}
 
 
 def write_json(path: pathlib.Path | None, result: dict[str, Any]) -> None:

@@ -17,11 +17,13 @@ pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
 
 from _runs import without_timers  # noqa: E402
 
+import twophase_optax as tpo  # noqa: E402
 from experiments import analysis  # noqa: E402
 from experiments import budget_sweep  # noqa: E402
 from experiments import checkpoints  # noqa: E402
 from experiments import compare  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
+from experiments import provenance  # noqa: E402
 from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments import variants  # noqa: E402
@@ -237,6 +239,14 @@ def test_every_table_cell_comes_from_a_runs_metrics(sweep_dir, small_sweep):
         assert entry["adam_loss_at_swap"] == adam[split - 1]["train_loss"]
     text = (out / "table.md").read_text()
     assert "## 3 epochs" in text and "## 6 epochs" in text
+    # What made the runs, first in the table and beside it: a record per
+    # start of each run (Adam's run starts again for the longer budget).
+    made = json.loads((out / "provenance.json").read_text())
+    run_dirs = {p.parent for p in (out / "runs").rglob("metrics.jsonl")}
+    starts = sum(len(provenance.read(d)) for d in run_dirs)
+    assert made["records"] == starts > len(run_dirs) >= 7
+    assert [c["version"] for c in made["code"]] == [tpo.__version__]
+    assert text.splitlines()[2] == provenance.describe(made)
     assert (out / "crossover.png").stat().st_size > 0
 
 

@@ -1,0 +1,66 @@
+"""provenance.json: which code, libraries and machine made a result."""
+
+import importlib.metadata
+import json
+import subprocess
+
+import jax
+
+import twophase_optax as tpo
+from experiments import config as config_lib
+from experiments import provenance
+
+
+def git(*args):
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_a_record_names_the_checkout_the_libraries_and_the_machine(monkeypatch):
+    monkeypatch.delenv(provenance.COMMIT_VARIABLE, raising=False)
+    config = config_lib.Config.of(model="vgg5", swap_rule="plateau", max_failures=5)
+    record = provenance.collect(config)
+    assert record["code"]["commit"] == git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    assert record["code"]["tree"] == ("modified" if dirty else "clean")
+    assert record["code"]["version"] == tpo.__version__
+    assert record["libraries"]["optax"] == importlib.metadata.version("optax")
+    assert record["libraries"]["jax"] == jax.__version__
+    assert record["machine"]["backend"] == jax.default_backend()
+    assert record["machine"]["device_count"] == jax.device_count()
+    optimizer = record["second_phase"]["optimizer"]
+    assert optimizer["swap"]["rule"] == "plateau" and optimizer["max_failures"] == 5
+    assert record["second_phase"]["cg_beta"] == "hager_zhang"
+    json.dumps(record)  # Plain JSON.
+
+
+def test_a_copy_names_its_commit_and_the_variable_wins_over_git(monkeypatch):
+    monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc1234")
+    assert provenance.code_version() == {"commit": "abc1234", "tree": "copy"}
+
+
+def test_a_resumed_run_adds_its_record_and_a_fresh_one_replaces_them(tmp_path):
+    provenance.record_start(tmp_path)
+    provenance.record_start(tmp_path, resumed=True)
+    records = provenance.read(tmp_path)
+    assert [r["resumed"] for r in records] == [False, True]
+    provenance.record_start(tmp_path)
+    assert len(provenance.read(tmp_path)) == 1
+    assert provenance.read(tmp_path / "missing") == []
+
+
+def test_the_summary_counts_each_code_version_and_machine(tmp_path):
+    record = provenance.collect()
+    other = json.loads(json.dumps(record))
+    other["code"] = {"commit": "0000000", "tree": "clean", "version": "0.0.1"}
+    other["machine"]["device"] = "NVIDIA H200"
+    summary = provenance.summarize([record, record, other])
+    assert summary["records"] == 3
+    assert sorted(c["records"] for c in summary["code"]) == [1, 2]
+    assert len(summary["machines"]) == 2
+    line = provenance.describe(summary)
+    assert "at commit 0000000 (clean, 1 of 3 starts)" in line
+    assert "NVIDIA H200" in line
+    empty = provenance.describe(provenance.summarize([]))
+    assert empty.startswith("Code: not recorded")
