@@ -130,21 +130,33 @@ def cell_verdicts(
     budget, and both mean validation accuracies there."""
     out = {}
     for key, name in COMPARISONS:
-        pairs = [at_equal(runs, run, key, baseline) for run in cell.runs]
-        known = [p for p in pairs if p is not None]
-        losses = [(p[0]["train_loss"], p[1]["train_loss"]) for p in known]
+        pairs = [(run, at_equal(runs, run, key, baseline)) for run in cell.runs]
+        known = [p for run, p in pairs if p is not None]
+        # A verdict needs a second-phase epoch inside the compared budget.
+        judged = [
+            p for run, p in pairs if p is not None and second_phase_within(p[0], run)
+        ]
+        losses = [(p[0]["train_loss"], p[1]["train_loss"]) for p in judged]
+
+        def average(values):
+            return float(np.mean(values)) if values else None
 
         def mean(values):
+            # Exact zeros (float32 underflow) are counted, not averaged.
+            values = [v for v in values if v != 0]
             return float(np.mean(values)) if values else None
 
         out[name] = {
             "wins": sum(ours < adam for ours, adam in losses),
             "ties": sum(ours == adam for ours, adam in losses),
             "seeds": len(pairs),
+            "no_second_phase": len(known) - len(judged),
+            "underflow": sum(o == 0 for o, _ in losses),
+            "per_seed": [[o, a] for o, a in losses],
             "loss": mean([o for o, _ in losses]),
             "adam_loss": mean([a for _, a in losses]),
-            "val_acc": mean([p[0]["val_acc"] for p in known]),
-            "adam_val_acc": mean([p[1]["val_acc"] for p in known]),
+            "val_acc": average([p[0]["val_acc"] for p in judged]),
+            "adam_val_acc": average([p[1]["val_acc"] for p in judged]),
         }
     return out
 
@@ -192,16 +204,51 @@ def cell_entry(cell: Cell) -> dict[str, Any]:
     }
 
 
-def loss_ratio(runs: list[Run], run: Run, key: str = "forward_passes") -> float:
+# Why a two-phase run's ratio to Adam is not a number (see loss_ratio).
+NO_SECOND_PHASE = "no second-phase epoch within Adam's compute"
+UNDERFLOW = "underflow"
+
+
+def second_phase_within(ours: dict[str, Any], run: Run) -> bool:
+    """Whether ``run``'s row ``ours`` lies after its swap: a verdict needs at
+    least one second-phase epoch inside the compared compute (Adam's rows
+    read against Adam's own are no verdict on the second phase)."""
+    return run.swap_epoch is None or ours["epoch"] >= run.swap_epoch
+
+
+def loss_ratio(runs: list[Run], run: Run, key: str = "forward_passes") -> float | str:
     """``run``'s training loss over the better Adam baseline's at equal ``key``
-    (the lower of the two ratios' denominators; > 1: a baseline is ahead)."""
+    (the lower of the two ratios' denominators; > 1: a baseline is ahead).
+
+    Not a number where there is none to give: :data:`NO_SECOND_PHASE` when
+    no second-phase epoch of ``run`` lies within the compared compute,
+    :data:`UNDERFLOW` when a loss compared is exactly 0 (float32 underflow);
+    ``inf`` when ``run``'s first epoch outlasts a baseline's whole run.
+    """
     ratios = []
     for baseline in variants.BASELINES:
         pair = at_equal(runs, run, key, baseline)
         if pair is None:  # Its first epoch outlasts the baseline's run.
             return float("inf")
-        ratios.append(pair[0]["train_loss"] / pair[1]["train_loss"])
+        ours, theirs = pair
+        if not second_phase_within(ours, run):
+            return NO_SECOND_PHASE
+        if ours["train_loss"] == 0 or theirs["train_loss"] == 0:
+            return UNDERFLOW
+        ratios.append(ours["train_loss"] / theirs["train_loss"])
     return max(ratios)
+
+
+def wins_both(runs: list[Run], run: Run, key: str = "forward_passes") -> bool | None:
+    """Whether ``run``'s training loss is below both Adam baselines' at equal
+    ``key`` (exact zeros compare as numbers: 0 beats a positive loss); None
+    without a second-phase epoch in the compared compute."""
+    pairs = [at_equal(runs, run, key, b) for b in variants.BASELINES]
+    if any(p is None for p in pairs):
+        return False
+    if not second_phase_within(pairs[0][0], run):
+        return None
+    return all(ours["train_loss"] < theirs["train_loss"] for ours, theirs in pairs)
 
 
 def has_baselines(runs: list[Run], run: Run) -> bool:
@@ -231,8 +278,9 @@ def summary(by_budget: dict[int, list[Run]]) -> list[dict[str, Any]]:
                     "adam_loss_at_swap": adam.rows[swap - 1]["train_loss"]
                     if swap
                     else None,
-                    "ratio": (ratio := loss_ratio(runs, run)),
-                    "wins": ratio < 1,  # Below both baselines.
+                    # A number, or why not (NO_SECOND_PHASE, UNDERFLOW).
+                    "ratio": loss_ratio(runs, run),
+                    "wins": wins_both(runs, run),  # None: no verdict.
                 }
             )
     return entries
@@ -248,17 +296,42 @@ def crossover(entries: list[dict[str, Any]], model: str, variant: str):
             for e in entries
             if (e["model"], e["variant"], e["budget"]) == (model, variant, budget)
         ]
-        if cell and 2 * sum(e["wins"] for e in cell) > len(cell):
+        if cell and 2 * sum(e["wins"] is True for e in cell) > len(cell):
             return budget
     return None
 
 
-def geometric_mean(values: list[float]) -> float:
-    """The geometric mean; 0 if any value is 0 (a float32 loss can underflow)."""
-    values = np.asarray(values, float)
-    if (values == 0).any():
-        return 0.0
-    return float(np.exp(np.mean(np.log(values))))
+def numeric(values) -> list[float]:
+    """The values that are positive numbers: exact zeros (float32 underflow)
+    and the reasons a ratio has none (:data:`NO_SECOND_PHASE`) left out."""
+    return [
+        float(v)
+        for v in values
+        if isinstance(v, (int, float, np.floating))
+        and not isinstance(v, bool)
+        and v > 0
+    ]
+
+
+def geometric_mean(values) -> float:
+    """The geometric mean of the positive numbers among ``values`` (NaN if
+    none): exact zeros and non-numbers are left out, not counted as 0;
+    :func:`ratio_counts` says how many."""
+    kept = numeric(values)
+    if not kept:
+        return float("nan")
+    return float(np.exp(np.mean(np.log(kept))))
+
+
+def excluded(values) -> dict[str, int]:
+    """How many of ``values`` :func:`geometric_mean` left out, by reason."""
+    out = {UNDERFLOW: 0, NO_SECOND_PHASE: 0}
+    for v in values:
+        if isinstance(v, str):
+            out[v] = out.get(v, 0) + 1
+        elif v == 0:
+            out[UNDERFLOW] += 1
+    return {k: n for k, n in out.items() if n}
 
 
 CENTRED_WIDTH = 5  # epochs in the centred moving average of the readings

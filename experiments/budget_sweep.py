@@ -290,7 +290,11 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
             ]
             (line,) = ax.plot(swapped, means, "o-", label=model)
             for b in swapped:
-                ratios = [max(e["ratio"], FLOOR) for e in cells[b]]
+                ratios = [
+                    FLOOR if e["ratio"] == analysis.UNDERFLOW else e["ratio"]
+                    for e in cells[b]
+                    if e["ratio"] != analysis.NO_SECOND_PHASE
+                ]
                 ax.plot(
                     [b] * len(ratios), ratios, ".", color=line.get_color(), alpha=0.4
                 )
@@ -312,7 +316,8 @@ def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str
             0.02,
             0.02,
             "below 1: two-phase wins; x: no swap within the budget;\n"
-            f"a loss of 0 (float32 underflow) is drawn at {FLOOR:g}",
+            f"a loss of 0 (float32 underflow) is drawn at {FLOOR:g},\n"
+            "and left out of the line's geometric mean",
             transform=ax.transAxes,
             fontsize=7,
         )
@@ -437,7 +442,11 @@ def write_sweep(
                 elif all(e["swap_epoch"] is None for e in found):
                     cell.append("no swap")
                 else:
-                    cell.append(tables.ratio_text([e["ratio"] for e in found]))
+                    cell.append(
+                        tables.ratio_text(
+                            [e["ratio"] for e in found], [e["wins"] for e in found]
+                        )
+                    )
             lines.append(
                 f"| {model} | {variant_registry.get(variant).label} | "
                 + " | ".join(cell)
@@ -526,26 +535,47 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
                     ": no swap within the budget (Adam's run)"
                 )
                 continue
-            ratios = [analysis.loss_ratio(runs, run) for run in cell.runs]
-            wins = sum(r < 1 for r in ratios)
-            seeds = f" in {wins} of {len(ratios)} seeds" if len(ratios) > 1 else ""
-            verb = "WINS" if 2 * wins > len(ratios) else "LOSES"
+            outcomes = [analysis.wins_both(runs, run) for run in cell.runs]
+            judged = [
+                (r, w)
+                for r, w in zip(cell.runs, outcomes, strict=True)
+                if w is not None
+            ]
+            head = (
+                f"{budget} epochs, {cell.model}, "
+                f"{variant_registry.get(cell.optimizer).label}: "
+            )
+            if not judged:
+                lines.append(head + analysis.NO_SECOND_PHASE)
+                continue
+            wins = sum(w for _, w in judged)
+            seeds = f" in {wins} of {len(judged)} seeds" if len(judged) > 1 else ""
+            verb = "WINS" if 2 * wins > len(judged) else "LOSES"
             versus = []
             for baseline in BASELINES:
                 pairs = [
                     analysis.at_equal(runs, r, "forward_passes", baseline)
-                    for r in cell.runs
+                    for r, _ in judged
                 ]
-                ours = np.mean([p[0]["train_loss"] for p in pairs if p])
-                theirs = np.mean([p[1]["train_loss"] for p in pairs if p])
+                ours = [p[0]["train_loss"] for p in pairs if p]
+                theirs = [p[1]["train_loss"] for p in pairs if p]
                 name = variant_registry.get(baseline).short_label
-                versus.append(f"{ours:.2g} vs {name}'s {theirs:.2g}")
-            lines.append(
-                f"{budget} epochs, {cell.model}, "
-                f"{variant_registry.get(cell.optimizer).label}: "
-                f"{verb} at equal compute{seeds} ({'; '.join(versus)})"
-            )
+                versus.append(f"{_mean_text(ours)} vs {name}'s {_mean_text(theirs)}")
+            if len(cell.runs) > 1:
+                ratios = [analysis.loss_ratio(runs, run) for run in cell.runs]
+                versus.append(
+                    "ratio per seed " + ", ".join(map(tables.ratio_entry, ratios))
+                )
+            lines.append(f"{head}{verb} at equal compute{seeds} ({'; '.join(versus)})")
     return "\n".join(lines)
+
+
+def _mean_text(losses: list[float]) -> str:
+    """The mean of the losses that are not exactly 0, and how many are."""
+    kept = [x for x in losses if x != 0]
+    text = f"{np.mean(kept):.2g}" if kept else "0"
+    zeros = len(losses) - len(kept)
+    return text + (f" ({zeros} at 0, underflow)" if zeros and kept else "")
 
 
 def run_source(sweep: Sweep, run: Run, budget: int) -> pathlib.Path | None:

@@ -54,9 +54,13 @@ def verdict_cell(
     """``swapped``: how many of the cell's runs left Adam; ``accuracy``: add
     both validation accuracies."""
     prefix = "no swap: " if swapped == 0 else ""
-    if v["loss"] is None:
+    skipped = v.get("no_second_phase", 0)
+    if skipped and skipped == v["seeds"]:
+        return f"{prefix}none ({analysis.NO_SECOND_PHASE})"
+    underflow = v.get("underflow", 0)
+    if v["loss"] is None and not underflow:
         return f"{prefix}{baseline} (no epoch of {optimizer} fits)"
-    losses = v["seeds"] - v["wins"] - v["ties"]
+    losses = v["seeds"] - v["wins"] - v["ties"] - skipped
     if v["ties"] == v["seeds"]:
         who = "tie"
     elif v["wins"] > losses:
@@ -66,9 +70,16 @@ def verdict_cell(
     else:
         who = "split"
     acc = f"; val acc {v['val_acc']:.3f} vs {v['adam_val_acc']:.3f}" if accuracy else ""
+    ours = "-" if v["loss"] is None else f"{v['loss']:.3g}"
+    theirs = "-" if v["adam_loss"] is None else f"{v['adam_loss']:.3g}"
+    notes = ""
+    if underflow:
+        notes += f"; {underflow} at exactly 0 (underflow), not in the mean"
+    if skipped:
+        notes += f"; {skipped} with {analysis.NO_SECOND_PHASE}"
     return (
-        f"{prefix}{who} {v['wins']}/{v['seeds']} "
-        f"({v['loss']:.3g} vs {v['adam_loss']:.3g}{acc})"
+        f"{prefix}{who} {v['wins']}/{v['seeds'] - skipped} "
+        f"({ours} vs {theirs}{acc}{notes})"
     )
 
 
@@ -95,8 +106,26 @@ def result_line(cell: analysis.Cell, samples_times_outputs: int) -> str:
     )
 
 
-def ratio_text(ratios: list[float]) -> str:
-    """The geometric mean of a cell's ratios, and how many seeds won."""
-    wins = sum(r < 1 for r in ratios)
+def ratio_text(ratios: list[float | str], wins: list[bool | None] | None = None) -> str:
+    """The geometric mean of a cell's ratios, how many seeds beat both
+    baselines (``wins``, else ratio < 1) and, with several seeds, each seed's
+    ratio: an exact 0 (float32 underflow) and a run with no second-phase
+    epoch within Adam's compute are named, never averaged."""
+    if wins is None:
+        wins = [r < 1 if not isinstance(r, str) else None for r in ratios]
+    judged = [w for w in wins if w is not None]
     mean = analysis.geometric_mean(ratios)
-    return f"{mean:.2g} ({wins}/{len(ratios)})"
+    head = "-" if mean != mean else f"{mean:.2g}"  # NaN: no number to average.
+    text = f"{head} ({sum(w is True for w in judged)}/{len(judged)})"
+    if len(ratios) > 1 or isinstance(ratios[0], str):
+        text += " [" + ", ".join(ratio_entry(r) for r in ratios) + "]"
+    return text
+
+
+def ratio_entry(r: float | str) -> str:
+    """One seed's ratio: its value, ``0 (underflow)`` or ``no CG epoch``."""
+    if r == analysis.UNDERFLOW:
+        return "0 (underflow)"
+    if r == analysis.NO_SECOND_PHASE:
+        return "no CG epoch"
+    return f"{r:.2g}"

@@ -1,0 +1,99 @@
+"""The rules a verdict at equal compute follows (no training: rows by hand).
+
+* It needs a second-phase epoch inside the compared compute: a detected swap
+  in Adam's last epoch compares Adam's rows with Adam's own.
+* An exact 0 (float32 underflow) is named, and kept out of ratios and means.
+* A statement that holds by majority lists every seed.
+"""
+
+import math
+
+import pytest
+
+pytest.importorskip("flax", reason="the experiments need flax")
+
+from experiments import analysis  # noqa: E402
+from experiments import budget_sweep  # noqa: E402
+from experiments import tables  # noqa: E402
+
+
+def rows(losses, swap=None, cg_cost=3.0):
+    """A run's rows: 3 forward passes per Adam epoch, ``cg_cost`` per epoch
+    from ``swap`` on (phase 1)."""
+    out, spent = [], 0.0
+    for epoch, loss in enumerate(losses):
+        phase = int(swap is not None and epoch >= swap)
+        spent += cg_cost if phase else 3.0
+        out.append(
+            {
+                "epoch": epoch,
+                "forward_passes": spent,
+                "wall_time": spent,
+                "train_loss": loss,
+                "val_acc": 0.9,
+                "phase": phase,
+            }
+        )
+    return out
+
+
+ADAM = [2.0**-e for e in range(10)]
+
+
+def cell(variant, *losses_per_seed, swap, cg_cost=3.0):
+    runs = []
+    for seed, losses in enumerate(losses_per_seed):
+        runs += [
+            analysis.Run("vgg5", "adam", rows(ADAM), seed),
+            analysis.Run("vgg5", "adam-cosine", rows([2 * x for x in ADAM]), seed),
+            analysis.Run("vgg5", variant, rows(losses, swap, cg_cost), seed),
+        ]
+    return runs
+
+
+def test_a_swap_in_adams_last_epoch_gives_no_verdict():
+    # The swap after epoch 8: its one CG epoch costs 20 forward passes, so
+    # within Adam's 30 the run has only Adam's rows.
+    runs = cell("two-phase", ADAM[:9] + [1e-9], swap=9, cg_cost=20.0)
+    run = runs[-1]
+    assert analysis.loss_ratio(runs, run) == analysis.NO_SECOND_PHASE
+    assert analysis.wins_both(runs, run) is None
+    [entry] = analysis.summary({10: runs})
+    assert entry["wins"] is None and entry["ratio"] == analysis.NO_SECOND_PHASE
+    assert analysis.crossover([entry], "vgg5", "two-phase") is None
+    verdicts = analysis.cell_verdicts(runs, analysis.cells(runs)[-1])
+    assert verdicts["compute"]["no_second_phase"] == 1
+    assert verdicts["compute"]["wins"] == 0
+    text = tables.verdict_cell(verdicts["compute"], "two-phase", swapped=1)
+    assert analysis.NO_SECOND_PHASE in text
+    line = budget_sweep.verdict_lines({10: runs})
+    assert line.endswith(analysis.NO_SECOND_PHASE)
+    # At equal epochs the CG epoch is inside: a verdict.
+    assert analysis.wins_both(runs, run, "epoch") is True
+
+
+def test_an_exact_zero_wins_but_is_kept_out_of_ratios_and_means():
+    cheap = ADAM[:5] + [1e-3, 0.0, 0.0, 0.0, 0.0]
+    dear = ADAM[:5] + [0.5] * 5
+    runs = cell("two-phase-fixed", cheap, dear, swap=5)
+    entries = analysis.summary({10: runs})
+    assert [e["ratio"] for e in entries] == [analysis.UNDERFLOW, 0.5 / 2.0**-9]
+    assert [e["wins"] for e in entries] == [True, False]
+    ratios = [e["ratio"] for e in entries]
+    assert analysis.geometric_mean(ratios) == pytest.approx(0.5 / 2.0**-9)
+    assert analysis.excluded(ratios) == {analysis.UNDERFLOW: 1}
+    assert math.isnan(analysis.geometric_mean([0.0, analysis.NO_SECOND_PHASE]))
+    text = tables.ratio_text(ratios, [e["wins"] for e in entries])
+    assert text == "2.6e+02 (1/2) [0 (underflow), 2.6e+02]"
+    verdicts = analysis.cell_verdicts(runs, analysis.cells(runs)[-1])["compute"]
+    assert verdicts["underflow"] == 1 and verdicts["loss"] == 0.5  # 0 not averaged
+    assert verdicts["per_seed"] == [[0.0, 2.0**-9], [0.5, 2.0**-9]]
+
+
+def test_a_majority_statement_lists_every_seed():
+    won = ADAM[:5] + [1e-6] * 5
+    lost = ADAM[:5] + [0.5] * 5
+    runs = cell("two-phase-fixed", won, won, lost, swap=5)
+    line = budget_sweep.verdict_lines({10: runs})
+    assert "WINS at equal compute in 2 of 3 seeds" in line
+    assert line.endswith("ratio per seed 0.00051, 0.00051, 2.6e+02)")
