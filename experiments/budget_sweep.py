@@ -599,6 +599,44 @@ def record_provenance(sweep: Sweep, by_budget: dict[int, list[Run]]) -> str:
     return provenance.write_summary(sweep.out, sorted(dirs))
 
 
+def read_copy(
+    dest: pathlib.Path, budgets: list[int], models: list[str] | None = None
+) -> dict[int, list[Run]]:
+    """The runs of a copy written by :func:`copy_results`, per budget, as the
+    sweep had them: Adam's run and the detected swap's cut to each budget (a
+    detected swap with no file, or swapping only at the budget's end, is
+    Adam's run), each tail and cosine Adam from its budget's file; models in
+    the order of ``models`` (all of them), else by name."""
+    by_budget: dict[int, list[Run]] = {b: [] for b in budgets}
+    seed_dirs = sorted((pathlib.Path(dest) / "metrics").glob("*/seed*"))
+    if models:
+        seed_dirs.sort(key=lambda d: models.index(d.parent.name))
+    for seed_dir in seed_dirs:
+        model, seed = seed_dir.parent.name, int(seed_dir.name[len("seed") :])
+
+        def rows(name, seed_dir=seed_dir):
+            return run_records.read_metrics(seed_dir / f"{name}.jsonl")
+
+        adam = rows(_ADAM)
+        for budget in budgets:
+            if len(adam) < budget:
+                continue
+            runs = [Run(model, _ADAM, adam[:budget], seed)]
+            for variant in VARIANTS:
+                how = variant_registry.get(variant).sweep
+                if how in ("per-budget", "tail"):
+                    found = rows(f"{variant}-b{budget}")
+                    if len(found) >= budget:
+                        runs.append(Run(model, variant, found[:budget], seed))
+                elif how == "detected-tail":
+                    found = rows(variant)[:budget]
+                    swapped = any(r["phase"] == 1 for r in found)
+                    chosen = found if swapped and len(found) == budget else adam
+                    runs.append(Run(model, variant, chosen[:budget], seed))
+            by_budget[budget] += runs
+    return by_budget
+
+
 def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Path):
     """The table, its plots and the metrics of every run in it, into ``dest``
     (``metrics/<model>/seed<k>/<variant>[-b<budget>].jsonl``), for a record

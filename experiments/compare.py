@@ -54,6 +54,7 @@ from experiments import cli  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
+from experiments import provenance  # noqa: E402
 from experiments import run_records  # noqa: E402
 from experiments import tables  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
@@ -294,6 +295,39 @@ def plot_gradnorm(runs: list[analysis.Run], path: pathlib.Path):
     plt.close(fig)
 
 
+def retable(
+    folder: pathlib.Path, dataset: data_lib.Dataset, loss: str, command: str
+) -> None:
+    """``--retable``: a copied sweep's table, plots and provenance written
+    again from its metrics; the old header (the command that made it, its
+    note) is kept beneath the new command."""
+    old = (folder / "table.md").read_text().splitlines()
+    made_before = json.loads((folder / "table.json").read_text())
+    budgets = sorted(int(b) for b in made_before["budgets"])
+    models_ = list(dict.fromkeys(e["model"] for e in made_before["summary"]))
+    # The old header: the lines between the title and the "Loss:" paragraph.
+    end = next(k for k, line in enumerate(old) if line.startswith("Loss: "))
+    header = [
+        line
+        for line in old[1:end]
+        if not line.startswith("Code: ") and "--retable" not in line
+    ]
+    note = "\n".join(header).strip()
+    by_budget = budget_sweep.read_copy(folder, budgets, models_ or None)
+    made = provenance.committed(folder / "metrics")
+    (folder / provenance.FILE).write_text(json.dumps(made, indent=2))
+    budget_sweep.write_sweep(
+        by_budget, dataset, folder, loss, command, note, (), provenance.describe(made)
+    )
+    for budget, runs in by_budget.items():
+        for x_key, x_label, name in (
+            ("epoch", "epoch", "loss_vs_epoch"),
+            ("forward_passes", "forward-pass equivalents", "loss_vs_compute"),
+        ):
+            plot_losses(runs, x_key, x_label, folder / f"{name}_{budget}.png", loss)
+    print(budget_sweep.verdict_lines(by_budget))
+
+
 def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
     """``--sweep``: the budgets' runs, their tables, plots and verdicts."""
     sweep = budget_sweep.Sweep(
@@ -437,6 +471,15 @@ def main(argv: list[str] | None = None) -> None:
         "missing ones in the table",
     )
     parser.add_argument(
+        "--retable",
+        type=pathlib.Path,
+        default=None,
+        metavar="DIR",
+        help="--sweep: train nothing; write DIR's table, plots and "
+        "provenance.json again from the metrics a --copy-to left there (its "
+        "header kept), under this version's verdict rules",
+    )
+    parser.add_argument(
         "--redo-tails",
         action="store_true",
         help="--sweep: train the second phases again from the kept Adam "
@@ -499,6 +542,12 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m experiments.compare", *map(str, argv)])
+    if args.retable:
+        if not args.sweep:
+            parser.error("argument --retable: only with argument --sweep")
+        if not (args.retable / "metrics").is_dir():
+            parser.error(f"argument --retable: no metrics/ in {args.retable}")
+        return retable(args.retable, dataset, args.loss, command)
     if args.sweep:
         return run_sweep(args, dataset, command)
     runs = run_all(args)

@@ -180,8 +180,42 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def committed(path: pathlib.Path) -> dict[str, Any]:
+    """A summary for results made before runs recorded their provenance: the
+    last commit that changed ``path`` and the library version at it (the code
+    that made them is that commit's or older)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+
+    relative = pathlib.Path(path).resolve().relative_to(_ROOT)
+    commit = git("log", "-1", "--format=%h", "--", str(relative)) or "unknown"
+    version = "unknown"
+    for line in git("show", f"{commit}:twophase_optax/__init__.py").splitlines():
+        if line.startswith("__version__"):
+            version = line.split("=", 1)[1].strip().strip('"')
+    return {
+        "records": 0,
+        "committed_in": {"commit": commit, "version": version},
+        "code": [],
+        "machines": [],
+        "libraries": [],
+        "second_phase_defaults": [],
+    }
+
+
 def describe(summary: dict[str, Any]) -> str:
     """One paragraph for a table's first lines."""
+    if "committed_in" in summary:
+        c = summary["committed_in"]
+        return (
+            "Code: not recorded (made before runs recorded their provenance); "
+            f"the runs were committed in {c['commit']} (twophase_optax "
+            f"{c['version']}), so made by that code or older, not by the "
+            f"current {tpo.__version__}. ({FILE})"
+        )
     if not summary["records"]:
         return "Code: not recorded (made before runs recorded their provenance)."
     code = "; ".join(
@@ -216,3 +250,29 @@ def write_summary(directory: pathlib.Path, run_dirs: Iterable[pathlib.Path]) -> 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / FILE).write_text(json.dumps(summary, indent=2))
     return describe(summary)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m experiments.provenance DIR...``: writes ``provenance.json``
+    into each results folder made before runs recorded their provenance (the
+    commit that last changed it, :func:`committed`); a folder that has one
+    keeps it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=pathlib.Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    for folder in args.folders:
+        if not folder.is_dir():
+            parser.error(f"argument DIR: {folder} is not a folder")
+        path = folder / FILE
+        if path.exists():
+            print(f"{path}: kept")
+            continue
+        made = committed(folder)
+        path.write_text(json.dumps(made, indent=2))
+        print(f"{path}: {describe(made)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,10 +70,10 @@ def verdict_cell(
     else:
         who = "split"
     acc = f"; val acc {v['val_acc']:.3f} vs {v['adam_val_acc']:.3f}" if accuracy else ""
-    ours = "-" if v["loss"] is None else f"{v['loss']:.3g}"
-    theirs = "-" if v["adam_loss"] is None else f"{v['adam_loss']:.3g}"
+    ours = "0 (underflow)" if v["loss"] is None else f"{v['loss']:.3g}"
+    theirs = "0 (underflow)" if v["adam_loss"] is None else f"{v['adam_loss']:.3g}"
     notes = ""
-    if underflow:
+    if underflow and v["loss"] is not None:
         notes += f"; {underflow} at exactly 0 (underflow), not in the mean"
     if skipped:
         notes += f"; {skipped} with {analysis.NO_SECOND_PHASE}"
@@ -115,7 +115,13 @@ def ratio_text(ratios: list[float | str], wins: list[bool | None] | None = None)
         wins = [r < 1 if not isinstance(r, str) else None for r in ratios]
     judged = [w for w in wins if w is not None]
     mean = analysis.geometric_mean(ratios)
-    head = "-" if mean != mean else f"{mean:.2g}"  # NaN: no number to average.
+    # NaN: no number to average; all exact zeros read as such.
+    if mean == mean:
+        head = f"{mean:.2g}"
+    elif all(r == analysis.UNDERFLOW for r in ratios):
+        return f"0, underflow ({sum(w is True for w in judged)}/{len(judged)})"
+    else:
+        head = "-"
     text = f"{head} ({sum(w is True for w in judged)}/{len(judged)})"
     if len(ratios) > 1 or isinstance(ratios[0], str):
         text += " [" + ", ".join(ratio_entry(r) for r in ratios) + "]"

@@ -86,6 +86,7 @@ def test_an_exact_zero_wins_but_is_kept_out_of_ratios_and_means():
     text = tables.ratio_text(ratios, [e["wins"] for e in entries])
     assert text == "2.6e+02 (1/2) [0 (underflow), 2.6e+02]"
     verdicts = analysis.cell_verdicts(runs, analysis.cells(runs)[-1])["compute"]
+    assert tables.ratio_text([analysis.UNDERFLOW], [True]) == "0, underflow (1/1)"
     assert verdicts["underflow"] == 1 and verdicts["loss"] == 0.5  # 0 not averaged
     assert verdicts["per_seed"] == [[0.0, 2.0**-9], [0.5, 2.0**-9]]
 
