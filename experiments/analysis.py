@@ -109,6 +109,14 @@ class Cell:
             return format(v[0], fmt)
         return f"{format(v.mean(), fmt)} ± {format((v.max() - v.min()) / 2, '.1g')}"
 
+    def best_val_acc(self) -> str:
+        """The best validation accuracy along each run: the mean over the
+        seeds (and half their range)."""
+        best = np.asarray([max(r["val_acc"] for r in run.rows) for run in self.runs])
+        if len(best) == 1:
+            return f"{best[0]:.3f}"
+        return f"{best.mean():.3f} ± {(best.max() - best.min()) / 2:.1g}"
+
     def swap_epochs(self) -> str:
         epochs = [r.swap_epoch for r in self.runs]
         return ", ".join("-" if e is None else str(e) for e in epochs)
@@ -189,6 +197,7 @@ def cell_entry(cell: Cell) -> dict[str, Any]:
         "seeds": [r.seed for r in cell.runs],
         "swap_epochs": [r.swap_epoch for r in cell.runs],
         "swapped": sum(r.swap_epoch is not None for r in cell.runs),
+        "best_val_acc": [max(row["val_acc"] for row in r.rows) for r in cell.runs],
         **{
             key: cell.values(key)
             for key in (

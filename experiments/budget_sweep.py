@@ -510,6 +510,7 @@ def write_sweep(
             *verdict_lines,
         ]
         table_json["budgets"][str(budget)] = cells_json
+    lines += ["", *tables.table_1_layout(by_budget[budgets[-1]], budgets[-1])]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "table.json").write_text(json.dumps(table_json, indent=1) + "\n")
     plot_crossover(

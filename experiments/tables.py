@@ -85,8 +85,8 @@ def verdict_cell(
 
 RESULT_HEADER = [
     "| model | params | Q | optimizer | seeds | swap epoch | train loss | "
-    "train acc | val loss | val acc | compute | wall s | compile s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "train acc | val loss | val acc | best val acc | compute | wall s | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -100,6 +100,7 @@ def result_line(cell: analysis.Cell, samples_times_outputs: int) -> str:
         f"{cell.summary('train_loss', '.3g')} | "
         f"{cell.summary('train_acc', '.3f')} | "
         f"{cell.summary('val_loss', '.3g')} | {cell.summary('val_acc', '.3f')} | "
+        f"{cell.best_val_acc()} | "
         f"{cell.summary('forward_passes', '.0f')} | "
         f"{cell.summary('wall_time', '.1f')} | "
         f"{cell.summary('compile_time', '.1f')} |"
@@ -135,3 +136,63 @@ def ratio_entry(r: float | str) -> str:
     if r == analysis.NO_SECOND_PHASE:
         return "no CG epoch"
     return f"{r:.2g}"
+
+
+# The paper's Table 1 on MNIST (1000 epochs, batch 512, softmax + MSE): train
+# loss, train accuracy, validation loss, validation accuracy; Adam, then Adam
+# for 300 epochs and CG for 700 (../shared/PAPER.md).
+PAPER_TABLE_1 = {
+    "vit-mlp": ((0.0008, 0.995, 0.0061, 0.965), (0.0001, 1.000, 0.0044, 0.974)),
+    "vit-nomlp": ((0.0003, 0.998, 0.0064, 0.963), (0.0002, 0.999, 0.0053, 0.969)),
+    "vit-nomlp-wkewq": ((0.0004, 0.998, 0.0057, 0.967), (0.0002, 0.999, 0.0048, 0.971)),
+    "vit-nomlp-wkewq-wvwo": (
+        (0.0016, 0.990, 0.0073, 0.955),
+        (0.0006, 0.996, 0.0063, 0.962),
+    ),
+    "vgg5": ((0.0001, 1.000, 0.0014, 0.993), (0.0001, 1.000, 0.0011, 0.994)),
+}
+
+
+def paper_number(x: float) -> str:
+    """As the paper prints them (``.0008``), or in scientific notation below
+    1e-4, where the paper's four decimals would read 0."""
+    if x == 0:
+        return "0 (underflow)"
+    if abs(x) < 1e-4:
+        return f"{x:.1e}"
+    return f"{x:.4f}".lstrip("0") if x < 1 else f"{x:.4f}"
+
+
+def table_1_layout(runs: list[analysis.Run], budget: int) -> list[str]:
+    """The paper's Table 1 rows (MNIST) beside ours at ``budget`` epochs, in
+    its layout: train loss / train acc / val loss / val acc at the end of the
+    budget, the mean over the seeds, per model and variant."""
+    lines = [
+        f"## Table 1's layout, {budget} epochs",
+        "",
+        "train loss / train acc / val loss / val acc at the end of the budget, "
+        "means over the seeds (the paper: MNIST, 1000 epochs, batch 512, Adam "
+        "for 300 epochs then CG for 700; ours: the dataset above, each run "
+        "beside it):",
+        "",
+        "| model | paper: Adam | paper: Adam -> CG | "
+        + " | ".join(variants.get(v).label for v in variants.SWEEP)
+        + " |",
+        "|---|---|---|" + "---|" * len(variants.SWEEP),
+    ]
+    for model in dict.fromkeys(r.model for r in runs):
+        paper = PAPER_TABLE_1.get(model)
+        row = [model]
+        row += ["/".join(map(paper_number, p)) for p in paper] if paper else ["-", "-"]
+        for variant in variants.SWEEP:
+            found = [r for r in runs if (r.model, r.optimizer) == (model, variant)]
+            if not found:
+                row.append("-")
+                continue
+            means = [
+                float(sum(r.last[k] for r in found) / len(found))
+                for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+            ]
+            row.append("/".join(map(paper_number, means)) + f" ({len(found)})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines

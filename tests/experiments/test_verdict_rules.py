@@ -98,3 +98,18 @@ def test_a_majority_statement_lists_every_seed():
     line = budget_sweep.verdict_lines({10: runs})
     assert "WINS at equal compute in 2 of 3 seeds" in line
     assert line.endswith("ratio per seed 0.00051, 0.00051, 2.6e+02)")
+
+
+def test_table_1_layout_sets_the_papers_rows_beside_the_means_of_ours():
+    runs = cell("two-phase-fixed", ADAM[:5] + [1e-6] * 5, ADAM[:5] + [3e-6] * 5, swap=5)
+    for run in runs:
+        for row in run.rows:
+            row.update(train_acc=1.0, val_loss=0.002, val_acc=0.99)
+    lines = tables.table_1_layout(runs, 10)
+    [vgg5] = [line for line in lines if line.startswith("| vgg5 |")]
+    cells = [c.strip() for c in vgg5.strip("|").split("|")]
+    assert cells[1:3] == [".0001/1.0000/.0014/.9930", ".0001/1.0000/.0011/.9940"]
+    adam, _, fixed = cells[3:6]
+    assert adam == ".0020/1.0000/.0020/.9900 (2)"  # 2**-9, both seeds
+    assert fixed == "2.0e-06/1.0000/.0020/.9900 (2)"  # the mean of 1e-6, 3e-6
+    assert tables.paper_number(0.0) == "0 (underflow)"
