@@ -295,6 +295,37 @@ def summary(by_budget: dict[int, list[Run]]) -> list[dict[str, Any]]:
     return entries
 
 
+def validation_tally(by_budget: dict[int, list[Run]]) -> dict[str, dict[str, Any]]:
+    """Does the second phase improve validation accuracy? Per two-phase
+    variant, over every (budget, model, seed) run that swapped, split by
+    whether its training loss beat both baselines at equal compute: how
+    often its validation accuracy there was higher, equal or lower than
+    Adam's (runs with no second-phase epoch in that compute are left out),
+    and the seeds it rests on."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, runs in sorted(by_budget.items()):
+        for run in runs:
+            if run.optimizer not in variants.TWO_PHASE_SWEEP or run.swap_epoch is None:
+                continue
+            if not has_baselines(runs, run):
+                continue
+            pair = at_equal(runs, run, "forward_passes")
+            if pair is None or not second_phase_within(pair[0], run):
+                continue
+            ours, adam = pair[0]["val_acc"], pair[1]["val_acc"]
+            outcome = "higher" if ours > adam else "lower" if ours < adam else "equal"
+            won = "won" if wins_both(runs, run) else "lost"
+            tally = out.setdefault(run.optimizer, {}).setdefault(
+                won, {"higher": 0, "equal": 0, "lower": 0, "seeds": set()}
+            )
+            tally[outcome] += 1
+            tally["seeds"].add(run.seed)
+    for by_outcome in out.values():
+        for tally in by_outcome.values():
+            tally["seeds"] = sorted(tally["seeds"])
+    return out
+
+
 def crossover(entries: list[dict[str, Any]], model: str, variant: str):
     """The smallest budget at which ``variant`` beats both Adam baselines at
     equal compute in most seeds, or ``None``."""

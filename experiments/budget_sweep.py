@@ -510,6 +510,9 @@ def write_sweep(
             *verdict_lines,
         ]
         table_json["budgets"][str(budget)] = cells_json
+    tally = analysis.validation_tally(by_budget)
+    table_json["validation"] = tally
+    lines += ["", *tables.validation_lines(tally)]
     lines += ["", *tables.table_1_layout(by_budget[budgets[-1]], budgets[-1])]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "table.json").write_text(json.dumps(table_json, indent=1) + "\n")

@@ -196,3 +196,28 @@ def table_1_layout(runs: list[analysis.Run], budget: int) -> list[str]:
             row.append("/".join(map(paper_number, means)) + f" ({len(found)})")
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def validation_lines(tally: dict[str, dict[str, Any]]) -> list[str]:
+    """The answer to "does the second phase improve validation accuracy?"
+    (:func:`experiments.analysis.validation_tally`) as a table."""
+    lines = [
+        "## Validation accuracy at equal compute",
+        "",
+        "Over every budget, model and seed where the variant swapped, its "
+        "validation accuracy at Adam's compute against Adam's there: higher, "
+        "equal, lower; split by whether its training loss beat both baselines.",
+        "",
+        "| variant | training loss | higher | equal | lower | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, by_outcome in tally.items():
+        for won in ("won", "lost"):
+            if won in by_outcome:
+                t = by_outcome[won]
+                lines.append(
+                    f"| {variants.get(variant).label} | "
+                    f"{'beat both' if won == 'won' else 'did not'} | {t['higher']} | "
+                    f"{t['equal']} | {t['lower']} | {', '.join(map(str, t['seeds']))} |"
+                )
+    return lines

@@ -113,3 +113,18 @@ def test_table_1_layout_sets_the_papers_rows_beside_the_means_of_ours():
     assert adam == ".0020/1.0000/.0020/.9900 (2)"  # 2**-9, both seeds
     assert fixed == "2.0e-06/1.0000/.0020/.9900 (2)"  # the mean of 1e-6, 3e-6
     assert tables.paper_number(0.0) == "0 (underflow)"
+
+
+def test_the_validation_tally_reads_each_run_at_adams_compute():
+    won = ADAM[:5] + [1e-6] * 5
+    lost = ADAM[:5] + [0.5] * 5
+    runs = cell("two-phase-fixed", won, lost, swap=5)
+    for run in runs:
+        better = run.optimizer == "two-phase-fixed" and run.seed == 0
+        for row in run.rows:
+            row["val_acc"] = 0.95 if better and row["phase"] else 0.9
+    tally = analysis.validation_tally({10: runs})["two-phase-fixed"]
+    assert tally["won"] == {"higher": 1, "equal": 0, "lower": 0, "seeds": [0]}
+    assert tally["lost"] == {"higher": 0, "equal": 1, "lower": 0, "seeds": [1]}
+    lines = tables.validation_lines({"two-phase-fixed": tally})
+    assert "| two-phase (fixed split) | beat both | 1 | 0 | 0 | 0 |" in lines
