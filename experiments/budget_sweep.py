@@ -94,6 +94,7 @@ class Sweep:
     resume: bool = False
     redo_tails: bool = False
     progress: bool = True
+    checkpoint_every: int = 1  # Each run's --checkpoint-every.
     # Train nothing: read finished runs back, and list the rest in ``missing``
     # as (model, seed, budget, variant).
     read_only: bool = False
@@ -133,6 +134,7 @@ class Sweep:
             seed=seed,
             data_dir=self.data_dir,
             progress=self.progress,
+            checkpoint_every=self.checkpoint_every,
             **self.detector,
             **kw,
         )

@@ -95,6 +95,7 @@ def run_all(args) -> list[analysis.Run]:
                         data_dir=args.data_dir,
                         resume=args.resume,
                         progress=not args.no_progress,
+                        checkpoint_every=args.checkpoint_every,
                     )
                     rows = train_lib.train(config)
                 runs.append(analysis.Run(model, optimizer, rows[: args.epochs], seed))
@@ -346,6 +347,7 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
         progress=not args.no_progress,
         later_budgets=args.later_budgets,
         read_only=args.read_only,
+        checkpoint_every=args.checkpoint_every,
     )
     by_budget = budget_sweep.run_sweep(sweep)
     note_path = args.out / "NOTE.md"
@@ -495,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     config_lib.add_flag(parser, "data_dir")
     config_lib.add_flag(parser, "resume")
+    config_lib.add_flag(parser, "checkpoint_every")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.sweep and args.study:

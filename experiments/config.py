@@ -246,6 +246,13 @@ class RunConfig:
     out: str = flag("runs/digits/vit-mlp/two-phase", "default: runs/DATASET/MODEL/OPT")
     data_dir: str | None = flag(None, "TFDS data directory")
     resume: bool = flag(False, action="store_true")
+    checkpoint_every: int = flag(
+        1,
+        "write the checkpoint that --resume continues from every N epochs "
+        "(and after the last); a resumed run redoes the epochs after it. "
+        "Raise it where writing a checkpoint costs more than an epoch",
+        type=cli.integer(1),
+    )
     progress: bool = flag(True, action="store_false", option="--no-progress")
     label: str = ""  # A prefix for the progress bar ("run 2/10: ").
     # Checkpoints kept for good (beside the last two) at these epochs, in

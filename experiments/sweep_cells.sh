@@ -11,9 +11,11 @@
 #         --optimizers adam two-phase-fixed two-phase adam-lbfgs adam-cosine \
 #         --out OUT/LOSS --no-progress
 # (the tails before cosine Adam, so a cell stopped at the deadline has its
-# second phases first), its log in OUT/LOSS/logs/. Cells of one loss share
-# OUT/LOSS, each in its own run folders. Every run checkpoints each epoch, so
-# what a stopped cell has done is kept: the same command with the same cells
+# second phases first), its log in OUT/LOSS/logs/; SWEEP_ARGS adds flags
+# (SWEEP_ARGS="--checkpoint-every 25": on a GPU, 15 processes writing a
+# checkpoint every epoch spend more time on them than on training). Cells of
+# one loss share OUT/LOSS, each in its own run folders. Every run
+# checkpoints as it goes, so what a stopped cell has done is kept: the same command with the same cells
 # continues it, and the sweep with --read-only (all the cells' models and
 # seeds at once) writes the table from the finished runs and lists the rest.
 #
@@ -22,7 +24,7 @@
 #         vgg5:softmax_mse:0 vit-mlp:xent:1
 set -u
 if [ $# -lt 4 ]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 deadline=$1 out=$2 budget=$3
@@ -34,7 +36,7 @@ for cell in "$@"; do
         --sweep --resume --models "$model" --loss "$loss" --seed "$seed" \
         --budgets "$budget" --out "$out/$loss" --no-progress \
         --optimizers adam two-phase-fixed two-phase adam-lbfgs adam-cosine \
-        >"$out/$loss/logs/$model-seed$seed.log" 2>&1 &
+        ${SWEEP_ARGS:-} >"$out/$loss/logs/$model-seed$seed.log" 2>&1 &
 done
 wait
 echo "sweep_cells: every cell stopped or finished"

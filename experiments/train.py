@@ -5,7 +5,10 @@
 
 Every epoch appends one JSON line to ``<out>/metrics.jsonl`` and writes an
 orbax checkpoint (atomically: orbax writes a temporary directory and renames
-it). ``--resume`` continues from the last checkpoint and gives bit for bit the
+it; ``--checkpoint-every N``: every N epochs and after the last, where a
+checkpoint costs more than an epoch, as for small models on a GPU).
+``--resume`` continues from the last checkpoint, redoing the epochs after it,
+and gives bit for bit the
 result of an uninterrupted run, also in the middle of the CG phase: the batch
 order depends only on (seed, epoch), and the full optimizer state, the
 parameters and the counters are restored exactly.
@@ -183,7 +186,9 @@ def _train_epoch(trainer, epoch, counters, manager, metrics_path, bar) -> None:
     if jax.process_index() == 0:
         append_metrics(metrics_path, row)
     trainer.rows.append(row)
-    save_checkpoint(manager, epoch, (trainer.params, trainer.opt_state), counters)
+    run = trainer.config.run
+    if (epoch + 1) % run.checkpoint_every == 0 or epoch == run.epochs - 1:
+        save_checkpoint(manager, epoch, (trainer.params, trainer.opt_state), counters)
     bar.set_postfix(
         loss=f"{train_loss:.2e}", val_acc=f"{val_acc:.3f}", phase=row["phase"]
     )

@@ -233,3 +233,22 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(
         )
     assert (out / "corrupted-checkpoints" / "2").is_dir()
     assert_same_result(out, reference)
+
+
+def test_checkpoints_every_few_epochs_resume_to_the_same_result(
+    tmp_path, reference, common
+):
+    # Every 3 epochs and after the last: epochs 2 and 3 of 4.
+    out = tmp_path / "run"
+    config = config_lib.Config.of(
+        **common, epochs=EPOCHS, out=str(out), checkpoint_every=3
+    )
+    train.train(config)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 3]
+    assert_same_result(out, reference)
+    # Stopped before the last checkpoint: epoch 3 (a CG epoch) is redone.
+    shutil.rmtree(out / "checkpoints" / "3")
+    config.run.resume = True
+    rows = train.train(config)
+    assert [r["epoch"] for r in rows] == list(range(EPOCHS))
+    assert_same_result(out, reference)
