@@ -56,6 +56,7 @@ from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
 from experiments import provenance  # noqa: E402
 from experiments import run_records  # noqa: E402
+from experiments import sweep_copies  # noqa: E402
 from experiments import tables  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
 from experiments import variants  # noqa: E402
@@ -314,7 +315,7 @@ def retable(
         if not line.startswith("Code: ") and "--retable" not in line
     ]
     note = "\n".join(header).strip()
-    by_budget = budget_sweep.read_copy(folder, budgets, models_ or None)
+    by_budget = sweep_copies.read_copy(folder, budgets, models_ or None)
     made = provenance.committed(folder / "metrics")
     (folder / provenance.FILE).write_text(json.dumps(made, indent=2))
     budget_sweep.write_sweep(
@@ -352,7 +353,7 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
     by_budget = budget_sweep.run_sweep(sweep)
     note_path = args.out / "NOTE.md"
     note = note_path.read_text().strip() if note_path.exists() else None
-    made_by = budget_sweep.record_provenance(sweep, by_budget)
+    made_by = sweep_copies.record_provenance(sweep, by_budget)
     budget_sweep.write_sweep(
         by_budget, dataset, args.out, args.loss, command, note, sweep.missing, made_by
     )
@@ -366,7 +367,7 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
             path = args.out / f"{name}_{budget}.png"
             plot_losses(runs, x_key, x_label, path, args.loss)
     if args.copy_to:
-        budget_sweep.copy_results(sweep, by_budget, args.copy_to)
+        sweep_copies.copy_results(sweep, by_budget, args.copy_to)
     print((args.out / "table.md").read_text())
     print(budget_sweep.verdict_lines(by_budget))
     print(f"Plots in {args.out}/")
