@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -71,6 +72,41 @@ def code_version() -> dict[str, str]:
         return {"commit": commit, "tree": "modified" if dirty else "clean"}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "tree": "unknown"}
+
+
+# The files whose content decides a run's numbers: the library and the
+# experiments' training path (not the tables, plots or scripts around them).
+TRAINING_FILES = (
+    "checkpoints.py",
+    "config.py",
+    "data.py",
+    "models.py",
+    "sharding.py",
+    "steps.py",
+    "train.py",
+    "trainer.py",
+    "variants.py",
+)
+
+
+def code_digest() -> dict[str, str]:
+    """Short sha256 digests of the library's source and of the experiments'
+    training files: equal digests, equal code, whatever the commit or a
+    modified tree says."""
+
+    def digest(paths) -> str:
+        h = hashlib.sha256()
+        for path in paths:
+            h.update(path.relative_to(_ROOT).as_posix().encode())
+            h.update(path.read_bytes())
+        return h.hexdigest()[:12]
+
+    library = sorted((_ROOT / "twophase_optax").rglob("*.py"))
+    training = [_ROOT / "experiments" / name for name in TRAINING_FILES]
+    return {
+        "library_digest": digest(library),
+        "training_digest": digest([p for p in training if p.exists()]),
+    }
 
 
 def _version(package: str) -> str:
@@ -120,7 +156,7 @@ def collect(config: Any = None) -> dict[str, Any]:
     if config is not None:
         second_phase["optimizer"] = dataclasses.asdict(config.optimizer)
     return {
-        "code": {**code_version(), "version": tpo.__version__},
+        "code": {**code_version(), "version": tpo.__version__, **code_digest()},
         "second_phase": second_phase,
         "libraries": {
             name: _version(name) for name in ("jax", "jaxlib", "optax", "flax", "numpy")
@@ -165,7 +201,15 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
     return {
         "records": len(records),
-        "code": counted(lambda r: r["code"]),
+        "code": counted(
+            lambda r: {k: r["code"][k] for k in ("commit", "tree", "version")}
+        ),
+        "code_digests": counted(
+            lambda r: {
+                k: r["code"].get(k, "not recorded")
+                for k in ("library_digest", "training_digest")
+            }
+        ),
         "machines": counted(
             lambda r: {
                 k: r["machine"][k]
@@ -227,6 +271,16 @@ def describe(summary: dict[str, Any]) -> str:
         )
         for c in summary["code"]
     )
+    digests = summary.get("code_digests", [])
+    if len(digests) == 1 and "not recorded" not in digests[0].values():
+        code += (
+            "; the same library and training code in every start (digests "
+            f"{digests[0]['library_digest']}, {digests[0]['training_digest']})"
+        )
+    elif len(digests) > 1:
+        code += (
+            f"; {len(digests)} different library or training codes across the starts"
+        )
     libraries = "; ".join(
         ", ".join(f"{k} {v}" for k, v in lib.items() if k != "records")
         for lib in summary["libraries"]

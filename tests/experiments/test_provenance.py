@@ -64,3 +64,15 @@ def test_the_summary_counts_each_code_version_and_machine(tmp_path):
     assert "NVIDIA H200" in line
     empty = provenance.describe(provenance.summarize([]))
     assert empty.startswith("Code: not recorded")
+
+
+def test_equal_digests_say_the_code_was_the_same_across_commits(tmp_path):
+    record = provenance.collect()
+    assert len(record["code"]["library_digest"]) == 12
+    later = json.loads(json.dumps(record))
+    later["code"]["commit"] = "fffffff"
+    line = provenance.describe(provenance.summarize([record, later]))
+    assert "the same library and training code in every start" in line
+    later["code"]["library_digest"] = "000000000000"
+    line = provenance.describe(provenance.summarize([record, later]))
+    assert "2 different library or training codes" in line
