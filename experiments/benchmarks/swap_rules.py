@@ -372,7 +372,30 @@ def judge(entries, crossovers: dict[str, int | None]) -> dict[str, dict[str, Any
             "vs_better_adam_geomean": analysis.geometric_mean(
                 [e["vs_better_adam"] for e in cells]
             ),
+            # Ratios of exactly 0 (float32 underflow) are left out of the means.
+            "vs_better_adam_underflow": analysis.excluded(
+                [e["vs_better_adam"] for e in cells]
+            ).get(analysis.UNDERFLOW, 0),
         }
+    return verdicts
+
+
+def rejudge(folder: pathlib.Path, baselines: pathlib.Path | None, command: str):
+    """``--rejudge``: a recorded study's verdicts and tables again from its
+    cells (``table.json``, ``landscape.json``), under this version's rules;
+    the old header (its command, provenance and note) is kept."""
+    made = json.loads((folder / "table.json").read_text())
+    landscape = json.loads((folder / "landscape.json").read_text())
+    old = (folder / "table.md").read_text().splitlines()
+    end = next(k for k, line in enumerate(old) if line.startswith("Per rule over"))
+    note = "\n".join(line for line in old[1:end] if "--rejudge" not in line).strip()
+    models_ = list(dict.fromkeys(e["model"] for e in made["cells"]))
+    crossovers = {}
+    if baselines is not None:
+        crossovers = {m: crossover_budget(baselines / "table.json", m) for m in models_}
+    verdicts = judge(made["cells"], crossovers)
+    title = old[0].removeprefix("# ")
+    report.record(made["cells"], landscape, verdicts, folder, title, command, note)
     return verdicts
 
 
@@ -404,7 +427,22 @@ def main(argv=None) -> None:
         default=None,
         help="a text file whose contents go under the table's title",
     )
+    parser.add_argument(
+        "--rejudge",
+        type=pathlib.Path,
+        default=None,
+        metavar="DIR",
+        help="train nothing: judge a recorded study (--record DIR) again from "
+        "its cells, with --baselines the sweep's copy whose crossovers it uses",
+    )
     args = parser.parse_args(argv)
+    if args.rejudge is not None:
+        command = "python -m experiments.benchmarks.swap_rules " + " ".join(
+            argv if argv is not None else __import__("sys").argv[1:]
+        )
+        for rule, v in rejudge(args.rejudge, args.baselines, command).items():
+            print(rule, json.dumps(v))
+        return
     out = args.out or pathlib.Path("runs/rules") / args.dataset
     seeds = {m: list(range(args.seeds)) for m in args.models}
     for item in args.seeds_for:

@@ -121,6 +121,12 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
+def _underflow(verdict) -> str:
+    """How many cells' ratios were exactly 0 (left out of the mean)."""
+    n = verdict.get("vs_better_adam_underflow", 0)
+    return f" ({n} at 0, underflow, left out)" if n else ""
+
+
 def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note=""):
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", f"Made with `{command}`.", ""]
@@ -133,7 +139,8 @@ def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note="
         "crossover budget where it is not below both Adam baselines; the share "
         "of cells within one decade of the best swap in hindsight; and the "
         "geometric means of its loss over the best swap's and over the better "
-        "Adam baseline's (all at equal compute).",
+        "Adam baseline's (all at equal compute; a ratio of exactly 0, a float32 "
+        "loss that underflowed, is counted apart, not averaged).",
         "",
         "| rule | swapped | above 1.1x Adam | behind past the crossover | "
         "within a decade of hindsight | loss / hindsight | loss / better Adam |",
@@ -146,7 +153,7 @@ def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note="
             f"| {rule} | {v['swapped']}/{v['cells']} | {worse} | "
             f"{behind} (of {v['past_crossover']}) | {v['within_decade']}/"
             f"{v['judged_against_hindsight']} | {fmt(v['regret_geomean'])} | "
-            f"{fmt(v['vs_better_adam_geomean'])} |"
+            f"{fmt(v['vs_better_adam_geomean'])}{_underflow(v)} |"
         )
     lines += [
         "",

@@ -6,7 +6,10 @@ from that epoch's checkpoint must be the live run. The benchmark's rules are
 pinned on constructed rows.
 """
 
+import json
 import math
+import pathlib
+import shutil
 
 import pytest
 
@@ -267,3 +270,21 @@ def test_judge_names_the_cells_that_miss_each_target():
     assert verdict["worse_than_adam"] == ["m s0 20"]
     assert verdict["behind_past_crossover"] == ["m s0 50"]
     assert (verdict["within_decade"], verdict["judged_against_hindsight"]) == (2, 3)
+
+
+def test_a_recorded_study_judged_again_gives_its_committed_verdicts(tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[2]
+    folder = tmp_path / "digits-xent"
+    shutil.copytree(root / "results" / "swap_rules" / "digits-xent", folder)
+    committed = json.loads((folder / "table.json").read_text())["verdicts"]
+    verdicts = swap_rules.rejudge(
+        folder, root / "results" / "sweep" / "digits-xent", "python -m rejudge"
+    )
+    assert json.loads(json.dumps(verdicts)) == committed
+    default = verdicts["fit 10, or plateau (the default)"]
+    # The cell whose loss reached exactly 0 is counted, not averaged as 0.
+    assert default["vs_better_adam_underflow"] == 1
+    assert default["vs_better_adam_geomean"] > 0
+    table = (folder / "table.md").read_text()
+    assert table.count("Made with `python -m experiments.benchmarks.swap_rules") == 1
+    assert "Made with `python -m rejudge`." in table
