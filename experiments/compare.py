@@ -297,6 +297,18 @@ def plot_gradnorm(runs: list[analysis.Run], path: pathlib.Path):
     plt.close(fig)
 
 
+def plot_budgets(by_budget: dict, out: pathlib.Path, loss: str) -> None:
+    """A sweep's ``loss_vs_epoch_<budget>.png`` and ``loss_vs_compute_<budget>.png``."""
+    for budget, runs in by_budget.items():
+        if not runs:
+            continue
+        for x_key, x_label, name in (
+            ("epoch", "epoch", "loss_vs_epoch"),
+            ("forward_passes", "forward-pass equivalents", "loss_vs_compute"),
+        ):
+            plot_losses(runs, x_key, x_label, out / f"{name}_{budget}.png", loss)
+
+
 def retable(
     folder: pathlib.Path, dataset: data_lib.Dataset, loss: str, command: str
 ) -> None:
@@ -321,12 +333,7 @@ def retable(
     budget_sweep.write_sweep(
         by_budget, dataset, folder, loss, command, note, (), provenance.describe(made)
     )
-    for budget, runs in by_budget.items():
-        for x_key, x_label, name in (
-            ("epoch", "epoch", "loss_vs_epoch"),
-            ("forward_passes", "forward-pass equivalents", "loss_vs_compute"),
-        ):
-            plot_losses(runs, x_key, x_label, folder / f"{name}_{budget}.png", loss)
+    plot_budgets(by_budget, folder, loss)
     print(budget_sweep.verdict_lines(by_budget))
 
 
@@ -357,15 +364,7 @@ def run_sweep(args, dataset: data_lib.Dataset, command: str) -> None:
     budget_sweep.write_sweep(
         by_budget, dataset, args.out, args.loss, command, note, sweep.missing, made_by
     )
-    for budget, runs in by_budget.items():
-        if not runs:
-            continue
-        for x_key, x_label, name in (
-            ("epoch", "epoch", "loss_vs_epoch"),
-            ("forward_passes", "forward-pass equivalents", "loss_vs_compute"),
-        ):
-            path = args.out / f"{name}_{budget}.png"
-            plot_losses(runs, x_key, x_label, path, args.loss)
+    plot_budgets(by_budget, args.out, args.loss)
     if args.copy_to:
         sweep_copies.copy_results(sweep, by_budget, args.copy_to)
     print((args.out / "table.md").read_text())

@@ -50,6 +50,16 @@ COMMIT_VARIABLE = "TWOPHASE_OPTAX_COMMIT"
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _git(*args: str) -> str:
+    """A git command's output in this checkout; OSError if it fails."""
+    done = subprocess.run(
+        ["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=30
+    )
+    if done.returncode != 0:
+        raise OSError(done.stderr)
+    return done.stdout.strip()
+
+
 def code_version() -> dict[str, str]:
     """``{"commit", "tree"}``: the commit named by ``TWOPHASE_OPTAX_COMMIT``
     (tree ``"copy"``) if set; else the checkout's short commit and
@@ -57,18 +67,9 @@ def code_version() -> dict[str, str]:
     named = os.environ.get(COMMIT_VARIABLE)
     if named:
         return {"commit": named, "tree": "copy"}
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=30
-        )
-        if done.returncode != 0:
-            raise OSError(done.stderr)
-        return done.stdout.strip()
-
     try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
         return {"commit": commit, "tree": "modified" if dirty else "clean"}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "tree": "unknown"}
@@ -229,15 +230,14 @@ def committed(path: pathlib.Path) -> dict[str, Any]:
     last commit that changed ``path`` and the library version at it (the code
     that made them is that commit's or older)."""
 
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-
     relative = pathlib.Path(path).resolve().relative_to(_ROOT)
-    commit = git("log", "-1", "--format=%h", "--", str(relative)) or "unknown"
-    version = "unknown"
-    for line in git("show", f"{commit}:twophase_optax/__init__.py").splitlines():
+    commit, version = "unknown", "unknown"
+    try:
+        commit = _git("log", "-1", "--format=%h", "--", str(relative)) or commit
+        source = _git("show", f"{commit}:twophase_optax/__init__.py")
+    except (OSError, subprocess.SubprocessError):
+        source = ""
+    for line in source.splitlines():
         if line.startswith("__version__"):
             version = line.split("=", 1)[1].strip().strip('"')
     return {

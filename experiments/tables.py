@@ -107,13 +107,11 @@ def result_line(cell: analysis.Cell, samples_times_outputs: int) -> str:
     )
 
 
-def ratio_text(ratios: list[float | str], wins: list[bool | None] | None = None) -> str:
+def ratio_text(ratios: list[float | str], wins: list[bool | None]) -> str:
     """The geometric mean of a cell's ratios, how many seeds beat both
-    baselines (``wins``, else ratio < 1) and, with several seeds, each seed's
-    ratio: an exact 0 (float32 underflow) and a run with no second-phase
-    epoch within Adam's compute are named, never averaged."""
-    if wins is None:
-        wins = [r < 1 if not isinstance(r, str) else None for r in ratios]
+    baselines (``wins``, None: no verdict) and, with several seeds, each
+    seed's ratio: an exact 0 (float32 underflow) and a run with no
+    second-phase epoch within Adam's compute are named, never averaged."""
     judged = [w for w in wins if w is not None]
     mean = analysis.geometric_mean(ratios)
     # NaN: no number to average; all exact zeros read as such.
