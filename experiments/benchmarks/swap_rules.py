@@ -41,6 +41,7 @@ from typing import Any
 import twophase_optax as tpo
 from experiments import analysis
 from experiments import budget_sweep
+from experiments import cli
 from experiments import models
 from experiments import run_records
 from experiments.analysis import Run
@@ -218,13 +219,22 @@ def loss_at_equal_compute(run: Run, baseline: Run) -> tuple[float, float]:
     return pair[0]["train_loss"], pair[1]["train_loss"]
 
 
-def study_model(sweep, baselines, model: str, seed: int, rules: dict):
+def grid_points(budget: int, count: int) -> list[int]:
+    """``count`` swap points spread evenly over ``budget`` epochs, as the last
+    Adam epoch (0-based): after ``budget * k / (count + 1)`` epochs of Adam,
+    rounded, for ``k = 1 .. count``."""
+    return sorted(
+        {max(0, round(budget * k / (count + 1)) - 1) for k in range(1, count + 1)}
+    )
+
+
+def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int = 0):
     """Every rule on one model and seed at every budget: one entry per cell
     and rule, and the landscape: per budget and swap epoch tried, the final
-    training loss at equal compute."""
+    training loss at equal compute. ``grid`` adds that many swap epochs per
+    budget to the best swap in hindsight (:func:`grid_points`)."""
     adam = train_adam(sweep, model, seed)
     longest = max(sweep.budgets)
-    compute = adam.rows[longest - 1]["forward_passes"]
     tails: dict[int, Run] = {}
 
     def get_tail(after: int, epochs: int) -> Run:
@@ -233,16 +243,17 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
             tails[after] = tail(sweep, model, seed, after, epochs)
         return tails[after]
 
-    def full_tail(after: int) -> Run:
-        """The tail to the longest budget or to Adam's compute there."""
+    def full_tail(after: int, budget: int = longest) -> Run:
+        """The tail to ``budget`` epochs or to Adam's compute there."""
+        target = adam.rows[budget - 1]["forward_passes"]
         epochs = min(
-            longest,
-            after + 1 + math.ceil((compute - adam.rows[after]["forward_passes"]) / 5),
+            budget,
+            after + 1 + math.ceil((target - adam.rows[after]["forward_passes"]) / 5),
         )
         run = get_tail(after, epochs)
-        while run.last["forward_passes"] < compute and len(run.rows) < longest:
-            more = math.ceil((compute - run.last["forward_passes"]) / 3) + 1
-            run = get_tail(after, min(longest, len(run.rows) + more))
+        while run.last["forward_passes"] < target and len(run.rows) < budget:
+            more = math.ceil((target - run.last["forward_passes"]) / 3) + 1
+            run = get_tail(after, min(budget, len(run.rows) + more))
         return run
 
     def probe(after: int, steps: int):
@@ -256,6 +267,15 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
     for after in sorted(points):
         if after + 1 < longest:
             full_tail(after)
+    # The hindsight grid: per budget, ``grid`` more swap epochs spread evenly
+    # over it, each tail run to that budget (a tail to a shorter budget does
+    # not count at a longer one).
+    reaches = {after: longest for after in points}
+    for budget in sorted(sweep.budgets, reverse=True):
+        for after in grid_points(budget, grid):
+            if after not in reaches:
+                full_tail(after, budget)
+                reaches[after] = budget
     entries, landscape = [], []
     for budget in sweep.budgets:
         adam_b = Run(model, "adam", adam.rows[:budget], seed)
@@ -264,8 +284,8 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict):
             after + 1: loss_at_equal_compute(
                 Run(model, "tail", tails[after].rows[:budget], seed), adam_b
             )[0]
-            for after in sorted(points)
-            if after + 1 < budget
+            for after in sorted(reaches)
+            if after + 1 < budget and reaches[after] >= budget
         }
         best = min(hindsight.values()) if hindsight else math.nan
         landscape += [
@@ -406,7 +426,22 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=["vit-mlp", "vgg5"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--seeds-for", nargs="*", default=[], metavar="MODEL=N")
+    parser.add_argument(
+        "--first-seed",
+        type=cli.integer(0),
+        default=0,
+        help="the first seed: seeds FIRST to FIRST+N-1 (for cells never used to "
+        "choose a rule)",
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 150])
+    parser.add_argument(
+        "--grid",
+        type=cli.integer(0),
+        default=0,
+        metavar="N",
+        help="per budget, N more swap epochs spread evenly over it for the best "
+        "swap in hindsight (the sweep's splits and the rules' swaps are always in)",
+    )
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=None)
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument(
@@ -444,10 +479,11 @@ def main(argv=None) -> None:
             print(rule, json.dumps(v))
         return
     out = args.out or pathlib.Path("runs/rules") / args.dataset
-    seeds = {m: list(range(args.seeds)) for m in args.models}
+    first = args.first_seed
+    seeds = {m: list(range(first, first + args.seeds)) for m in args.models}
     for item in args.seeds_for:
         model, n = item.split("=")
-        seeds[model] = list(range(int(n)))
+        seeds[model] = list(range(first, first + int(n)))
     sweep = budget_sweep.Sweep(
         models=args.models,
         seeds=seeds,
@@ -461,7 +497,9 @@ def main(argv=None) -> None:
     entries, landscape = [], []
     for model in args.models:
         for seed in seeds[model]:
-            found, points = study_model(sweep, args.baselines, model, seed, rules)
+            found, points = study_model(
+                sweep, args.baselines, model, seed, rules, args.grid
+            )
             entries += found
             landscape += points
             print(f"{model} seed {seed}: done", flush=True)

@@ -187,3 +187,93 @@ def record(entries, landscape, verdicts, out: pathlib.Path, title, command, note
     write(entries, verdicts, out, title, command, note)
     (out / "landscape.json").write_text(json.dumps(landscape, indent=1) + "\n")
     plot(entries, landscape, out / "swap_rules.png", title)
+
+
+# -- in-sample against out-of-sample ------------------------------------------
+def pooled(verdicts: list[dict]) -> dict:
+    """One rule's verdicts over several studies, as if judged together."""
+    return {
+        "cells": sum(v["cells"] for v in verdicts),
+        "worse_than_adam": [c for v in verdicts for c in v["worse_than_adam"]],
+        "past_crossover": sum(v["past_crossover"] for v in verdicts),
+        "behind_past_crossover": [
+            c for v in verdicts for c in v["behind_past_crossover"]
+        ],
+        "within_decade": sum(v["within_decade"] for v in verdicts),
+        "judged": sum(v["judged_against_hindsight"] for v in verdicts),
+    }
+
+
+def selection(groups: dict[str, list[pathlib.Path]], missed: str | None = None):
+    """The selection table: per rule, its three targets (cells above 1.1x
+    constant Adam, cells past the crossover behind an Adam baseline, cells
+    within a decade of the best swap in hindsight) in each group of studies
+    (``table.json`` folders) side by side; then, for the rule ``missed``, the
+    cells that miss a target, per group."""
+    judged = {
+        name: [json.loads((d / "table.json").read_text())["verdicts"] for d in dirs]
+        for name, dirs in groups.items()
+    }
+    rules = [
+        r
+        for r in next(iter(judged.values()))[0]
+        if all(r in v for vs in judged.values() for v in vs)
+    ]
+    names = list(groups)
+    head = "| rule | " + " | ".join(
+        f"{n}: above 1.1x Adam | {n}: behind past the crossover | "
+        f"{n}: within a decade of hindsight"
+        for n in names
+    )
+    lines = [head + " |", "|---" * (1 + 3 * len(names)) + "|"]
+    for rule in rules:
+        cells = []
+        for name in names:
+            v = pooled([study[rule] for study in judged[name]])
+            cells += [
+                f"{len(v['worse_than_adam'])}/{v['cells']}",
+                f"{len(v['behind_past_crossover'])}/{v['past_crossover']}",
+                f"{v['within_decade']}/{v['judged']}",
+            ]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    if missed is not None:
+        lines.append("")
+        for name in names:
+            v = pooled([study[missed] for study in judged[name]])
+            worse = ", ".join(v["worse_than_adam"]) or "none"
+            behind = ", ".join(v["behind_past_crossover"]) or "none"
+            lines.append(
+                f"- {missed}, {name}: above 1.1x Adam: {worse}; behind past the "
+                f"crossover: {behind}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="The swap rules' selection table: groups of recorded studies "
+        "(folders with table.json) side by side."
+    )
+    parser.add_argument(
+        "--group",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("NAME", "DIR"),
+        help="a column group's name, then the study folders it pools",
+    )
+    parser.add_argument(
+        "--missed", default=None, metavar="RULE", help="list this rule's misses"
+    )
+    args = parser.parse_args(argv)
+    for group in args.group:
+        if len(group) < 2:
+            parser.error(f"--group {group[0]!r} names no study folder")
+    groups = {g[0]: [pathlib.Path(d) for d in g[1:]] for g in args.group}
+    print(selection(groups, args.missed), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -288,3 +288,43 @@ def test_a_recorded_study_judged_again_gives_its_committed_verdicts(tmp_path):
     table = (folder / "table.md").read_text()
     assert table.count("Made with `python -m experiments.benchmarks.swap_rules") == 1
     assert "Made with `python -m rejudge`." in table
+
+
+def test_grid_points_spread_evenly_over_the_budget():
+    assert swap_rules.grid_points(50, 10) == [4, 8, 13, 17, 22, 26, 31, 35, 40, 44]
+    assert len(swap_rules.grid_points(150, 10)) == 10
+    assert swap_rules.grid_points(4, 2) == [0, 2]
+
+
+def test_the_hindsight_grid_adds_swaps_each_run_to_its_own_budget(
+    tmp_path, small_sweep
+):
+    model = small_sweep["model"]
+    sweep = budget_sweep.Sweep(
+        models=[model],
+        seeds={model: [0]},
+        budgets=[4, 7],
+        lr=small_sweep["lr"],
+        out=tmp_path,
+        progress=False,
+    )
+    rules = {"fit": swap_rules.RULES["fit"]}
+    entries, landscape = swap_rules.study_model(sweep, None, model, 0, rules, grid=2)
+    tried = {
+        b: {e["swap_epoch"] for e in landscape if e["budget"] == b} for b in (4, 7)
+    }
+    splits = {budget_sweep.split_epoch(b) for b in (4, 7)}
+    # Budget 7: its own grid (after 2 and 5 Adam epochs) and the splits.
+    assert tried[7] == {2, 5} | {s for s in splits if s < 7}
+    # Budget 4: its own grid (after 1 and 3), and the tails to 7 that swap
+    # before 4; its own tails stop at 4, so they are not tried at 7.
+    assert tried[4] == {1, 3} | {s for s in tried[7] if s < 4}
+    adam = run_records.read_metrics(sweep.run_dir(model, 0, "adam") / "metrics.jsonl")
+    # After 2 Adam epochs is budget 4's grid alone: its tail stops at budget
+    # 4, or earlier once it has Adam's compute there.
+    rows = run_records.read_metrics(sweep.run_dir(model, 0, "swap2") / "metrics.jsonl")
+    assert len(rows) <= 4
+    assert rows[-1]["forward_passes"] >= adam[3]["forward_passes"] or len(rows) == 4
+    best = {e["budget"]: e["best_split_loss"] for e in entries}
+    for b in (4, 7):
+        assert best[b] == min(e["loss"] for e in landscape if e["budget"] == b)
