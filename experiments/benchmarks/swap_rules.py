@@ -43,6 +43,7 @@ from experiments import analysis
 from experiments import budget_sweep
 from experiments import cli
 from experiments import models
+from experiments import provenance
 from experiments import run_records
 from experiments.analysis import Run
 from experiments.benchmarks import swap_rules_report as report
@@ -513,10 +514,18 @@ def main(argv=None) -> None:
         argv if argv is not None else __import__("sys").argv[1:]
     )
     note = args.note.read_text().strip() if args.note else ""
-    title = f"Swap rules on {args.dataset}, {args.loss}"
-    report.record(
-        entries, landscape, verdicts, args.record or out, title, command, note
+    record_dir = args.record or out
+    # What made the runs, from their own records, first under the command.
+    run_dirs = sorted(
+        path.parent
+        for model in args.models
+        for seed in seeds[model]
+        for path in (out / "runs" / model / f"seed{seed}").glob("**/provenance.json")
     )
+    made_by = provenance.write_summary(record_dir, run_dirs)
+    note = f"{made_by}\n\n{note}".strip()
+    title = f"Swap rules on {args.dataset}, {args.loss}"
+    report.record(entries, landscape, verdicts, record_dir, title, command, note)
     for rule, v in verdicts.items():
         print(rule, json.dumps(v))
 

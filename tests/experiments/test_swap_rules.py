@@ -26,6 +26,7 @@ from experiments import config as config_lib  # noqa: E402
 from experiments import run_records  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments.benchmarks import swap_rules  # noqa: E402
+from experiments.benchmarks import swap_rules_report as report  # noqa: E402
 
 EPOCHS = 7
 # Each fires within 7 epochs on this model: the raw reading's first fall (after
@@ -300,16 +301,17 @@ def test_the_hindsight_grid_adds_swaps_each_run_to_its_own_budget(
     tmp_path, small_sweep
 ):
     model = small_sweep["model"]
-    sweep = budget_sweep.Sweep(
-        models=[model],
-        seeds={model: [0]},
-        budgets=[4, 7],
-        lr=small_sweep["lr"],
-        out=tmp_path,
-        progress=False,
-    )
-    rules = {"fit": swap_rules.RULES["fit"]}
-    entries, landscape = swap_rules.study_model(sweep, None, model, 0, rules, grid=2)
+    out, record = tmp_path / "runs", tmp_path / "record"
+    swap_rules.main(
+        [
+            "--models", model, "--first-seed", "1", "--budgets", "4", "7",
+            "--grid", "2", "--rules", "fit", "--out", str(out),
+            "--record", str(record),
+        ]
+    )  # fmt: skip
+    cells = json.loads((record / "table.json").read_text())["cells"]
+    landscape = json.loads((record / "landscape.json").read_text())
+    assert {(e["seed"], e["budget"]) for e in cells} == {(1, 4), (1, 7)}
     tried = {
         b: {e["swap_epoch"] for e in landscape if e["budget"] == b} for b in (4, 7)
     }
@@ -319,12 +321,32 @@ def test_the_hindsight_grid_adds_swaps_each_run_to_its_own_budget(
     # Budget 4: its own grid (after 1 and 3), and the tails to 7 that swap
     # before 4; its own tails stop at 4, so they are not tried at 7.
     assert tried[4] == {1, 3} | {s for s in tried[7] if s < 4}
-    adam = run_records.read_metrics(sweep.run_dir(model, 0, "adam") / "metrics.jsonl")
+    sweep = budget_sweep.Sweep(models=[model], seeds={}, budgets=[7], out=out)
+    adam = run_records.read_metrics(sweep.run_dir(model, 1, "adam") / "metrics.jsonl")
     # After 2 Adam epochs is budget 4's grid alone: its tail stops at budget
     # 4, or earlier once it has Adam's compute there.
-    rows = run_records.read_metrics(sweep.run_dir(model, 0, "swap2") / "metrics.jsonl")
+    rows = run_records.read_metrics(sweep.run_dir(model, 1, "swap2") / "metrics.jsonl")
     assert len(rows) <= 4
     assert rows[-1]["forward_passes"] >= adam[3]["forward_passes"] or len(rows) == 4
-    best = {e["budget"]: e["best_split_loss"] for e in entries}
+    best = {e["budget"]: e["best_split_loss"] for e in cells}
     for b in (4, 7):
         assert best[b] == min(e["loss"] for e in landscape if e["budget"] == b)
+    # The table states what made its runs, from their own records.
+    made = json.loads((record / "provenance.json").read_text())
+    assert made["records"] >= 1 + len(tried[4] | tried[7])
+    assert (record / "table.md").read_text().splitlines()[4].startswith("Code: ")
+
+
+def test_the_selection_table_pools_studies_rule_by_rule():
+    root = pathlib.Path(__file__).resolve().parents[2] / "results" / "swap_rules"
+    studies = [root / "digits-xent", root / "mnist5k"]
+    verdicts = [json.loads((d / "table.json").read_text())["verdicts"] for d in studies]
+    default = "fit 10, or plateau (the default)"
+    table = report.selection({"in": [root / "digits"], "out": studies}, missed=default)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {default}"))
+    pooled = [sum(len(v[default][k]) for v in verdicts) for k in ("worse_than_adam",)]
+    cells = sum(v[default]["cells"] for v in verdicts)
+    near = sum(v[default]["within_decade"] for v in verdicts)
+    assert row.split(" | ")[4] == f"{pooled[0]}/{cells}"
+    assert row.split(" | ")[6].rstrip(" |") == f"{near}/{cells}"
+    assert f"- {default}, out: above 1.1x Adam:" in table
