@@ -118,10 +118,16 @@ def replayed(rule: tpo.swap.SwapRule):
     )
 
 
+def log(loss: float) -> float:
+    """The log of a loss; -inf for exactly 0 (cross-entropy underflows to 0
+    in float32), so a fall to 0 is infinite and a stay at 0 no fall (nan)."""
+    return math.log(loss) if loss > 0 else -math.inf
+
+
 def adam_rate(rows, epoch: int, window: int) -> float:
     """Adam's fall of the log batch loss per forward pass over ``window`` epochs."""
     start = max(0, epoch - window)
-    fall = math.log(rows[start]["batch_loss"]) - math.log(rows[epoch]["batch_loss"])
+    fall = log(rows[start]["batch_loss"]) - log(rows[epoch]["batch_loss"])
     return fall / (rows[epoch]["forward_passes"] - rows[start]["forward_passes"])
 
 
@@ -149,7 +155,7 @@ def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plat
             if cg is None:  # The probe would run past the budget.
                 break
             end, start = cg[-1], cg[epoch]
-            fall = math.log(start["train_loss"]) - math.log(end["train_loss"])
+            fall = log(start["train_loss"]) - log(end["train_loss"])
             cost = end["forward_passes"] - start["forward_passes"]
             if fall / cost > adam_rate(rows, epoch, window):
                 return Swap(epoch, probes)
@@ -192,7 +198,7 @@ def handback_epoch(rows, after: int, window: int = 5) -> int | None:
     adam = adam_rate(rows, after, window)
     for epoch in range(after + window, len(rows)):
         start, end = rows[epoch - window], rows[epoch]
-        fall = math.log(start["train_loss"]) - math.log(end["train_loss"])
+        fall = log(start["train_loss"]) - log(end["train_loss"])
         if fall / (end["forward_passes"] - start["forward_passes"]) < adam:
             return epoch
     return None

@@ -350,3 +350,15 @@ def test_the_selection_table_pools_studies_rule_by_rule():
     assert row.split(" | ")[4] == f"{pooled[0]}/{cells}"
     assert row.split(" | ")[6].rstrip(" |") == f"{near}/{cells}"
     assert f"- {default}, out: above 1.1x Adam:" in table
+
+
+def test_a_loss_that_underflows_to_zero_is_no_hand_back():
+    # Adam falls 10x per epoch (5 forward passes each); CG then reaches 0.
+    adam = [{"batch_loss": 10.0**-e, "forward_passes": 5 * e} for e in range(6)]
+    rows = [dict(r, train_loss=r["batch_loss"]) for r in adam]
+    rows += [
+        {"batch_loss": 0.0, "train_loss": 0.0, "forward_passes": 25 + 5 * e}
+        for e in range(1, 9)
+    ]
+    assert swap_rules.log(0.0) == -math.inf
+    assert swap_rules.handback_epoch(rows, after=5) is None
