@@ -157,7 +157,7 @@ def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plat
             end, start = cg[-1], cg[epoch]
             fall = log(start["train_loss"]) - log(end["train_loss"])
             cost = end["forward_passes"] - start["forward_passes"]
-            if fall / cost > adam_rate(rows, epoch, window):
+            if cost > 0 and fall / cost > adam_rate(rows, epoch, window):
                 return Swap(epoch, probes)
             probes.append((epoch, cost, end["wall_time"] - start["wall_time"]))
         return Swap(None, probes)
@@ -199,7 +199,9 @@ def handback_epoch(rows, after: int, window: int = 5) -> int | None:
     for epoch in range(after + window, len(rows)):
         start, end = rows[epoch - window], rows[epoch]
         fall = log(start["train_loss"]) - log(end["train_loss"])
-        if fall / (end["forward_passes"] - start["forward_passes"]) < adam:
+        cost = end["forward_passes"] - start["forward_passes"]
+        # Epochs that cost nothing (a gradient of exactly 0) have no rate.
+        if cost > 0 and fall / cost < adam:
             return epoch
     return None
 

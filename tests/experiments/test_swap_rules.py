@@ -362,3 +362,7 @@ def test_a_loss_that_underflows_to_zero_is_no_hand_back():
     ]
     assert swap_rules.log(0.0) == -math.inf
     assert swap_rules.handback_epoch(rows, after=5) is None
+    # Once there, its epochs cost nothing (the gradient is 0): still none.
+    for r in rows[8:]:
+        r["forward_passes"] = rows[7]["forward_passes"]
+    assert swap_rules.handback_epoch(rows, after=5) is None
