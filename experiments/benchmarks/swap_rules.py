@@ -220,12 +220,16 @@ def with_probes(rows, probes, budget):
     return rows
 
 
-def loss_at_equal_compute(run: Run, baseline: Run) -> tuple[float, float]:
-    """``run``'s and ``baseline``'s training losses at equal compute."""
+def loss_at_equal_compute(
+    run: Run, baseline: Run, key: str = "train_loss"
+) -> tuple[float, float]:
+    """``run``'s and ``baseline``'s training losses (or another row ``key``:
+    ``"val_acc"``) at equal compute."""
     pair = analysis.at_equal([baseline], run, "forward_passes", baseline.optimizer)
     if pair is None:
-        return math.inf, baseline.rows[0]["train_loss"]
-    return pair[0]["train_loss"], pair[1]["train_loss"]
+        worst = math.inf if key.endswith("loss") else -math.inf
+        return worst, baseline.rows[0][key]
+    return pair[0][key], pair[1][key]
 
 
 def grid_points(budget: int, count: int) -> list[int]:
@@ -349,6 +353,14 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int 
                     )
                     if handback is not None
                     else None,
+                    # Validation accuracy at equal compute, and Adam's there.
+                    **dict(
+                        zip(
+                            ("val_acc", "adam_val_acc"),
+                            loss_at_equal_compute(run, adam_b, "val_acc"),
+                            strict=True,
+                        )
+                    ),
                     "compute": run.last["forward_passes"],
                     "adam_compute": adam_b.last["forward_passes"],
                 }

@@ -121,6 +121,36 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
+def validation(e) -> str:
+    """A cell's validation accuracy at equal compute and constant Adam's."""
+    if e.get("val_acc") is None:
+        return "-"
+    return f"{e['val_acc']:.3f} ({e['adam_val_acc']:.3f})"
+
+
+def validation_tally(cells) -> str:
+    """How the cells' validation accuracy at equal compute compares with
+    constant Adam's, with each cell named."""
+    known = [e for e in cells if e.get("val_acc") is not None]
+    if not known:
+        return "validation accuracy not recorded"
+    sides = {"higher": [], "equal": [], "lower": []}
+    for e in known:
+        diff = round(e["val_acc"] - e["adam_val_acc"], 3)
+        side = "higher" if diff > 0 else "lower" if diff < 0 else "equal"
+        sides[side].append(
+            f"{cell_name(e)} {e['val_acc']:.3f} vs {e['adam_val_acc']:.3f}"
+        )
+    return (
+        f"validation accuracy at equal compute, in the {len(known)} cells where it "
+        "swapped, against constant Adam's: "
+        + "; ".join(
+            f"{k} in {len(v)}" + (f" ({', '.join(v)})" if v else "")
+            for k, v in sides.items()
+        )
+    )
+
+
 def _underflow(verdict) -> str:
     """How many cells' ratios were exactly 0 (left out of the mean)."""
     n = verdict.get("vs_better_adam_underflow", 0)
@@ -161,12 +191,13 @@ def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note="
         "budget), Adam's training loss there, probes that lost, the final "
         "training loss at equal compute, and its ratios to constant Adam's, to "
         "the better Adam baseline's and to the best swap in hindsight (whose "
-        "epoch and loss close the row).",
+        "epoch and loss close the row); where recorded, the validation accuracy "
+        "at equal compute against constant Adam's there.",
         "",
         "| model | seed | budget | rule | swap epoch | Adam's loss there | lost "
         "probes | loss | / Adam | / better Adam | / hindsight | best swap | "
-        "its loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "its loss | val acc (Adam's) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         lines.append(
@@ -174,7 +205,8 @@ def write(entries, verdicts, out: pathlib.Path, title: str, command: str, note="
             f"{e['swap_epoch'] or '-'} | {fmt(e['adam_loss_at_swap'])} | "
             f"{e['probes']} | {fmt(e['loss'])} | {fmt(e['vs_adam'])} | "
             f"{fmt(e['vs_better_adam'])} | {fmt(e['vs_hindsight'])} | "
-            f"{e['best_split_epoch'] or '-'} | {fmt(e['best_split_loss'])} |"
+            f"{e['best_split_epoch'] or '-'} | {fmt(e['best_split_loss'])} | "
+            f"{validation(e)} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "table.json").write_text(
@@ -242,9 +274,15 @@ def selection(groups: dict[str, list[pathlib.Path]], missed: str | None = None):
             v = pooled([study[missed] for study in judged[name]])
             worse = ", ".join(v["worse_than_adam"]) or "none"
             behind = ", ".join(v["behind_past_crossover"]) or "none"
+            cells = [
+                e
+                for d in groups[name]
+                for e in json.loads((d / "table.json").read_text())["cells"]
+                if e["rule"] == missed and e["swap_epoch"] is not None
+            ]
             lines.append(
                 f"- {missed}, {name}: above 1.1x Adam: {worse}; behind past the "
-                f"crossover: {behind}."
+                f"crossover: {behind}; {validation_tally(cells)}."
             )
     return "\n".join(lines) + "\n"
 

@@ -366,3 +366,16 @@ def test_a_loss_that_underflows_to_zero_is_no_hand_back():
     for r in rows[8:]:
         r["forward_passes"] = rows[7]["forward_passes"]
     assert swap_rules.handback_epoch(rows, after=5) is None
+
+
+def test_the_validation_tally_names_each_cell_on_its_side():
+    cell = dict(model="m", seed=3, rule="r")
+    cells = [
+        {**cell, "budget": 50, "val_acc": 0.9614, "adam_val_acc": 0.9611},
+        {**cell, "budget": 150, "val_acc": 0.95, "adam_val_acc": 0.97},
+    ]
+    tally = report.validation_tally(cells)
+    assert "in the 2 cells" in tally
+    assert "higher in 0; equal in 1 (m s3 50 0.961 vs 0.961)" in tally
+    assert "lower in 1 (m s3 150 0.950 vs 0.970)" in tally
+    assert report.validation_tally([cell]) == "validation accuracy not recorded"
