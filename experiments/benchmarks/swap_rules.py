@@ -36,6 +36,8 @@ import dataclasses
 import json
 import math
 import pathlib
+import shlex
+import sys
 from typing import Any
 
 import twophase_optax as tpo
@@ -493,8 +495,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     if args.rejudge is not None:
-        command = "python -m experiments.benchmarks.swap_rules " + " ".join(
-            argv if argv is not None else __import__("sys").argv[1:]
+        command = "python -m experiments.benchmarks.swap_rules " + shlex.join(
+            argv if argv is not None else sys.argv[1:]
         )
         for rule, v in rejudge(args.rejudge, args.baselines, command).items():
             print(rule, json.dumps(v))
@@ -530,8 +532,8 @@ def main(argv=None) -> None:
             m: crossover_budget(args.baselines / "table.json", m) for m in args.models
         }
     verdicts = judge(entries, crossovers)
-    command = "python -m experiments.benchmarks.swap_rules " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:]
+    command = "python -m experiments.benchmarks.swap_rules " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
     )
     note = args.note.read_text().strip() if args.note else ""
     record_dir = args.record or out

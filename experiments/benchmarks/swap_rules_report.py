@@ -138,8 +138,9 @@ def validation_tally(cells) -> str:
     for e in known:
         diff = round(e["val_acc"] - e["adam_val_acc"], 3)
         side = "higher" if diff > 0 else "lower" if diff < 0 else "equal"
+        where = f" ({e['study']})" if "study" in e else ""
         sides[side].append(
-            f"{cell_name(e)} {e['val_acc']:.3f} vs {e['adam_val_acc']:.3f}"
+            f"{cell_name(e)}{where} {e['val_acc']:.3f} vs {e['adam_val_acc']:.3f}"
         )
     return (
         f"validation accuracy at equal compute, in the {len(known)} cells where it "
@@ -242,10 +243,17 @@ def selection(groups: dict[str, list[pathlib.Path]], missed: str | None = None):
     within a decade of the best swap in hindsight) in each group of studies
     (``table.json`` folders) side by side; then, for the rule ``missed``, the
     cells that miss a target, per group."""
-    judged = {
-        name: [json.loads((d / "table.json").read_text())["verdicts"] for d in dirs]
-        for name, dirs in groups.items()
-    }
+
+    def tagged(d: pathlib.Path) -> dict:
+        """A study's verdicts, each cell it names tagged with the study's
+        folder (the same cell name recurs across losses)."""
+        verdicts = json.loads((d / "table.json").read_text())["verdicts"]
+        for v in verdicts.values():
+            for key in ("worse_than_adam", "behind_past_crossover"):
+                v[key] = [f"{c} ({d.name})" for c in v[key]]
+        return verdicts
+
+    judged = {name: [tagged(d) for d in dirs] for name, dirs in groups.items()}
     rules = [
         r
         for r in next(iter(judged.values()))[0]
@@ -275,7 +283,7 @@ def selection(groups: dict[str, list[pathlib.Path]], missed: str | None = None):
             worse = ", ".join(v["worse_than_adam"]) or "none"
             behind = ", ".join(v["behind_past_crossover"]) or "none"
             cells = [
-                e
+                dict(e, study=d.name)
                 for d in groups[name]
                 for e in json.loads((d / "table.json").read_text())["cells"]
                 if e["rule"] == missed and e["swap_epoch"] is not None
