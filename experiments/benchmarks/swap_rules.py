@@ -222,10 +222,10 @@ def with_probes(rows, probes, budget):
     return rows
 
 
-def loss_at_equal_compute(
+def at_equal_compute(
     run: Run, baseline: Run, key: str = "train_loss"
 ) -> tuple[float, float]:
-    """``run``'s and ``baseline``'s training losses (or another row ``key``:
+    """``run``'s and ``baseline``'s row ``key`` (the training loss, or
     ``"val_acc"``) at equal compute."""
     pair = analysis.at_equal([baseline], run, "forward_passes", baseline.optimizer)
     if pair is None:
@@ -296,7 +296,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int 
         adam_b = Run(model, "adam", adam.rows[:budget], seed)
         cosine = cosine_run(sweep, baselines, model, seed, budget)
         hindsight = {
-            after + 1: loss_at_equal_compute(
+            after + 1: at_equal_compute(
                 Run(model, "tail", tails[after].rows[:budget], seed), adam_b
             )[0]
             for after in sorted(reaches)
@@ -311,7 +311,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int 
                 "swap_epoch": epoch,
                 "loss": loss,
                 "adam_loss": adam_b.last["train_loss"],
-                "cosine_loss": loss_at_equal_compute(adam_b, cosine)[1],
+                "cosine_loss": at_equal_compute(adam_b, cosine)[1],
             }
             for epoch, loss in hindsight.items()
         ]
@@ -319,8 +319,8 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int 
             swapped = swap.after is not None and swap.after + 1 < budget
             rows = tails[swap.after].rows if swapped else adam.rows
             run = Run(model, name, with_probes(rows, swap.probes, budget), seed)
-            ours, theirs = loss_at_equal_compute(run, adam_b)
-            ours_c, theirs_c = loss_at_equal_compute(run, cosine)
+            ours, theirs = at_equal_compute(run, adam_b)
+            ours_c, theirs_c = at_equal_compute(run, cosine)
             handback = None
             if swapped:
                 handback = handback_epoch(run.rows, swap.after)
@@ -359,7 +359,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int 
                     **dict(
                         zip(
                             ("val_acc", "adam_val_acc"),
-                            loss_at_equal_compute(run, adam_b, "val_acc"),
+                            at_equal_compute(run, adam_b, "val_acc"),
                             strict=True,
                         )
                     ),
@@ -494,10 +494,10 @@ def main(argv=None) -> None:
         "its cells, with --baselines the sweep's copy whose crossovers it uses",
     )
     args = parser.parse_args(argv)
+    command = "python -m experiments.benchmarks.swap_rules " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     if args.rejudge is not None:
-        command = "python -m experiments.benchmarks.swap_rules " + shlex.join(
-            argv if argv is not None else sys.argv[1:]
-        )
         for rule, v in rejudge(args.rejudge, args.baselines, command).items():
             print(rule, json.dumps(v))
         return
@@ -532,9 +532,6 @@ def main(argv=None) -> None:
             m: crossover_budget(args.baselines / "table.json", m) for m in args.models
         }
     verdicts = judge(entries, crossovers)
-    command = "python -m experiments.benchmarks.swap_rules " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
     note = args.note.read_text().strip() if args.note else ""
     record_dir = args.record or out
     # What made the runs, from their own records, first under the command.

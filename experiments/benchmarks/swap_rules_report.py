@@ -245,15 +245,20 @@ def selection(groups: dict[str, list[pathlib.Path]], missed: str | None = None):
     cells that miss a target, per group."""
 
     def tagged(d: pathlib.Path) -> dict:
-        """A study's verdicts, each cell it names tagged with the study's
-        folder (the same cell name recurs across losses)."""
-        verdicts = json.loads((d / "table.json").read_text())["verdicts"]
-        for v in verdicts.values():
+        """A study's ``table.json``, each cell it names tagged with the
+        study's folder (the same cell name recurs across losses)."""
+        study = json.loads((d / "table.json").read_text())
+        for v in study["verdicts"].values():
             for key in ("worse_than_adam", "behind_past_crossover"):
                 v[key] = [f"{c} ({d.name})" for c in v[key]]
-        return verdicts
+        for e in study["cells"]:
+            e["study"] = d.name
+        return study
 
-    judged = {name: [tagged(d) for d in dirs] for name, dirs in groups.items()}
+    studies = {name: [tagged(d) for d in dirs] for name, dirs in groups.items()}
+    judged = {
+        name: [study["verdicts"] for study in found] for name, found in studies.items()
+    }
     rules = [
         r
         for r in next(iter(judged.values()))[0]
@@ -283,9 +288,9 @@ def selection(groups: dict[str, list[pathlib.Path]], missed: str | None = None):
             worse = ", ".join(v["worse_than_adam"]) or "none"
             behind = ", ".join(v["behind_past_crossover"]) or "none"
             cells = [
-                dict(e, study=d.name)
-                for d in groups[name]
-                for e in json.loads((d / "table.json").read_text())["cells"]
+                e
+                for study in studies[name]
+                for e in study["cells"]
                 if e["rule"] == missed and e["swap_epoch"] is not None
             ]
             lines.append(
