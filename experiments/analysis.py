@@ -260,6 +260,21 @@ def wins_both(runs: list[Run], run: Run, key: str = "forward_passes") -> bool | 
     return all(ours["train_loss"] < theirs["train_loss"] for ours, theirs in pairs)
 
 
+def outcome(runs: list[Run], run: Run, key: str = "forward_passes") -> str | None:
+    """``"win"`` (below both Adam baselines at equal ``key``), ``"tie"`` (equal
+    to the lower of the two: both 0 after float32 underflow, say) or
+    ``"loss"``; None where :func:`wins_both` gives no verdict."""
+    won = wins_both(runs, run, key)
+    if won is None or won:
+        return None if won is None else "win"
+    pairs = [at_equal(runs, run, key, b) for b in variants.BASELINES]
+    if any(p is None for p in pairs):
+        return "loss"
+    ours = pairs[0][0]["train_loss"]
+    better = min(theirs["train_loss"] for _, theirs in pairs)
+    return "tie" if ours == better else "loss"
+
+
 def has_baselines(runs: list[Run], run: Run) -> bool:
     """Whether both Adam baselines of ``run``'s model and seed are in ``runs``."""
     return all(baseline_run(runs, run, b) is not None for b in variants.BASELINES)

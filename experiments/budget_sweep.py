@@ -529,6 +529,9 @@ def write_sweep(
     return entries
 
 
+OUTCOMES = ("win", "tie", "loss")
+
+
 def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
     """One line per budget, model and two-phase variant: does it beat both
     Adam baselines at equal compute, and by how much."""
@@ -546,11 +549,11 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
                     ": no swap within the budget (Adam's run)"
                 )
                 continue
-            outcomes = [analysis.wins_both(runs, run) for run in cell.runs]
+            outcomes = [analysis.outcome(runs, run) for run in cell.runs]
             judged = [
-                (r, w)
-                for r, w in zip(cell.runs, outcomes, strict=True)
-                if w is not None
+                (r, o)
+                for r, o in zip(cell.runs, outcomes, strict=True)
+                if o is not None
             ]
             head = (
                 f"{budget} epochs, {cell.model}, "
@@ -559,9 +562,15 @@ def verdict_lines(by_budget: dict[int, list[Run]]) -> str:
             if not judged:
                 lines.append(head + analysis.NO_SECOND_PHASE)
                 continue
-            wins = sum(w for _, w in judged)
-            seeds = f" in {wins} of {len(judged)} seeds" if len(judged) > 1 else ""
-            verb = "WINS" if 2 * wins > len(judged) else "LOSES"
+            n = len(judged)
+            count = {o: sum(x == o for _, x in judged) for o in OUTCOMES}
+            seeds = f" in {count['win']} of {n} seeds" if n > 1 else ""
+            verb = "WINS" if 2 * count["win"] > n else "LOSES"
+            if verb == "LOSES" and count["tie"] and 2 * count["loss"] <= n:
+                # Ties (both 0, say) and no majority of losses: not a loss.
+                verb = "TIES" if n == 1 else "DOES NOT WIN"
+            if count["tie"] and n > 1:
+                seeds += f", {count['tie']} tied with the better baseline"
             versus = []
             for baseline in BASELINES:
                 pairs = [

@@ -100,6 +100,29 @@ def test_a_majority_statement_lists_every_seed():
     assert line.endswith("ratio per seed 0.00051, 0.00051, 2.6e+02)")
 
 
+def test_a_tie_at_underflow_is_named_not_counted_as_a_loss():
+    # Seed 0 reaches 0 where cosine Adam also underflows to 0; seed 1 wins.
+    tied = ADAM[:5] + [0.0] * 5
+    runs = cell("adam-lbfgs", tied, ADAM[:5] + [1e-6] * 5, swap=5)
+    for row in runs[1].rows[5:]:
+        row["train_loss"] = 0.0
+    assert [analysis.outcome(runs, r) for r in (runs[2], runs[5])] == ["tie", "win"]
+    line = budget_sweep.verdict_lines({10: runs})
+    assert "DOES NOT WIN at equal compute in 1 of 2 seeds, 1 tied" in line
+    assert (
+        budget_sweep.verdict_lines({10: runs[:3]})
+        .split(": ")[1]
+        .startswith("TIES at equal compute (")
+    )
+    # Above the better baseline in most seeds: a loss, ties named.
+    lost = ADAM[:5] + [0.5] * 5
+    runs = cell("adam-lbfgs", tied, lost, lost, swap=5)
+    for row in runs[1].rows[5:]:
+        row["train_loss"] = 0.0
+    line = budget_sweep.verdict_lines({10: runs})
+    assert "LOSES at equal compute in 0 of 3 seeds, 1 tied" in line
+
+
 def test_table_1_layout_sets_the_papers_rows_beside_the_means_of_ours():
     runs = cell("two-phase-fixed", ADAM[:5] + [1e-6] * 5, ADAM[:5] + [3e-6] * 5, swap=5)
     for run in runs:
