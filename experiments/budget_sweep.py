@@ -416,13 +416,15 @@ def write_sweep(
             found = sorted(e["adam_loss_at_swap"] for e in fixed if e["wins"] == won)
             return f"{found[0]:.2g} to {found[-1]:.2g} ({len(found)})" if found else "-"
 
-        cross = [crossovers[model][v] for v in shown]
+        def text(v, model=model):
+            if not any((e["model"], e["variant"]) == (model, v) for e in entries):
+                return "-"  # Not run (or no baselines yet): no crossover to name.
+            c = crossovers[model][v]
+            return f"none up to {budgets[-1]}" if c is None else f"{c} epochs"
+
         lines.append(
             f"| {model} | "
-            + " | ".join(
-                "none up to " + str(budgets[-1]) if c is None else f"{c} epochs"
-                for c in cross
-            )
+            + " | ".join(text(v) for v in shown)
             + f" | {losses(True)} | {losses(False)} |"
         )
     lines += [

@@ -7,6 +7,7 @@
 """
 
 import math
+import types
 
 import pytest
 
@@ -121,6 +122,21 @@ def test_a_tie_at_underflow_is_named_not_counted_as_a_loss():
         row["train_loss"] = 0.0
     line = budget_sweep.verdict_lines({10: runs})
     assert "LOSES at equal compute in 0 of 3 seeds, 1 tied" in line
+
+
+def test_a_model_without_tails_names_no_crossover(tmp_path):
+    runs = cell("two-phase-fixed", ADAM[:5] + [1e-6] * 5, swap=5)
+    for run in runs:
+        for row in run.rows:
+            row.update(train_acc=1.0, val_loss=0.002, compile_time=0.0, num_params=1)
+    # vit-mlp: its Adam runs only, the second phases not run yet.
+    runs += [analysis.Run("vit-mlp", r.optimizer, r.rows, 0) for r in runs[:2]]
+    data = types.SimpleNamespace(name="digits", x_train=[0] * 8, num_classes=10)
+    budget_sweep.write_sweep({10: runs}, data, tmp_path, "softmax_mse")
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert "| vgg5 | 10 epochs |" in "\n".join(table)
+    assert any(line.startswith("| vit-mlp | - |") for line in table)
+    assert not any(line.startswith("| vit-mlp | none up to") for line in table)
 
 
 def test_table_1_layout_sets_the_papers_rows_beside_the_means_of_ours():
