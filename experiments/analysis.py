@@ -252,27 +252,22 @@ def wins_both(runs: list[Run], run: Run, key: str = "forward_passes") -> bool | 
     """Whether ``run``'s training loss is below both Adam baselines' at equal
     ``key`` (exact zeros compare as numbers: 0 beats a positive loss); None
     without a second-phase epoch in the compared compute."""
-    pairs = [at_equal(runs, run, key, b) for b in variants.BASELINES]
-    if any(p is None for p in pairs):
-        return False
-    if not second_phase_within(pairs[0][0], run):
-        return None
-    return all(ours["train_loss"] < theirs["train_loss"] for ours, theirs in pairs)
+    found = outcome(runs, run, key)
+    return None if found is None else found == "win"
 
 
 def outcome(runs: list[Run], run: Run, key: str = "forward_passes") -> str | None:
     """``"win"`` (below both Adam baselines at equal ``key``), ``"tie"`` (equal
     to the lower of the two: both 0 after float32 underflow, say) or
-    ``"loss"``; None where :func:`wins_both` gives no verdict."""
-    won = wins_both(runs, run, key)
-    if won is None or won:
-        return None if won is None else "win"
+    ``"loss"``; None without a second-phase epoch in the compared compute."""
     pairs = [at_equal(runs, run, key, b) for b in variants.BASELINES]
     if any(p is None for p in pairs):
         return "loss"
+    if not second_phase_within(pairs[0][0], run):
+        return None
     ours = pairs[0][0]["train_loss"]
     better = min(theirs["train_loss"] for _, theirs in pairs)
-    return "tie" if ours == better else "loss"
+    return "win" if ours < better else "tie" if ours == better else "loss"
 
 
 def has_baselines(runs: list[Run], run: Run) -> bool:
