@@ -314,24 +314,26 @@ def retable(
 ) -> None:
     """``--retable``: a copied sweep's table, plots and provenance written
     again from its metrics; the old header (the command that made it, its
-    note) is kept beneath the new command."""
-    old = (folder / "table.md").read_text().splitlines()
+    note) is kept beneath the new command, the runs still missing are listed
+    again, and the provenance is the copy's own plus the runs copied in since
+    (:func:`sweep_copies.copy_summary`)."""
     made_before = json.loads((folder / "table.json").read_text())
     budgets = sorted(int(b) for b in made_before["budgets"])
     models_ = list(dict.fromkeys(e["model"] for e in made_before["summary"]))
-    # The old header: the lines between the title and the "Loss:" paragraph.
-    end = next(k for k, line in enumerate(old) if line.startswith("Loss: "))
-    header = [
-        line
-        for line in old[1:end]
-        if not line.startswith("Code: ") and "--retable" not in line
-    ]
-    note = "\n".join(header).strip()
+    note = sweep_copies.header_note((folder / "table.md").read_text())
     by_budget = sweep_copies.read_copy(folder, budgets, models_ or None)
-    made = provenance.committed(folder / "metrics")
+    missing = sweep_copies.missing_runs(folder, budgets)
+    made = sweep_copies.copy_summary(folder)
     (folder / provenance.FILE).write_text(json.dumps(made, indent=2))
     budget_sweep.write_sweep(
-        by_budget, dataset, folder, loss, command, note, (), provenance.describe(made)
+        by_budget,
+        dataset,
+        folder,
+        loss,
+        command,
+        note,
+        missing,
+        provenance.describe(made),
     )
     plot_budgets(by_budget, folder, loss)
     print(budget_sweep.verdict_lines(by_budget))
@@ -479,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="--sweep: train nothing; write DIR's table, plots and "
         "provenance.json again from the metrics a --copy-to left there (its "
-        "header kept), under this version's verdict rules",
+        "header kept), under this version's verdict rules; the provenance adds "
+        "the records of runs copied in since (<name>.provenance.json)",
     )
     parser.add_argument(
         "--redo-tails",

@@ -295,6 +295,29 @@ def describe(summary: dict[str, Any]) -> str:
     return f"Code: {code}. Libraries: {libraries}. Machine: {machines}. ({FILE})"
 
 
+def merge(*summaries: dict[str, Any]) -> dict[str, Any]:
+    """One summary of the records behind several :func:`summarize` summaries,
+    the same as summarizing those records together."""
+    merged: dict[str, Any] = {"records": sum(s["records"] for s in summaries)}
+    for key in (
+        "code",
+        "code_digests",
+        "machines",
+        "libraries",
+        "second_phase_defaults",
+    ):
+        seen: dict[str, dict[str, Any]] = {}
+        for summary in summaries:
+            for item in summary.get(key, []):
+                plain = {k: v for k, v in item.items() if k != "records"}
+                name = json.dumps(plain, sort_keys=True)
+                seen.setdefault(name, {**plain, "records": 0})["records"] += item[
+                    "records"
+                ]
+        merged[key] = list(seen.values())
+    return merged
+
+
 def write_summary(directory: pathlib.Path, run_dirs: Iterable[pathlib.Path]) -> str:
     """Writes the summary of the runs in ``run_dirs`` to ``directory`` and
     returns its :func:`describe` line."""

@@ -4,11 +4,13 @@ back (``--retable``), and the provenance of its runs.
 
 The copy holds no checkpoints: ``metrics/<model>/seed<k>/<variant>.jsonl``
 for the runs that span every budget (Adam's, the detected swap's) and
-``<variant>-b<budget>.jsonl`` for the others.
+``<variant>-b<budget>.jsonl`` for the others, each beside its run's
+``provenance.json`` as ``<same name>.provenance.json``.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 
@@ -20,6 +22,8 @@ from experiments.budget_sweep import VARIANTS
 from experiments.budget_sweep import Sweep
 
 _ADAM = variant_registry.ADAM.name
+# provenance.json's list of the per-run records a copy's summary counts.
+RUN_FILES = "run_files"
 
 
 def run_source(sweep: Sweep, run: Run, budget: int) -> pathlib.Path | None:
@@ -90,7 +94,7 @@ def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Pa
         shutil.copy2(path, dest / path.name)
     for path in sweep.out.glob("*.png"):
         shutil.copy2(path, dest / path.name)
-    shutil.copy2(sweep.out / provenance.FILE, dest / provenance.FILE)
+    run_files = set()
     for budget, runs in by_budget.items():
         for run in runs:
             source = run_source(sweep, run, budget)
@@ -101,3 +105,87 @@ def copy_results(sweep: Sweep, by_budget: dict[int, list[Run]], dest: pathlib.Pa
             target = dest / "metrics" / run.model / f"seed{run.seed}" / f"{name}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / "metrics.jsonl", target)
+            if (source / provenance.FILE).exists():
+                made = target.with_name(f"{name}.{provenance.FILE}")
+                shutil.copy2(source / provenance.FILE, made)
+                run_files.add(made.relative_to(dest).as_posix())
+    # The sweep's summary covers exactly these runs: say which files it counts.
+    summary = json.loads((sweep.out / provenance.FILE).read_text())
+    summary[RUN_FILES] = sorted(run_files)
+    (dest / provenance.FILE).write_text(json.dumps(summary, indent=2))
+
+
+def copy_summary(dest: pathlib.Path) -> dict:
+    """What made the runs of a copy, for ``--retable``: the summary it was
+    copied with plus the records of every run copied into it since (a
+    ``<name>.provenance.json`` beside the metrics that the summary's
+    ``run_files`` does not list); for a copy made before runs recorded their
+    provenance, :func:`provenance.committed`.
+
+    The records of a run whose metrics were replaced stay counted: a copy
+    only grows.
+    """
+    dest = pathlib.Path(dest)
+    path = dest / provenance.FILE
+    before = json.loads(path.read_text()) if path.exists() else {}
+    if not before or "committed_in" in before:
+        return provenance.committed(dest / "metrics")
+    counted = set(before.get(RUN_FILES, []))
+    files = {
+        p.relative_to(dest).as_posix()
+        for p in (dest / "metrics").rglob(f"*.{provenance.FILE}")
+    }
+    added = sorted(files - counted)
+    records = [r for f in added for r in json.loads((dest / f).read_text())["records"]]
+    made = provenance.merge(before, provenance.summarize(records))
+    made[RUN_FILES] = sorted(counted | files)
+    return made
+
+
+def missing_runs(dest: pathlib.Path, budgets: list[int]) -> list[tuple]:
+    """``(model, seed, budget, variant)`` for each per-budget run a copy lacks:
+    at a budget a seed's Adam run reaches, a variant that another seed of
+    the same model has there (a detected swap with no file never fired, and
+    a seed whose Adam run is shorter was not planned: neither is listed)."""
+    per_budget = [
+        v for v in VARIANTS if variant_registry.get(v).sweep in ("per-budget", "tail")
+    ]
+    found: dict[tuple, set[str]] = {}
+    for seed_dir in sorted((pathlib.Path(dest) / "metrics").glob("*/seed*")):
+        model, seed = seed_dir.parent.name, int(seed_dir.name[len("seed") :])
+        adam = run_records.read_metrics(seed_dir / f"{_ADAM}.jsonl")
+        for budget in budgets:
+            if len(adam) >= budget:
+                found[model, seed, budget] = {
+                    v
+                    for v in per_budget
+                    if len(run_records.read_metrics(seed_dir / f"{v}-b{budget}.jsonl"))
+                    >= budget
+                }
+    missing = []
+    for (model, seed, budget), have in found.items():
+        planned = set().union(
+            *(v for (m, _, b), v in found.items() if (m, b) == (model, budget))
+        )
+        missing += [(model, seed, budget, v) for v in per_budget if v in planned - have]
+    return missing
+
+
+def header_note(table_md: str) -> str:
+    """The note of a copy's ``table.md`` for ``--retable`` to keep: the lines
+    between the title and the "Loss:" paragraph, less the provenance line,
+    an earlier ``--retable`` command and the list of missing runs (both
+    written again)."""
+    lines = table_md.splitlines()
+    end = next(k for k, line in enumerate(lines) if line.startswith("Loss: "))
+    kept, in_missing = [], False
+    for line in lines[1:end]:
+        if line.startswith("**Missing**"):
+            in_missing = True
+        elif in_missing and (not line.strip() or line.startswith("- ")):
+            continue
+        else:
+            in_missing = False
+            if not line.startswith("Code: ") and "--retable" not in line:
+                kept.append(line)
+    return "\n".join(kept).strip()

@@ -25,6 +25,7 @@ from experiments import compare  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
 from experiments import provenance  # noqa: E402
 from experiments import run_records  # noqa: E402
+from experiments import sweep_copies  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments import variants  # noqa: E402
 
@@ -298,15 +299,19 @@ def test_a_resumed_sweep_reads_every_run_back_and_redo_tails_keeps_adam(
     assert (record / "table.json").read_text() == table
     runs_dir = out / "runs" / small_sweep["model"] / "seed0"
     copied = record / "metrics" / small_sweep["model"] / "seed0"
+    names = ["adam"] + [
+        f"{v}-b{b}" for v in variants.SWEEP[1:] if v != "two-phase" for b in (3, 6)
+    ]
     assert sorted(p.name for p in copied.iterdir()) == sorted(
-        ["adam.jsonl"]
-        + [
-            f"{v}-b{b}.jsonl"
-            for v in variants.SWEEP[1:]
-            if v != "two-phase"
-            for b in (3, 6)
-        ]
+        f"{name}{suffix}" for name in names for suffix in (".jsonl", ".provenance.json")
     )
+    # Each run's records beside its metrics; the copy's summary counts them.
+    made = json.loads((record / "provenance.json").read_text())
+    assert len(made["run_files"]) == len(names)
+    assert made["records"] == sum(
+        len(json.loads((record / f).read_text())["records"]) for f in made["run_files"]
+    )
+    assert sweep_copies.copy_summary(record) == made
     assert metrics(runs_dir / "adam-lbfgs" / "b6") == run_records.read_metrics(
         copied / "adam-lbfgs-b6.jsonl"
     )
@@ -340,3 +345,38 @@ def test_sweep_mistakes_are_one_line_usage_errors(capsys):
     with pytest.raises(SystemExit):
         compare.main(["--sweep", "--optimizers", "cg"])
     assert "argument --optimizers: cg not in a sweep" in capsys.readouterr().err
+
+
+def test_a_retabled_copy_lists_the_runs_it_still_lacks_and_keeps_its_note(tmp_path):
+    def write(seed, name, epochs):
+        path = tmp_path / "metrics" / "vgg5" / f"seed{seed}" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(epochs)))
+
+    for seed in (0, 1):
+        write(seed, "adam", 6)
+        write(seed, "two-phase-fixed-b6", 6)
+    write(0, "adam-lbfgs-b6", 6)
+    write(1, "adam-lbfgs-b6", 4)  # Stopped before its budget.
+    write(2, "adam", 3)  # Adam short of the budget: that seed was not planned.
+    assert sweep_copies.missing_runs(tmp_path, [6]) == [("vgg5", 1, 6, "adam-lbfgs")]
+    table = "\n".join(
+        [
+            "# digits: when the second phase pays",
+            "",
+            "Code: twophase_optax at commit abc1234 (clean). (provenance.json)",
+            "",
+            "Made with `python -m experiments.compare --sweep`.",
+            "",
+            "Run on one core.",
+            "",
+            "**Missing** (not run, or not finished, when the table was written):",
+            "",
+            "- vgg5 seed 1, adam-lbfgs: 6 epochs",
+            "",
+            "Loss: xent.",
+        ]
+    )
+    assert sweep_copies.header_note(table) == (
+        "Made with `python -m experiments.compare --sweep`.\n\nRun on one core."
+    )

@@ -76,3 +76,45 @@ def test_equal_digests_say_the_code_was_the_same_across_commits(tmp_path):
     later["code"]["library_digest"] = "000000000000"
     line = provenance.describe(provenance.summarize([record, later]))
     assert "2 different library or training codes" in line
+
+
+def test_merged_summaries_are_the_summary_of_all_their_records():
+    record = provenance.collect()
+    other = json.loads(json.dumps(record))
+    other["code"]["commit"] = "fffffff"
+    other["machine"]["device"] = "NVIDIA H200"
+    merged = provenance.merge(
+        provenance.summarize([record, other]), provenance.summarize([record])
+    )
+    assert merged == provenance.summarize([record, other, record])
+
+
+def test_a_retabled_copy_counts_the_runs_copied_in_since_once(tmp_path, monkeypatch):
+    from experiments import sweep_copies
+
+    def run_file(name, starts):
+        path = tmp_path / "metrics" / "vgg5" / "seed0" / f"{name}.{provenance.FILE}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = [provenance.collect() for _ in range(starts)]
+        path.write_text(json.dumps({"records": records}))
+        return path.relative_to(tmp_path).as_posix(), records
+
+    adam, adam_records = run_file("adam", 2)
+    copied = provenance.summarize(adam_records)
+    copied[sweep_copies.RUN_FILES] = [adam]
+    (tmp_path / provenance.FILE).write_text(json.dumps(copied))
+    assert sweep_copies.copy_summary(tmp_path) == copied
+    # A run copied in later adds its records, once.
+    tail, tail_records = run_file("adam-lbfgs-b10", 1)
+    made = sweep_copies.copy_summary(tmp_path)
+    assert made["records"] == 3 and made[sweep_copies.RUN_FILES] == [tail, adam]
+    assert provenance.describe(made) == provenance.describe(
+        provenance.summarize(adam_records + tail_records)
+    )
+    (tmp_path / provenance.FILE).write_text(json.dumps(made))
+    assert sweep_copies.copy_summary(tmp_path) == made
+    # A copy from before runs recorded their provenance: the commit that made
+    # its metrics, as before.
+    (tmp_path / provenance.FILE).unlink()
+    monkeypatch.setattr(provenance, "committed", lambda path: {"committed_in": path})
+    assert sweep_copies.copy_summary(tmp_path) == {"committed_in": tmp_path / "metrics"}
