@@ -142,30 +142,42 @@ def copy_summary(dest: pathlib.Path) -> dict:
     return made
 
 
-def missing_runs(dest: pathlib.Path, budgets: list[int]) -> list[tuple]:
-    """``(model, seed, budget, variant)`` for each per-budget run a copy lacks:
-    at a budget a seed's Adam run reaches, a variant that another seed of
-    the same model has there (a detected swap with no file never fired, and
-    a seed whose Adam run is shorter was not planned: neither is listed)."""
+def missing_runs(
+    dest: pathlib.Path, budgets: list[int], models: list[str] | None = None
+) -> list[tuple]:
+    """``(model, seed, budget, variant)`` for each run a copy lacks, as the
+    sweep lists them (models in the order of ``models``): a seed whose Adam
+    run is shorter than a budget lacks ``"adam, so every variant"`` there; at
+    a budget its Adam run reaches, a variant that another seed of the same
+    model has there (a detected swap with no file never fired: not listed)."""
     per_budget = [
         v for v in VARIANTS if variant_registry.get(v).sweep in ("per-budget", "tail")
     ]
-    found: dict[tuple, set[str]] = {}
-    for seed_dir in sorted((pathlib.Path(dest) / "metrics").glob("*/seed*")):
+    seed_dirs = sorted((pathlib.Path(dest) / "metrics").glob("*/seed*"))
+    if models:
+        seed_dirs.sort(key=lambda d: models.index(d.parent.name))
+    found: dict[tuple, set[str] | None] = {}
+    for seed_dir in seed_dirs:
         model, seed = seed_dir.parent.name, int(seed_dir.name[len("seed") :])
-        adam = run_records.read_metrics(seed_dir / f"{_ADAM}.jsonl")
+        adam = len(run_records.read_metrics(seed_dir / f"{_ADAM}.jsonl"))
         for budget in budgets:
-            if len(adam) >= budget:
-                found[model, seed, budget] = {
+            found[model, seed, budget] = (
+                {
                     v
                     for v in per_budget
                     if len(run_records.read_metrics(seed_dir / f"{v}-b{budget}.jsonl"))
                     >= budget
                 }
+                if adam >= budget
+                else None
+            )
     missing = []
     for (model, seed, budget), have in found.items():
+        if have is None:
+            missing.append((model, seed, budget, "adam, so every variant"))
+            continue
         planned = set().union(
-            *(v for (m, _, b), v in found.items() if (m, b) == (model, budget))
+            *(v for (m, _, b), v in found.items() if (m, b) == (model, budget) and v)
         )
         missing += [(model, seed, budget, v) for v in per_budget if v in planned - have]
     return missing

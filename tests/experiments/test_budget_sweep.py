@@ -358,8 +358,11 @@ def test_a_retabled_copy_lists_the_runs_it_still_lacks_and_keeps_its_note(tmp_pa
         write(seed, "two-phase-fixed-b6", 6)
     write(0, "adam-lbfgs-b6", 6)
     write(1, "adam-lbfgs-b6", 4)  # Stopped before its budget.
-    write(2, "adam", 3)  # Adam short of the budget: that seed was not planned.
-    assert sweep_copies.missing_runs(tmp_path, [6]) == [("vgg5", 1, 6, "adam-lbfgs")]
+    write(2, "adam", 3)  # Stopped before the budget: so is every variant.
+    assert sweep_copies.missing_runs(tmp_path, [3, 6]) == [
+        ("vgg5", 1, 6, "adam-lbfgs"),
+        ("vgg5", 2, 6, "adam, so every variant"),
+    ]
     table = "\n".join(
         [
             "# digits: when the second phase pays",
