@@ -287,6 +287,7 @@ def describe(summary: dict[str, Any]) -> str:
     )
     machines = "; ".join(
         f"{m.get('device')} ({m.get('backend')}"
+        + (f", {m['cpu']}" if m.get("backend") == "cpu" and m.get("cpu") else "")
         + (f", {m['cores_usable']} cores usable" if m.get("cores_usable") else "")
         + (f", {m['records']} starts" if len(summary["machines"]) > 1 else "")
         + ")"

@@ -198,6 +198,8 @@ def header_note(table_md: str) -> str:
             continue
         else:
             in_missing = False
-            if not line.startswith("Code: ") and "--retable" not in line:
+            retabled = line.startswith("Made with `") and "--retable" in line
+            blank_again = not line.strip() and kept and not kept[-1].strip()
+            if not line.startswith("Code: ") and not retabled and not blank_again:
                 kept.append(line)
     return "\n".join(kept).strip()

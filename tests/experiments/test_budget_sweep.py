@@ -371,7 +371,9 @@ def test_a_retabled_copy_lists_the_runs_it_still_lacks_and_keeps_its_note(tmp_pa
             "",
             "Made with `python -m experiments.compare --sweep`.",
             "",
-            "Run on one core.",
+            "Made with `python -m experiments.compare --retable DIR`.",
+            "",
+            "Run on one core; one run copied in later (`--retable`).",
             "",
             "**Missing** (not run, or not finished, when the table was written):",
             "",
@@ -381,5 +383,6 @@ def test_a_retabled_copy_lists_the_runs_it_still_lacks_and_keeps_its_note(tmp_pa
         ]
     )
     assert sweep_copies.header_note(table) == (
-        "Made with `python -m experiments.compare --sweep`.\n\nRun on one core."
+        "Made with `python -m experiments.compare --sweep`.\n\n"
+        "Run on one core; one run copied in later (`--retable`)."
     )

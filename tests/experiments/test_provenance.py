@@ -62,6 +62,8 @@ def test_the_summary_counts_each_code_version_and_machine(tmp_path):
     line = provenance.describe(summary)
     assert "at commit 0000000 (clean, 1 of 3 starts)" in line
     assert "NVIDIA H200" in line
+    if record["machine"]["backend"] == "cpu":  # Two CPUs round differently.
+        assert f"cpu (cpu, {record['machine']['cpu']}, " in line
     empty = provenance.describe(provenance.summarize([]))
     assert empty.startswith("Code: not recorded")
 
