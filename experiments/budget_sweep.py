@@ -93,8 +93,7 @@ class Sweep:
     redo_tails: bool = False
     progress: bool = True
     checkpoint_every: int = 1  # Each run's --checkpoint-every.
-    # Train nothing: read finished runs back, and list the rest in ``missing``
-    # as (model, seed, budget, variant).
+    # Train nothing: read finished runs back, list the rest in ``missing``.
     read_only: bool = False
     missing: list[tuple] = dataclasses.field(default_factory=list)
     # Budgets to extend the sweep to later: the Adam run keeps the checkpoints
@@ -180,8 +179,7 @@ def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
     )
     tails_resume = sweep.resume and not sweep.redo_tails
     read_back = sweep.resume or sweep.redo_tails
-    # Within one call a run that was started goes on for the next budget.
-    started: set[tuple] = set()
+    started: set[tuple] = set()  # Runs go on from one budget to the next.
 
     def run(variant, budget, long=False, prefix_epoch=None, resume=read_back):
         """``long``: one run for all budgets (Adam's, the detected swap's)."""
@@ -265,6 +263,8 @@ FLOOR = 1e-30  # Where the plot draws a ratio of 0 (a loss of exactly 0).
 def plot_crossover(entries: list[dict[str, Any]], path: pathlib.Path, title: str):
     """Loss ratio to the better Adam baseline at equal compute, per budget."""
     shown = [v for v in TWO_PHASE if any(e["variant"] == v for e in entries)]
+    if not shown:  # No run with both baselines (cosine Adam missing, say).
+        return
     fig, axes = plt.subplots(
         1,
         len(shown),

@@ -386,3 +386,9 @@ def test_a_retabled_copy_lists_the_runs_it_still_lacks_and_keeps_its_note(tmp_pa
         "Made with `python -m experiments.compare --sweep`.\n\n"
         "Run on one core; one run copied in later (`--retable`)."
     )
+
+
+def test_a_sweep_without_cosine_adam_writes_its_table_and_no_crossover_plot(tmp_path):
+    # No entry has both baselines yet: nothing to plot, and no error.
+    budget_sweep.plot_crossover([], tmp_path / "crossover.png", "no baselines")
+    assert not (tmp_path / "crossover.png").exists()
