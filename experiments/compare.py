@@ -322,7 +322,15 @@ def retable(
     models_ = list(dict.fromkeys(e["model"] for e in made_before["summary"]))
     note = sweep_copies.header_note((folder / "table.md").read_text())
     by_budget = sweep_copies.read_copy(folder, budgets, models_ or None)
-    missing = sweep_copies.missing_runs(folder, budgets, models_ or None)
+    missing = sweep_copies.missing_runs(
+        folder, budgets, models_ or None, made_before.get("missing", [])
+    )
+    # A detected swap with no file reads as Adam's run: not where it never ran.
+    lacking = set(missing)
+    by_budget = {
+        b: [r for r in runs if (r.model, r.seed, b, r.optimizer) not in lacking]
+        for b, runs in by_budget.items()
+    }
     made = sweep_copies.copy_summary(folder)
     (folder / provenance.FILE).write_text(json.dumps(made, indent=2))
     budget_sweep.write_sweep(

@@ -47,6 +47,16 @@ def record_provenance(sweep: Sweep, by_budget: dict[int, list[Run]]) -> str:
     return provenance.write_summary(sweep.out, sorted(dirs))
 
 
+def _seed_dirs(dest: pathlib.Path, models: list[str] | None):
+    """``(model, seed, folder)`` per ``metrics/<model>/seed<k>`` of a copy,
+    models in the order of ``models`` (all of them), else by name."""
+    seed_dirs = sorted((pathlib.Path(dest) / "metrics").glob("*/seed*"))
+    if models:
+        seed_dirs.sort(key=lambda d: models.index(d.parent.name))
+    for seed_dir in seed_dirs:
+        yield seed_dir.parent.name, int(seed_dir.name[len("seed") :]), seed_dir
+
+
 def read_copy(
     dest: pathlib.Path, budgets: list[int], models: list[str] | None = None
 ) -> dict[int, list[Run]]:
@@ -56,11 +66,7 @@ def read_copy(
     Adam's run), each tail and cosine Adam from its budget's file; models in
     the order of ``models`` (all of them), else by name."""
     by_budget: dict[int, list[Run]] = {b: [] for b in budgets}
-    seed_dirs = sorted((pathlib.Path(dest) / "metrics").glob("*/seed*"))
-    if models:
-        seed_dirs.sort(key=lambda d: models.index(d.parent.name))
-    for seed_dir in seed_dirs:
-        model, seed = seed_dir.parent.name, int(seed_dir.name[len("seed") :])
+    for model, seed, seed_dir in _seed_dirs(dest, models):
 
         def rows(name, seed_dir=seed_dir):
             return run_records.read_metrics(seed_dir / f"{name}.jsonl")
@@ -143,31 +149,36 @@ def copy_summary(dest: pathlib.Path) -> dict:
 
 
 def missing_runs(
-    dest: pathlib.Path, budgets: list[int], models: list[str] | None = None
+    dest: pathlib.Path,
+    budgets: list[int],
+    models: list[str] | None = None,
+    listed: list[dict] = (),
 ) -> list[tuple]:
     """``(model, seed, budget, variant)`` for each run a copy lacks, as the
     sweep lists them (models in the order of ``models``): a seed whose Adam
     run is shorter than a budget lacks ``"adam, so every variant"`` there; at
     a budget its Adam run reaches, a variant that another seed of the same
-    model has there (a detected swap with no file never fired: not listed)."""
+    model has there (a detected swap with no file never fired: not listed),
+    and each run of ``listed`` (the copy's table.json ``missing``) whose file
+    is still lacking, so a copy of one seed keeps the list it was made with."""
     per_budget = [
         v for v in VARIANTS if variant_registry.get(v).sweep in ("per-budget", "tail")
     ]
-    seed_dirs = sorted((pathlib.Path(dest) / "metrics").glob("*/seed*"))
-    if models:
-        seed_dirs.sort(key=lambda d: models.index(d.parent.name))
+
+    def lacks(seed_dir, variant, budget):
+        if variant_registry.get(variant).sweep == "detected-tail":
+            return not (seed_dir / f"{variant}.jsonl").exists()
+        rows = run_records.read_metrics(seed_dir / f"{variant}-b{budget}.jsonl")
+        return len(rows) < budget
+
     found: dict[tuple, set[str] | None] = {}
-    for seed_dir in seed_dirs:
-        model, seed = seed_dir.parent.name, int(seed_dir.name[len("seed") :])
+    folders = {}
+    for model, seed, seed_dir in _seed_dirs(dest, models):
+        folders[model, seed] = seed_dir
         adam = len(run_records.read_metrics(seed_dir / f"{_ADAM}.jsonl"))
         for budget in budgets:
             found[model, seed, budget] = (
-                {
-                    v
-                    for v in per_budget
-                    if len(run_records.read_metrics(seed_dir / f"{v}-b{budget}.jsonl"))
-                    >= budget
-                }
+                {v for v in per_budget if not lacks(seed_dir, v, budget)}
                 if adam >= budget
                 else None
             )
@@ -179,7 +190,14 @@ def missing_runs(
         planned = set().union(
             *(v for (m, _, b), v in found.items() if (m, b) == (model, budget) and v)
         )
-        missing += [(model, seed, budget, v) for v in per_budget if v in planned - have]
+        planned |= {
+            v
+            for e in listed
+            if (e["model"], e["seed"], e["budget"]) == (model, seed, budget)
+            and (v := e["variant"]) in VARIANTS
+            and lacks(folders[model, seed], v, budget)
+        }
+        missing += [(model, seed, budget, v) for v in VARIANTS if v in planned - have]
     return missing
 
 

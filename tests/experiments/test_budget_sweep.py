@@ -363,6 +363,22 @@ def test_a_retabled_copy_lists_the_runs_it_still_lacks_and_keeps_its_note(tmp_pa
         ("vgg5", 1, 6, "adam-lbfgs"),
         ("vgg5", 2, 6, "adam, so every variant"),
     ]
+    # A copy of one seed has no other seed to infer from: what its table
+    # listed stays listed while its file is lacking, in the sweep's order.
+    listed = [
+        {"model": "vgg5", "seed": 0, "budget": 6, "variant": v}
+        for v in ("two-phase", "adam-cosine", "two-phase-fixed")
+    ]
+    assert sweep_copies.missing_runs(tmp_path, [6], None, listed) == [
+        ("vgg5", 0, 6, "adam-cosine"),
+        ("vgg5", 0, 6, "two-phase"),
+        ("vgg5", 1, 6, "adam-lbfgs"),
+        ("vgg5", 2, 6, "adam, so every variant"),
+    ]
+    write(0, "two-phase", 6)  # The detected swap, copied in since.
+    assert ("vgg5", 0, 6, "two-phase") not in sweep_copies.missing_runs(
+        tmp_path, [6], None, listed
+    )
     table = "\n".join(
         [
             "# digits: when the second phase pays",
