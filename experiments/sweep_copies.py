@@ -171,14 +171,13 @@ def missing_runs(
         rows = run_records.read_metrics(seed_dir / f"{variant}-b{budget}.jsonl")
         return len(rows) < budget
 
+    others = [v for v in VARIANTS if v != _ADAM]
     found: dict[tuple, set[str] | None] = {}
-    folders = {}
     for model, seed, seed_dir in _seed_dirs(dest, models):
-        folders[model, seed] = seed_dir
         adam = len(run_records.read_metrics(seed_dir / f"{_ADAM}.jsonl"))
         for budget in budgets:
             found[model, seed, budget] = (
-                {v for v in per_budget if not lacks(seed_dir, v, budget)}
+                {v for v in others if not lacks(seed_dir, v, budget)}
                 if adam >= budget
                 else None
             )
@@ -187,17 +186,17 @@ def missing_runs(
         if have is None:
             missing.append((model, seed, budget, "adam, so every variant"))
             continue
-        planned = set().union(
-            *(v for (m, _, b), v in found.items() if (m, b) == (model, budget) and v)
-        )
-        planned |= {
+        planned = {
             v
+            for (m, _, b), v_have in found.items()
+            if (m, b) == (model, budget) and v_have
+            for v in v_have & set(per_budget)
+        } | {
+            e["variant"]
             for e in listed
             if (e["model"], e["seed"], e["budget"]) == (model, seed, budget)
-            and (v := e["variant"]) in VARIANTS
-            and lacks(folders[model, seed], v, budget)
         }
-        missing += [(model, seed, budget, v) for v in VARIANTS if v in planned - have]
+        missing += [(model, seed, budget, v) for v in others if v in planned - have]
     return missing
 
 
