@@ -13,10 +13,10 @@ it reuses (see ``RunConfig.prefix_run`` in :mod:`experiments.config`):
 * ``two-phase-fixed`` and ``adam-lbfgs``: the paper's fixed split, 30% of the
   budget with Adam, then CG or ``optax.lbfgs`` on the full batch; one tail per
   budget;
-* ``two-phase``: the detected swap. The epoch comes from
-  :func:`twophase_optax.swap.replay` on the Adam run's readings,
-  the detector ``two_phase`` runs live; its checkpoint is kept as the run
-  passes it, and one tail, read at each budget, runs from there.
+* ``two-phase``: the detected swap (none in a budget's last fifth), from
+  :func:`twophase_optax.swap.replay` of the live rule on Adam's readings;
+  its checkpoint is kept as the run passes it, and one tail, read at each
+  budget, runs from there.
 
 Everything is resumable: a finished run is read back, an unfinished one
 continues, and a longer budget extends the Adam run. With ``redo_tails`` the
@@ -99,9 +99,8 @@ class Sweep:
     # Budgets to extend the sweep to later: the Adam run keeps the checkpoints
     # their splits start from too, so that they need no new Adam run.
     later_budgets: list[int] = dataclasses.field(default_factory=list)
-    # The swap rule and its settings (swap_rule, gn_factor, smoothing,
-    # patience, min_rise, plateau_*), as Config takes them; empty: the
-    # defaults. **config_lib.PAPER_RULE: Algorithm 1.
+    # The swap rule and its settings (swap_rule, gn_factor, ...) as Config
+    # takes them; empty: the defaults. **config_lib.PAPER_RULE: Algorithm 1.
     detector: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -161,11 +160,12 @@ def train_run(config: config_lib.Config, resume: bool) -> list[dict[str, Any]]:
     return train_lib.train(config)[: config.run.epochs]
 
 
-def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]]) -> int | None:
-    """The epoch after which the live two-phase run with the sweep's swap rule
-    swaps (:func:`experiments.train.replayed_swap` on the Adam run's rows);
-    ``None`` if it does not swap within ``rows``."""
-    return run_records.replayed_swap(config_lib.Config.of(**sweep.detector), rows)
+def detected_epoch(sweep: Sweep, rows: list[dict[str, Any]], budget=None) -> int | None:
+    """The epoch after which the live two-phase run of ``budget`` epochs with
+    the sweep's swap rule swaps (:func:`run_records.replayed_swap` on the
+    Adam run's rows); ``None`` if it does not swap within ``rows``."""
+    config = config_lib.Config.of(**sweep.detector)
+    return run_records.replayed_swap(config, rows, budget=budget)
 
 
 def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
@@ -228,7 +228,7 @@ def run_model(sweep: Sweep, model: str, seed: int, label: str = "") -> dict:
                     run(variant, budget, prefix_epoch=prefix, resume=tails_resume)
                 )
             elif how == "detected-tail":
-                detected = detected_epoch(sweep, adam.rows)
+                detected = detected_epoch(sweep, adam.rows, budget)
                 if detected is None or detected + 1 >= budget:
                     # No swap within the budget: the live run is Adam's.
                     runs.append(Run(model, variant, adam.rows, seed))

@@ -50,7 +50,12 @@ DEFAULT_SWAP_RULE = "fit-or-plateau"  # tpo.swap.default
 
 # --paper-rule: the peak settings of tpo.swap.PAPER, Algorithm 1 as printed.
 PAPER_RULE = dict(
-    swap_rule="peak", gn_factor=0.9, smoothing=1.0, patience=1, min_rise=1.0
+    swap_rule="peak",
+    gn_factor=0.9,
+    smoothing=1.0,
+    patience=1,
+    min_rise=1.0,
+    late_swap=True,
 )
 
 
@@ -155,18 +160,36 @@ class SwapConfig:
         "two-phase, fit rules: fitted epochs in a row before the swap",
         type=_checked(tpo.swap.fitted, "patience", int),
     )
+    # Where the rule stops: by default not in the last fifth of --epochs.
+    late_swap: bool = flag(
+        False,
+        "two-phase: let the rule swap in the last fifth of --epochs too (by "
+        "default it does not, as tpo.swap.default(..., epochs=) and tpo.fit)",
+        action="store_true",
+    )
 
-    def make(self, steps_per_epoch: int | None = None) -> tpo.swap.SwapRule:
+    def make(
+        self, steps_per_epoch: int | None = None, epochs: int | None = None
+    ) -> tpo.swap.SwapRule:
         """The ``tpo.swap`` rule, read once per epoch of ``steps_per_epoch``
         steps; ``None``: the rule without its window, for
-        :func:`tpo.swap.replay` on per-epoch rows. The one place where the
+        :func:`tpo.swap.replay` on per-epoch rows. Given the run's ``epochs``,
+        no swap after :meth:`latest_swap` of them. The one place where the
         command line's rules become ``tpo.swap`` objects; the same settings
         give the same object, whose replay compiles once."""
-        return _swap_rule(self, steps_per_epoch)
+        return _swap_rule(self, steps_per_epoch, epochs)
+
+    def latest_swap(self, epochs: int) -> int:
+        """The last epoch after which the rule may swap in a run of
+        ``epochs``: ``epochs - epochs // 5`` as ``tpo.swap.default(...,
+        epochs=)`` (none in the last fifth), or ``epochs`` with --late-swap."""
+        return epochs if self.late_swap else epochs - epochs // 5
 
 
 @functools.lru_cache(maxsize=32)
-def _swap_rule(swap: SwapConfig, steps_per_epoch: int | None) -> tpo.swap.SwapRule:
+def _swap_rule(
+    swap: SwapConfig, steps_per_epoch: int | None, epochs: int | None
+) -> tpo.swap.SwapRule:
     peak = tpo.swap.peak(
         swap.gn_factor,
         smoothing=swap.smoothing,
@@ -186,6 +209,8 @@ def _swap_rule(swap: SwapConfig, steps_per_epoch: int | None) -> tpo.swap.SwapRu
         "fit": fitted,
         "fit-or-plateau": tpo.swap.any_of(fitted, plateau),
     }[swap.rule]
+    if epochs is not None and swap.latest_swap(epochs) < epochs:
+        rule = tpo.swap.within(rule, windows=swap.latest_swap(epochs))
     if steps_per_epoch is None:
         return rule
     return tpo.swap.per_window(rule, steps=steps_per_epoch)
@@ -470,7 +495,10 @@ def make_optimizer(
         # A tail (prefix_run) starts in the second phase, where the rule plays
         # no part: with the detected swap's rule the tails of every budget
         # and the detected swap's are one program, compiled once.
-        rule = optimizer.swap.make(adam_steps_per_epoch)
+        rule = optimizer.swap.make(
+            adam_steps_per_epoch,
+            None if config.run.prefix_run else config.run.epochs,
+        )
     return tpo.two_phase(
         adam,
         optax.lbfgs() if variant.second == "lbfgs" else cg,
@@ -515,7 +543,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--paper-rule",
         action="store_true",
         help="two-phase: Algorithm 1 as printed (same as --swap-rule peak "
-        "--gn-factor 0.9 --smoothing 1 --patience 1 --min-rise 1)",
+        "--gn-factor 0.9 --smoothing 1 --patience 1 --min-rise 1 --late-swap)",
     )
     args = vars(parser.parse_args(argv))
     check_model_fits_dataset(parser, args["model"], args["dataset"])

@@ -59,10 +59,15 @@ RECORDS = {
 
 
 def replayed_swap(
-    config: Config, rows: list[dict[str, Any]], length: int | None = None
+    config: Config,
+    rows: list[dict[str, Any]],
+    length: int | None = None,
+    budget: int | None = None,
 ) -> int | None:
     """The epoch after which a two-phase run with ``config``'s swap rule swaps,
-    replayed on an Adam run's metrics ``rows``; ``None`` if not within them.
+    replayed on an Adam run's metrics ``rows``; ``None`` if not within them,
+    or, for a run of ``budget`` epochs, if after the rule's last swap epoch
+    there (``SwapConfig.latest_swap``: none in the budget's last fifth).
 
     Before its swap a two-phase run is the Adam run, so its rule sees what
     the Adam run recorded: the gradient-norm readings, the mean batch losses
@@ -74,7 +79,11 @@ def replayed_swap(
     if length is not None:
         rows = rows + rows[-1:] * (length - len(rows))
     rule = config.optimizer.swap.make()
-    return tpo.swap.replay(rule, **records(rule, rows))
+    found = tpo.swap.replay(rule, **records(rule, rows))
+    swap = config.optimizer.swap
+    if budget and found is not None and found + 1 > swap.latest_swap(budget):
+        return None
+    return found
 
 
 def records(rule: tpo.swap.SwapRule, rows: list[dict[str, Any]]) -> dict[str, list]:

@@ -120,9 +120,11 @@ def fit(
       epochs: epochs in all (first and second phase), >= 1.
       key: a ``jax.random`` key for the shuffling.
       tx: any optax transformation. ``None``:
-        ``tpo.two_phase(optax.adam(1e-3), swap=tpo.swap.default(steps_per_epoch=S))``
-        with ``num_errors``, ``tpo.swap.per_window(tpo.swap.plateau(), steps=S)``
-        without, ``S`` the number of mini-batches per epoch. Plain
+        ``tpo.two_phase(optax.adam(1e-3), swap=tpo.swap.default(steps_per_epoch=S,
+        epochs=epochs))`` with ``num_errors``, the plateau alone
+        (``per_window(within(plateau(), windows=epochs - epochs // 5), steps=S)``)
+        without, ``S`` the number of mini-batches per epoch: no swap in the
+        last fifth of the epochs. Plain
         ``optax.adam(1e-3)`` gives the Adam baseline through the same call.
         Where a state of about 23 times the params fits in memory,
         ``tpo.two_phase(optax.adam(1e-3), optax.lbfgs(), swap=...)`` reached
@@ -194,10 +196,13 @@ def fit(
         _num_examples(validation, "validation")
     steps = n // batch_size
     if tx is None:
+        last = epochs - epochs // 5  # No swap in the budget's last fifth.
         rule = (
-            swap_lib.default(steps_per_epoch=steps)
+            swap_lib.default(steps_per_epoch=steps, epochs=epochs)
             if num_errors is not None
-            else swap_lib.per_window(swap_lib.plateau(), steps=steps)
+            else swap_lib.per_window(
+                swap_lib.within(swap_lib.plateau(), windows=last), steps=steps
+            )
         )
         tx = two_phase(optax.adam(1e-3), swap=rule)
     tx = optax.with_extra_args_support(tx)

@@ -18,10 +18,12 @@ one explicit choice, :func:`per_window`, which sums the steps' values once for
 every rule below it; a rule that needs a window and has none is an error in
 :func:`twophase_optax.two_phase`, so that an epoch is never silently taken for
 a step. Combinators keep the tuple of their children's states, as
-``optax.chain`` does: :func:`any_of` (whichever holds first) and :func:`after`
-(a rule counted once a trigger has held).
+``optax.chain`` does: :func:`any_of` (whichever holds first), :func:`after`
+(a rule counted once a trigger has held) and :func:`within` (a rule counted
+only on the first N readings).
 
-:func:`default` (fit or plateau, per epoch) is the rule to start from;
+:func:`default` (fit or plateau, per epoch, not in a budget's last fifth)
+is the rule to start from;
 :data:`PAPER` is Algorithm 1 as printed. :func:`replay` and :func:`holds`
 run recorded readings (a metrics file's epochs) through a rule's own code.
 
@@ -780,26 +782,100 @@ def after(trigger: SwapRule, rule: SwapRule) -> SwapRule:
     )
 
 
-def default(steps_per_epoch: int) -> SwapRule:
+class WithinState(NamedTuple):
+    """State of :func:`within`: ``num_readings``, the complete readings so
+    far (int32), and the rule's state."""
+
+    num_readings: jax.Array
+    rule_state: Any
+
+
+def within(rule: SwapRule, *, windows: int) -> SwapRule:
+    """Holds where ``rule`` holds on one of the first ``windows`` complete
+    readings (epochs, under a per-epoch :func:`per_window`), never later.
+
+    The second phase has to win back what its first epochs cost; with only
+    the last few epochs of a budget left it has no time to (in the swap-rule
+    studies none of the swaps made in a budget's last fifth ended below
+    Adam's loss), so :func:`default` given ``epochs`` stops there. ``rule``
+    goes on reading after the limit; only its signal is dropped.
+
+    Args:
+      rule: the rule, or combination of rules, to limit.
+      windows: the last reading on which a swap may come, >= 1.
+
+    Example:
+      >>> import twophase_optax as tpo
+      >>> late = tpo.swap.plateau(0.1, patience=1, smoothing=1.0)
+      >>> values = [1.0, 0.5, 0.25, 0.24, 0.23]
+      >>> tpo.swap.replay(late, value=values)
+      3
+      >>> tpo.swap.replay(tpo.swap.within(late, windows=3), value=values) is None
+      True
+    """
+    _check_rule(rule, "tpo.swap.within")
+    _check("within", windows=(windows, _COUNT))
+    if _has_window(rule):
+        raise ValueError(
+            "tpo.swap.within counts the readings of a window; limit the rule "
+            "inside it: per_window(within(rule, windows=N), steps=S)."
+        )
+
+    def init(params: Any) -> WithinState:
+        return WithinState(jnp.asarray(0, jnp.int32), rule.init(params))
+
+    def update(reading: Reading, state: WithinState) -> tuple[jax.Array, WithinState]:
+        reason, rule_state = rule.update(reading, state.rule_state)
+        count = state.num_readings + reading.complete.astype(jnp.int32)
+        return jnp.where(count <= windows, reason, 0), WithinState(count, rule_state)
+
+    return SwapRule(
+        init,
+        update,
+        rule.reads,
+        needs_window=rule.needs_window,
+        starts_second=rule.starts_second,
+        kind="within",
+        children=(rule,),
+    )
+
+
+def default(steps_per_epoch: int, *, epochs: int | None = None) -> SwapRule:
     """Fit or plateau, read once per epoch: the rule to start from.
 
     ``per_window(any_of(fitted(), plateau()), steps=steps_per_epoch)``: swap
     once ten epochs in a row got every training example right, or once the
     epoch's mean loss has not fallen by 10% for five epochs, whichever comes
-    first. Chosen on the digits sweep's cells (BENCHMARKS.md section 10),
-    where it leaves short budgets to Adam. It reads ``num_errors``; for a
-    loss without classes use ``per_window(plateau(), steps=steps_per_epoch)``.
+    first. Given the run's ``epochs``, never in their last fifth
+    (:func:`within` the first ``epochs - epochs // 5``), where the second
+    phase has too little time left to pay; :func:`twophase_optax.fit` passes
+    them. Chosen on the digits and mnist5k swap-rule studies (BENCHMARKS.md
+    section 10), where it leaves short budgets to Adam. It reads
+    ``num_errors``; for a loss without classes use
+    ``per_window(plateau(), steps=steps_per_epoch)``.
 
     Args:
       steps_per_epoch: the first phase's steps per epoch, >= 1.
+      epochs: the run's epochs, >= 1, or ``None`` for no last swap epoch.
 
     Example:
       >>> import twophase_optax as tpo
       >>> tpo.swap.default(steps_per_epoch=23).window
       23
+      >>> flat = dict(value=[1.0] * 10, num_errors=[3] * 10)  # a plateau
+      >>> tpo.swap.replay(tpo.swap.default(1), **flat)  # after reading 5
+      5
+      >>> tpo.swap.replay(tpo.swap.default(1, epochs=10), **flat)  # within 8
+      5
+      >>> tpo.swap.replay(tpo.swap.default(1, epochs=6), **flat) is None
+      True
     """
     _check("default", steps_per_epoch=(steps_per_epoch, _COUNT))
-    return per_window(any_of(fitted(), plateau()), steps=steps_per_epoch)
+    rule = any_of(fitted(), plateau())
+    if epochs is not None:
+        _check("default", epochs=(epochs, _COUNT))
+        rule = within(rule, windows=epochs - epochs // 5)
+    return per_window(rule, steps=steps_per_epoch)
 
 
 # -- replay ----------------------------------------------------------------------

@@ -111,12 +111,21 @@ class Swap:
 
     after: int | None
     probes: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    # Whether the rule stops before a budget's last fifth (tpo.swap.within).
+    cut: bool = False
+
+    def within(self, budget: int) -> bool:
+        """Whether it swaps within ``budget`` epochs."""
+        last = min(budget - 1, budget - budget // 5 if self.cut else budget)
+        return self.after is not None and self.after < last
 
 
-def replayed(rule: tpo.swap.SwapRule):
-    """A ``tpo.swap`` rule, replayed on the Adam run's rows (no probes)."""
+def replayed(rule: tpo.swap.SwapRule, cut: bool = False):
+    """A ``tpo.swap`` rule, replayed on the Adam run's rows (no probes);
+    ``cut``: with no swap in a budget's last fifth, as
+    ``tpo.swap.default(..., epochs=budget)``."""
     return lambda rows, probe: Swap(
-        tpo.swap.replay(rule, **run_records.records(rule, rows))
+        tpo.swap.replay(rule, **run_records.records(rule, rows)), cut=cut
     )
 
 
@@ -168,6 +177,10 @@ def probe_rule(every: int = 5, steps: int = 3, window: int = 5, arm: str = "plat
 
 
 PEAK_THEN_PLATEAU = tpo.swap.after(tpo.swap.peak(), tpo.swap.plateau())
+FIT_OR_PLATEAU = "fit 10, or plateau"
+DEFAULT = "fit 10, or plateau, not in the last fifth (the default)"
+# Studies recorded before the default stopped short of a budget's last fifth.
+FORMER_NAMES = {"fit 10, or plateau (the default)": FIT_OR_PLATEAU}
 RULES = {
     "peak (the former default)": replayed(tpo.swap.peak()),
     "paper": replayed(tpo.swap.PAPER),
@@ -187,8 +200,9 @@ RULES = {
     "fit 10, or peak then plateau": replayed(
         tpo.swap.any_of(tpo.swap.fitted(patience=10), PEAK_THEN_PLATEAU)
     ),
-    "fit 10, or plateau (the default)": replayed(tpo.swap.default(steps_per_epoch=1)),
+    FIT_OR_PLATEAU: replayed(tpo.swap.default(steps_per_epoch=1)),
     "probe on plateau": probe_rule(),
+    DEFAULT: replayed(tpo.swap.default(steps_per_epoch=1), cut=True),
 }
 
 
@@ -316,7 +330,7 @@ def study_model(sweep, baselines, model: str, seed: int, rules: dict, grid: int 
             for epoch, loss in hindsight.items()
         ]
         for name, swap in swaps.items():
-            swapped = swap.after is not None and swap.after + 1 < budget
+            swapped = swap.within(budget)
             rows = tails[swap.after].rows if swapped else adam.rows
             run = Run(model, name, with_probes(rows, swap.probes, budget), seed)
             ours, theirs = at_equal_compute(run, adam_b)
@@ -423,15 +437,59 @@ def judge(entries, crossovers: dict[str, int | None]) -> dict[str, dict[str, Any
     return verdicts
 
 
+DERIVED = (
+    f"The cells of {DEFAULT!r} are derived from those of {FIT_OR_PLATEAU!r}, "
+    "which it stops before a budget's last fifth: the same swap before it, "
+    "else the cell left to Adam (Adam's run, constant and cosine Adam at its "
+    "compute); no run was needed."
+)
+
+
+def cut_cells(cells: list[dict], landscape: list[dict]) -> list[dict]:
+    """The default's cells from those of the rule it limits (:data:`DERIVED`)."""
+    at_end = {(e["model"], e["seed"], e["budget"]): e for e in landscape}
+    derived = []
+    for e in (e for e in cells if e["rule"] == FIT_OR_PLATEAU):
+        budget, swap = e["budget"], e["swap_epoch"]
+        if swap is not None and swap > budget - budget // 5:
+            if e["compute"] < e["adam_compute"]:
+                raise ValueError(f"{report.cell_name(e)}: Adam read before its end")
+            adam = at_end[e["model"], e["seed"], budget]
+            e = dict(
+                e,
+                **dict.fromkeys(("swap_epoch", "adam_loss_at_swap", "handback_epoch")),
+                cg_fall_after_handback=None,
+                probes=0,
+                loss=adam["adam_loss"],
+                adam_loss=adam["adam_loss"],
+                cosine_loss=adam["cosine_loss"],
+                vs_adam=1.0,
+                vs_better_adam=max(
+                    1.0, report.ratio(adam["adam_loss"], adam["cosine_loss"])
+                ),
+                vs_hindsight=report.ratio(adam["adam_loss"], e["best_split_loss"]),
+                val_acc=e.get("adam_val_acc"),
+                compute=e["adam_compute"],
+            )
+        derived.append(dict(e, rule=DEFAULT))
+    return derived
+
+
 def rejudge(folder: pathlib.Path, baselines: pathlib.Path | None, command: str):
     """``--rejudge``: a recorded study's verdicts and tables again from its
-    cells (``table.json``, ``landscape.json``), under this version's rules;
+    cells (``table.json``, ``landscape.json``), under this version's rules
+    (the default's cells derived where the study predates it, :func:`cut_cells`);
     the old header (its command, provenance and note) is kept."""
     made = json.loads((folder / "table.json").read_text())
     landscape = json.loads((folder / "landscape.json").read_text())
     old = (folder / "table.md").read_text().splitlines()
     end = next(k for k, line in enumerate(old) if line.startswith("Per rule over"))
     note = "\n".join(line for line in old[1:end] if "--rejudge" not in line).strip()
+    for e in made["cells"]:
+        e["rule"] = FORMER_NAMES.get(e["rule"], e["rule"])
+    if not any(e["rule"] == DEFAULT for e in made["cells"]):
+        made["cells"] += cut_cells(made["cells"], landscape)
+        note = f"{note}\n\n{DERIVED}".strip()
     models_ = list(dict.fromkeys(e["model"] for e in made["cells"]))
     crossovers = {}
     if baselines is not None:
@@ -466,25 +524,14 @@ def main(argv=None) -> None:
         "swap in hindsight (the sweep's splits and the rules' swaps are always in)",
     )
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=None)
-    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument(
         "--baselines",
         type=pathlib.Path,
-        default=None,
         help="an earlier sweep's directory to read cosine Adam's runs from",
     )
-    parser.add_argument(
-        "--record",
-        type=pathlib.Path,
-        default=None,
-        help="where to write table.md and table.json",
-    )
-    parser.add_argument(
-        "--note",
-        type=pathlib.Path,
-        default=None,
-        help="a text file whose contents go under the table's title",
-    )
+    parser.add_argument("--record", type=pathlib.Path, help="table.md's folder")
+    parser.add_argument("--note", type=pathlib.Path, help="text under the title")
     parser.add_argument(
         "--rejudge",
         type=pathlib.Path,

@@ -105,7 +105,7 @@ def test_a_replayed_rule_swaps_where_the_live_run_does(
         budgets=[EPOCHS],
         detector=settings,
     )
-    assert budget_sweep.detected_epoch(sweep, adam_rows) == replayed
+    assert budget_sweep.detected_epoch(sweep, adam_rows, EPOCHS) == replayed
     tail = train.train(
         config_lib.Config.of(
             **small_sweep,
@@ -135,6 +135,28 @@ def test_the_rules_differ_where_they_should(adam_run):
     assert swaps["fit-or-plateau"] == either
     strict = config_lib.Config.of(swap_rule="fit", fit_errors=0)
     assert run_records.replayed_swap(strict, rows) is None  # Nothing fits in 7 epochs.
+
+
+def test_no_detected_swap_in_a_budgets_last_fifth_unless_late_swaps_are_asked(
+    adam_run,
+):
+    _, rows = adam_run
+    settings = dict(swap_rule="peak", **RULES["peak"])
+    config = config_lib.Config.of(**settings)
+    late = config_lib.Config.of(**settings, late_swap=True)
+    found = run_records.replayed_swap(config, rows)
+    assert found == 4  # So a run of 5 epochs may swap after 4 at the latest.
+    for budget in range(found + 1, 4 * (found + 1)):
+        in_time = found + 1 <= budget - budget // 5
+        expected = found if in_time else None
+        assert run_records.replayed_swap(config, rows, budget=budget) == expected
+        assert run_records.replayed_swap(late, rows, budget=budget) == found
+        # The live run's rule (tpo.swap.within) and the study's agree.
+        rule = config.optimizer.swap.make(epochs=budget)
+        assert tpo.swap.replay(rule, **run_records.records(rule, rows)) == expected
+        if budget > found + 1:
+            swap = swap_rules.Swap(found, cut=True)
+            assert swap.within(budget) == in_time
 
 
 def test_old_metrics_without_the_loss_say_to_train_again():
@@ -199,8 +221,12 @@ def test_fit_rules_swap_after_the_first_fitted_epochs():
     rows = rows_from([1.0] * 8, errors=[9, 3, 0, 1, 0, 0, 0, 2])
     assert swap_rules.RULES["fit"](rows, None).after == 2
     # A constant loss: the plateau's fifth flat epoch comes first.
-    default = swap_rules.RULES["fit 10, or plateau (the default)"]
-    assert default(rows, None).after == 5
+    either = swap_rules.RULES[swap_rules.FIT_OR_PLATEAU]
+    assert either(rows, None).after == 5
+    # The default: the same swap, none in a budget's last fifth.
+    default = swap_rules.RULES[swap_rules.DEFAULT](rows, None)
+    assert default.after == 5
+    assert [default.within(b) for b in (6, 7, 8)] == [False, True, True]
     fit3 = swap_rules.replayed(tpo.swap.fitted(patience=3))
     assert fit3(rows, None).after == 6
 
@@ -282,7 +308,7 @@ def test_a_recorded_study_judged_again_gives_its_committed_verdicts(tmp_path):
         folder, root / "results" / "sweep" / "digits-xent", "python -m rejudge"
     )
     assert json.loads(json.dumps(verdicts)) == committed
-    default = verdicts["fit 10, or plateau (the default)"]
+    default = verdicts[swap_rules.DEFAULT]
     # The cell whose loss reached exactly 0 is counted, not averaged as 0.
     assert default["vs_better_adam_underflow"] == 1
     assert default["vs_better_adam_geomean"] > 0
@@ -341,7 +367,7 @@ def test_the_selection_table_pools_studies_rule_by_rule():
     root = pathlib.Path(__file__).resolve().parents[2] / "results" / "swap_rules"
     studies = [root / "digits-xent", root / "mnist5k"]
     verdicts = [json.loads((d / "table.json").read_text())["verdicts"] for d in studies]
-    default = "fit 10, or plateau (the default)"
+    default = swap_rules.DEFAULT
     table = report.selection({"in": [root / "digits"], "out": studies}, missed=default)
     row = next(line for line in table.splitlines() if line.startswith(f"| {default}"))
     pooled = [sum(len(v[default][k]) for v in verdicts) for k in ("worse_than_adam",)]
@@ -379,3 +405,35 @@ def test_the_validation_tally_names_each_cell_on_its_side():
     assert "higher in 0; equal in 1 (m s3 50 0.961 vs 0.961)" in tally
     assert "lower in 1 (m s3 150 0.950 vs 0.970)" in tally
     assert report.validation_tally([cell]) == "validation accuracy not recorded"
+
+
+def test_the_defaults_cells_follow_from_the_rule_it_stops_short():
+    base = dict(model="m", seed=0, rule=swap_rules.FIT_OR_PLATEAU, probes=0)
+    cell = dict(base, adam_loss_at_swap=1e-3, handback_epoch=None)
+    cells = [
+        # A swap after 46 of 50 epochs: in the last fifth, so left to Adam.
+        dict(cell, budget=50, swap_epoch=46, loss=2e-3, adam_loss=1e-3,
+             cosine_loss=5e-4, vs_adam=2.0, vs_better_adam=4.0,
+             best_split_loss=1e-4, vs_hindsight=20.0, val_acc=0.9,
+             adam_val_acc=0.95, compute=160.0, adam_compute=150.0),
+        # The same swap in a run of 150 epochs stays.
+        dict(cell, budget=150, swap_epoch=46, loss=1e-9, adam_loss=1e-5,
+             cosine_loss=2e-5, vs_adam=1e-4, vs_better_adam=1e-4,
+             best_split_loss=1e-9, vs_hindsight=1.0, val_acc=0.97,
+             adam_val_acc=0.96, compute=460.0, adam_compute=450.0),
+    ]  # fmt: skip
+    landscape = [
+        dict(model="m", seed=0, budget=50, adam_loss=1e-3, cosine_loss=4e-4),
+        dict(model="m", seed=0, budget=150, adam_loss=1e-5, cosine_loss=2e-5),
+    ]
+    late, kept = swap_rules.cut_cells(cells, landscape)
+    assert late["rule"] == kept["rule"] == swap_rules.DEFAULT
+    assert late["swap_epoch"] is None and late["loss"] == 1e-3
+    assert (late["vs_adam"], late["vs_better_adam"]) == (1.0, 2.5)  # cosine: 4e-4
+    assert late["vs_hindsight"] == pytest.approx(10.0)
+    assert (late["val_acc"], late["compute"]) == (0.95, 150.0)
+    assert kept == dict(cells[1], rule=swap_rules.DEFAULT)
+    verdict = swap_rules.judge([*cells, late, kept], {"m": 50})
+    assert verdict[swap_rules.FIT_OR_PLATEAU]["worse_than_adam"] == ["m s0 50"]
+    assert verdict[swap_rules.DEFAULT]["worse_than_adam"] == []
+    assert verdict[swap_rules.DEFAULT]["behind_past_crossover"] == ["m s0 50"]

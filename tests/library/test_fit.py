@@ -1,5 +1,7 @@
 """tpo.fit: the same run as a hand-written loop, the rule's swap epoch, clear errors."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -155,6 +157,23 @@ def test_default_rule_swaps_on_the_epoch_its_replay_names():
     )
     assert replayed is not None
     assert result.swap_epoch == replayed + 1
+
+
+def test_the_default_tx_never_swaps_in_the_last_fifth_of_the_epochs():
+    loss_fn, num_errors, params, data = _problem()
+    data = {"x": 30.0 * data["x"], "y": data["y"]}  # fitted from epoch 10
+    kwargs = dict(batch_size=BATCH, key=jax.random.key(0), has_aux=True)
+    run = functools.partial(tpo.fit, loss_fn, params, data, num_errors=num_errors)
+    long = run(epochs=40, **kwargs)
+    assert long.swap_epoch == 20  # ten fitted epochs in a row
+    # 25 epochs: the swap may come after 25 - 5 = 20 of them.
+    assert run(epochs=25, **kwargs).swap_epoch == 20
+    # 23: only after 19 at the latest, so Adam runs to the end, as in the
+    # long run's first 23 epochs.
+    short = run(epochs=23, **kwargs)
+    assert short.swap_epoch is None
+    losses = [r["train_loss"] for r in short.history]
+    assert losses == [r["train_loss"] for r in long.history[:23]]
 
 
 def test_forward_passes_are_counted_from_the_searches():

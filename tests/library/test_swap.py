@@ -461,6 +461,52 @@ def test_the_default_rule_compiles_once_across_its_swap_and_keeps_scalar_state()
     assert int(state.swap_step) == 8
 
 
+# -- within: no swap late in a budget -------------------------------------------
+@pytest.mark.parametrize("windows", [1, 4, 5, 6, 9, 30])
+def test_within_keeps_the_rules_first_hold_up_to_its_limit_and_drops_later_ones(
+    windows,
+):
+    values = 0.9 ** np.minimum(np.arange(30), 8)  # flat from reading 8
+    counts = np.random.default_rng(0).integers(0, 3, 30)
+    rule = swap.any_of(swap.fitted(patience=2), swap.plateau())
+    flags = swap.holds(rule, value=values, num_errors=counts)
+    limited = swap.holds(
+        swap.within(rule, windows=windows), value=values, num_errors=counts
+    )
+    assert limited == [f and n < windows for n, f in enumerate(flags)]
+
+
+@pytest.mark.parametrize("epochs, swaps", [(8, True), (7, True), (6, False)])
+def test_two_phase_with_the_default_for_a_budget_swaps_only_before_its_last_fifth(
+    epochs, swaps
+):
+    # A flat loss: the plateau holds on window 5 (the sixth), so the swap
+    # comes after 6 windows of 3 steps, if the budget's last fifth starts later.
+    window = 3
+    rule = swap.default(steps_per_epoch=window, epochs=epochs)
+    opt = tpo.two_phase(swap=rule)
+    f = lambda p: jnp.sum(p**2)  # noqa: E731
+    params = jnp.array([1.0, -1.0])
+    state = opt.init(params)
+    update = jax.jit(opt.update, static_argnames="value_fn")
+    for _ in range(epochs * window):
+        _, state = update(
+            jnp.ones(2), state, params, value=1.0, value_fn=f, num_errors=3
+        )
+    assert bool(state.in_second_phase) == swaps
+    assert int(state.swap_step) == (6 * window if swaps else -1)
+    assert epochs - epochs // 5 >= 6 if swaps else epochs - epochs // 5 < 6
+
+
+def test_within_says_where_it_goes_and_checks_its_limit():
+    with pytest.raises(ValueError, match="per_window\\(within\\(rule"):
+        swap.within(swap.per_window(swap.plateau(), steps=2), windows=3)
+    with pytest.raises(ValueError, match="tpo.swap.within: windows must be"):
+        swap.within(swap.plateau(), windows=0)
+    with pytest.raises(ValueError, match="tpo.swap.default: epochs must be"):
+        swap.default(steps_per_epoch=2, epochs=0)
+
+
 # -- the API: signature, state, errors ------------------------------------------
 F = lambda p: jnp.sum(p**2)  # noqa: E731
 
