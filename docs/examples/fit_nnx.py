@@ -78,7 +78,7 @@ def breast_cancer(epochs: int = 40) -> tuple[tpo.FitResult, Net]:
         key=jax.random.key(1),
         tx=tpo.two_phase(
             optax.adam(1e-2),
-            swap=tpo.swap.default(steps_per_epoch=len(train["y"]) // 32),
+            swap=tpo.swap.default(steps_per_epoch=len(train["y"]) // 32, epochs=epochs),
         ),
         has_aux=True,
         loss_takes_key=True,

@@ -65,7 +65,7 @@ def breast_cancer(epochs: int = 60) -> tpo.FitResult:
         key=jax.random.key(1),
         tx=tpo.two_phase(
             optax.adam(1e-2),
-            swap=tpo.swap.default(steps_per_epoch=len(train["y"]) // 32),
+            swap=tpo.swap.default(steps_per_epoch=len(train["y"]) // 32, epochs=epochs),
         ),
         has_aux=True,
         num_errors=num_errors,
