@@ -39,7 +39,11 @@ GN_FACTORS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 # Each rule's settings; the paper's brings its own gn_factor (0.9).
-PAPER = {k: v for k, v in config_lib.PAPER_RULE.items() if k != "swap_rule"}
+PAPER = {
+    k: v
+    for k, v in config_lib.PAPER_RULE.items()
+    if k not in ("swap_rule", "late_swap")
+}
 RULES = {"paper": PAPER, "default": {}}
 
 
