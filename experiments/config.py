@@ -181,9 +181,10 @@ class SwapConfig:
 
     def latest_swap(self, epochs: int) -> int:
         """The last epoch after which the rule may swap in a run of
-        ``epochs``: ``epochs - epochs // 5`` as ``tpo.swap.default(...,
-        epochs=)`` (none in the last fifth), or ``epochs`` with --late-swap."""
-        return epochs if self.late_swap else epochs - epochs // 5
+        ``epochs``: ``tpo.swap.last_swap_epoch(epochs)`` as
+        ``tpo.swap.default(..., epochs=)`` (none in the last fifth), or
+        ``epochs`` with --late-swap."""
+        return epochs if self.late_swap else tpo.swap.last_swap_epoch(epochs)
 
 
 @functools.lru_cache(maxsize=32)

@@ -122,7 +122,7 @@ def fit(
       tx: any optax transformation. ``None``:
         ``tpo.two_phase(optax.adam(1e-3), swap=tpo.swap.default(steps_per_epoch=S,
         epochs=epochs))`` with ``num_errors``, the plateau alone
-        (``per_window(within(plateau(), windows=epochs - epochs // 5), steps=S)``)
+        (``per_window(within(plateau(), windows=last_swap_epoch(epochs)), steps=S)``)
         without, ``S`` the number of mini-batches per epoch: no swap in the
         last fifth of the epochs. Plain
         ``optax.adam(1e-3)`` gives the Adam baseline through the same call.
@@ -196,7 +196,7 @@ def fit(
         _num_examples(validation, "validation")
     steps = n // batch_size
     if tx is None:
-        last = epochs - epochs // 5  # No swap in the budget's last fifth.
+        last = swap_lib.last_swap_epoch(epochs)  # Not in the last fifth.
         rule = (
             swap_lib.default(steps_per_epoch=steps, epochs=epochs)
             if num_errors is not None

@@ -840,6 +840,22 @@ def within(rule: SwapRule, *, windows: int) -> SwapRule:
     )
 
 
+def last_swap_epoch(epochs: int) -> int:
+    """The last epoch after which :func:`default` may swap in a run of
+    ``epochs``: ``epochs - epochs // 5``, so never in the run's last fifth.
+
+    Args:
+      epochs: the run's epochs, >= 1.
+
+    Example:
+      >>> import twophase_optax as tpo
+      >>> tpo.swap.last_swap_epoch(150), tpo.swap.last_swap_epoch(4)
+      (120, 4)
+    """
+    _check("last_swap_epoch", epochs=(epochs, _COUNT))
+    return epochs - epochs // 5
+
+
 def default(steps_per_epoch: int, *, epochs: int | None = None) -> SwapRule:
     """Fit or plateau, read once per epoch: the rule to start from.
 
@@ -847,7 +863,7 @@ def default(steps_per_epoch: int, *, epochs: int | None = None) -> SwapRule:
     once ten epochs in a row got every training example right, or once the
     epoch's mean loss has not fallen by 10% for five epochs, whichever comes
     first. Given the run's ``epochs``, never in their last fifth
-    (:func:`within` the first ``epochs - epochs // 5``), where the second
+    (:func:`within` the first :func:`last_swap_epoch`), where the second
     phase has too little time left to pay; :func:`twophase_optax.fit` passes
     them. Chosen on the digits and mnist5k swap-rule studies (BENCHMARKS.md
     section 10), where it leaves short budgets to Adam. It reads
@@ -874,7 +890,7 @@ def default(steps_per_epoch: int, *, epochs: int | None = None) -> SwapRule:
     rule = any_of(fitted(), plateau())
     if epochs is not None:
         _check("default", epochs=(epochs, _COUNT))
-        rule = within(rule, windows=epochs - epochs // 5)
+        rule = within(rule, windows=last_swap_epoch(epochs))
     return per_window(rule, steps=steps_per_epoch)
 
 

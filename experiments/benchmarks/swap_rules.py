@@ -116,7 +116,7 @@ class Swap:
 
     def within(self, budget: int) -> bool:
         """Whether it swaps within ``budget`` epochs."""
-        last = min(budget - 1, budget - budget // 5 if self.cut else budget)
+        last = min(budget - 1, tpo.swap.last_swap_epoch(budget) if self.cut else budget)
         return self.after is not None and self.after < last
 
 
@@ -451,7 +451,7 @@ def cut_cells(cells: list[dict], landscape: list[dict]) -> list[dict]:
     derived = []
     for e in (e for e in cells if e["rule"] == FIT_OR_PLATEAU):
         budget, swap = e["budget"], e["swap_epoch"]
-        if swap is not None and swap > budget - budget // 5:
+        if swap is not None and swap > tpo.swap.last_swap_epoch(budget):
             if e["compute"] < e["adam_compute"]:
                 raise ValueError(f"{report.cell_name(e)}: Adam read before its end")
             adam = at_end[e["model"], e["seed"], budget]

@@ -498,6 +498,19 @@ def test_two_phase_with_the_default_for_a_budget_swaps_only_before_its_last_fift
     assert epochs - epochs // 5 >= 6 if swaps else epochs - epochs // 5 < 6
 
 
+@pytest.mark.parametrize("epochs", [1, 4, 5, 9, 10, 150, 1000])
+def test_last_swap_epoch_leaves_out_the_last_fifth(epochs):
+    last = swap.last_swap_epoch(epochs)
+    assert last == epochs - epochs // 5
+    assert 5 * (epochs - last) <= epochs < 5 * (epochs - last + 1)
+
+
+@pytest.mark.parametrize("epochs", [0, -3, 2.5, True])
+def test_last_swap_epoch_rejects_what_is_not_a_count(epochs):
+    with pytest.raises(ValueError, match="tpo.swap.last_swap_epoch: epochs must be"):
+        swap.last_swap_epoch(epochs)
+
+
 def test_within_says_where_it_goes_and_checks_its_limit():
     with pytest.raises(ValueError, match="per_window\\(within\\(rule"):
         swap.within(swap.per_window(swap.plateau(), steps=2), windows=3)
