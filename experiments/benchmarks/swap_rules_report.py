@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import textwrap
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def fmt(x) -> str:
     return f"{x:.2g}"
 
 
-MARKERS = "os^vD<>Ph*X"
+MARKERS = "os^vD<>Ph*Xdp8H"
 
 
 def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
@@ -45,14 +46,17 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
     pairs = list(dict.fromkeys((e["model"], e["seed"]) for e in landscape))
     cols = min(3, len(pairs))
     rows = math.ceil(len(pairs) / cols)
+    rules = list(dict.fromkeys(e["rule"] for e in entries))
+    # As many legend columns as the panels leave room for, and room below
+    # them for the legend's rows and above for the wrapped caption.
+    ncol = max(1, min(5, len(rules), 2 * cols))
     fig, axes = plt.subplots(
         rows,
         cols,
-        figsize=(5 * cols, 3.8 * rows),
+        figsize=(5 * cols, 3.8 * rows + 0.6 + 0.2 * math.ceil(len(rules) / ncol)),
         squeeze=False,
         constrained_layout=True,
     )
-    rules = list(dict.fromkeys(e["rule"] for e in entries))
     for ax, (model, seed) in zip(axes.flat, pairs, strict=False):
         budgets = sorted({e["budget"] for e in landscape if e["model"] == model})
         for budget in budgets:
@@ -109,15 +113,14 @@ def plot(entries, landscape, path: pathlib.Path, title: str) -> None:
         )
         for k, rule in enumerate(rules)
     ]
-    fig.legend(
-        handles=handles, loc="outside lower center", ncol=min(5, len(rules)), fontsize=8
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8)
+    caption = textwrap.fill(
+        "final loss at equal compute against the swap epoch; dotted: cosine "
+        "Adam; markers: where each rule swaps",
+        width=60 * cols,
     )
-    fig.suptitle(
-        f"{title}\nfinal loss at equal compute against the swap epoch; dotted: "
-        "cosine Adam; markers: where each rule swaps",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=100)
+    fig.suptitle(f"{title}\n{caption}", fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

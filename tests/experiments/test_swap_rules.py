@@ -363,6 +363,10 @@ def test_the_hindsight_grid_adds_swaps_each_run_to_its_own_budget(
     assert (record / "table.md").read_text().splitlines()[4].startswith("Code: ")
 
 
+def test_every_rule_has_its_own_marker_in_the_plot():
+    assert len(set(report.MARKERS[: len(swap_rules.RULES)])) == len(swap_rules.RULES)
+
+
 def test_the_selection_table_pools_studies_rule_by_rule():
     root = pathlib.Path(__file__).resolve().parents[2] / "results" / "swap_rules"
     studies = [root / "digits-xent", root / "mnist5k"]
